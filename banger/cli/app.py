@@ -1,0 +1,107 @@
+"""Shared CLI plumbing: the --json option, the result envelope, and the one place
+that maps exceptions to messages and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated, Any, Callable
+
+import typer
+
+from banger.errors import EXIT_ERROR, EXIT_INTERRUPTED, BangerError
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON envelope on stdout.")]
+
+
+def make_app(help: str) -> typer.Typer:
+    return typer.Typer(help=help, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                       rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _stdout_console():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def make_ctx(json_out: bool):
+    from banger.context import Ctx
+
+    from .progress import CliProgress
+
+    return Ctx(progress=CliProgress(json_out))
+
+
+def emit(fn: Callable[[], Any], *, json_out: bool, render: Callable[[Any], None] | None = None,
+         exit_code: Callable[[Any], int] | None = None) -> None:
+    """Run ``fn``; print its result (``render`` or the JSON envelope); map errors to exit codes."""
+    try:
+        data = fn()
+    except BangerError as e:
+        _fail(e.to_dict(), e.exit_code, json_out)
+    except KeyboardInterrupt:
+        _fail({"code": "interrupted", "message": "interrupted", "hint": None}, EXIT_INTERRUPTED, json_out)
+    except Exception as e:  # an internal bug: say so plainly, traceback only with --debug
+        if os.environ.get("BANGER_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        _fail({"code": "internal", "message": f"internal error: {type(e).__name__}: {e}",
+               "hint": "run again with banger --debug ... for a traceback, and report it"}, EXIT_ERROR, json_out)
+    if json_out:
+        sys.stdout.write(json.dumps({"ok": True, "data": data}, default=str) + "\n")
+    elif render is not None:
+        render(data)
+    sys.stdout.flush()
+    if exit_code is not None:
+        raise SystemExit(exit_code(data))
+
+
+def _fail(err: dict, code: int, json_out: bool):
+    if json_out:
+        sys.stdout.write(json.dumps({"ok": False, "error": err}, default=str) + "\n")
+        sys.stdout.flush()
+    else:
+        con = _stderr_console()
+        con.print(f"[bold red]error:[/] {_escape(err['message'])}")
+        if err.get("hint"):
+            con.print(f"[yellow]hint:[/] {_escape(err['hint'])}")
+    raise SystemExit(code)
+
+
+def _escape(s: str) -> str:
+    from rich.markup import escape
+
+    return escape(str(s))
+
+
+def print_table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:
+    from rich.table import Table
+
+    t = Table(title=title, box=None, header_style="bold", pad_edge=False)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*["" if v is None else str(v) for v in r])
+    _stdout_console().print(t)
+
+
+def print_kv(d: dict, title: str | None = None) -> None:
+    con = _stdout_console()
+    if title:
+        con.print(f"[bold]{_escape(title)}[/]")
+    width = max((len(k) for k in d), default=0)
+    for k, v in d.items():
+        con.print(f"{k.ljust(width)}  {_escape(v if not isinstance(v, (dict, list)) else json.dumps(v))}")
+
+
+def say(msg: str) -> None:
+    _stdout_console().print(msg)

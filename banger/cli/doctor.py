@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .app import JsonOpt, emit, make_ctx
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+@app.command(help="Check the host: KVM kind, VMM backends, tools, devices, disk. Each problem has a fix hint.")
+def doctor(
+    fix: Annotated[bool, typer.Option("--fix", help="apt-get install the missing Debian packages (root).")] = False,
+    json_out: JsonOpt = False,
+):
+    from banger.services import doctor as svc
+
+    ctx = make_ctx(json_out)
+
+    def go():
+        checks = svc.run_checks(ctx.cfg)
+        installed = []
+        if fix:
+            installed = svc.fix(checks, ctx.progress)
+            if installed:
+                checks = svc.run_checks(ctx.cfg)
+        from banger.hostinfo import choose_backend, qemu_accel
+
+        backend = choose_backend(ctx.cfg.backend, ctx.cfg.firecracker_bin)
+        return {"checks": [c.to_dict() for c in checks], "installed": installed, "backend": backend,
+                "accel": qemu_accel() if backend == "qemu" else "kvm",
+                "ok": all(c.status != "fail" for c in checks)}
+
+    def render(d):
+        from rich.console import Console
+        from rich.markup import escape
+
+        con = Console(highlight=False)
+        style = {"ok": "green", "warn": "yellow", "fail": "red"}
+        for c in d["checks"]:
+            con.print(f"[{style[c['status']]}]{c['status']:>4}[/]  {c['name']:<20} {escape(c['detail'])}")
+            if c["hint"] and c["status"] != "ok":
+                con.print(f"      {'':<20} [dim]fix: {escape(c['hint'])}[/]")
+        con.print(f"\nbackend: [bold]{d['backend']}[/] ({d['accel']})")
+        if d["installed"]:
+            con.print(f"installed: {' '.join(d['installed'])}")
+
+    emit(go, json_out=json_out, render=render, exit_code=lambda d: 0 if d["ok"] else 6)

@@ -1,0 +1,69 @@
+"""Detached helper processes (VMM, UFFD handler): spawn in a new session, identify by pid + start time."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+
+def start_time(pid: int) -> int | None:
+    """The process start time in clock ticks since boot (field 22 of /proc/PID/stat), or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    rest = data[data.rfind(b")") + 2:].split()
+    try:
+        if rest[0] == b"Z":
+            return None  # a zombie is as good as gone
+        return int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def alive(pid: int | None, started: int | None) -> bool:
+    """True only if ``pid`` runs and is the same process we spawned (a reused pid is not ours)."""
+    if not pid:
+        return False
+    st = start_time(pid)
+    return st is not None and (started is None or st == started)
+
+
+def spawn_detached(argv: list[str], *, stdout_path: str | None = None, env: dict | None = None,
+                   pass_fds: tuple = (), cwd: str | None = None) -> tuple[int, int]:
+    """Start ``argv`` in a new session so it outlives this command; return (pid, start_time)."""
+    out = open(stdout_path, "ab") if stdout_path else subprocess.DEVNULL
+    try:
+        p = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=True, close_fds=True, pass_fds=pass_fds, env=env, cwd=cwd)
+    finally:
+        if stdout_path:
+            out.close()
+    st = start_time(p.pid)
+    # Popen keeps a handle; detach it so no ResourceWarning and no reaping by us later.
+    p.returncode = 0
+    return p.pid, st or 0
+
+
+def kill(pid: int | None, started: int | None, sig: int = signal.SIGKILL, wait: float = 5.0) -> bool:
+    """Signal our process (never a reused pid) and wait for it to go. Returns True if it is gone."""
+    if not alive(pid, started):
+        return True
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return True
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            # reap it if it is our child (it is not, once detached from a previous command)
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        if not alive(pid, started):
+            return True
+        time.sleep(0.02)
+    return not alive(pid, started)

@@ -1,0 +1,218 @@
+"""The SQLite state database (WAL mode, busy timeout, user_version migrations).
+
+Durable facts only: what VMs, images, kernels, TAPs and snapshots exist and their
+settings.  Transient kernel state (pids, sockets) lives in each VM's
+handles.json.  Every write is a short transaction; ``immediate()`` takes the
+write lock up front (BEGIN IMMEDIATE) so read-then-write sequences such as the
+name + IP reservation are atomic across processes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+BUSY_TIMEOUT_MS = 30_000
+
+MIGRATIONS: list[str] = [
+    # v1
+    """
+    CREATE TABLE vms (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        state TEXT NOT NULL,
+        image TEXT,
+        kernel TEXT,
+        backend TEXT,
+        vcpu INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        overlay_size_mib INTEGER NOT NULL,
+        work_disk_size_mib INTEGER NOT NULL,
+        nat INTEGER NOT NULL DEFAULT 0,
+        slot INTEGER NOT NULL UNIQUE,
+        ip TEXT NOT NULL UNIQUE,
+        mac TEXT NOT NULL,
+        error TEXT,
+        options TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE images (
+        name TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        source TEXT,
+        digest TEXT,
+        kernel TEXT,
+        rootfs TEXT NOT NULL,
+        work_seed TEXT,
+        key_fingerprint TEXT,
+        size_bytes INTEGER,
+        meta TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE kernels (
+        name TEXT PRIMARY KEY,
+        version TEXT,
+        source TEXT,
+        dir TEXT NOT NULL,
+        manifest TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE taps (
+        name TEXT PRIMARY KEY,
+        state TEXT NOT NULL CHECK (state IN ('idle', 'claimed')),
+        vm_id TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE stage_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        vm_id TEXT NOT NULL,
+        op TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        duration_ms REAL,
+        ok INTEGER,
+        error TEXT
+    );
+    CREATE INDEX stage_events_vm ON stage_events(vm_id);
+    CREATE TABLE snapshots (
+        name TEXT PRIMARY KEY,
+        vm_id TEXT,
+        vm_name TEXT,
+        backend TEXT NOT NULL,
+        dir TEXT NOT NULL,
+        meta TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL
+    );
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _dict_factory(cursor, row):
+    return {d[0]: row[i] for i, d in enumerate(cursor.description)}
+
+
+class Store:
+    """A connection to the state database. Cheap to open; one per command."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN ourselves, so transactions are explicit.
+        self.conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        self.conn.row_factory = _dict_factory
+        self.conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        mode = self.conn.execute("PRAGMA journal_mode").fetchone()["journal_mode"]
+        if mode != "wal":
+            self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- schema ----
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()["user_version"]
+        if version >= SCHEMA_VERSION:
+            return
+        with self.immediate():
+            version = self.conn.execute("PRAGMA user_version").fetchone()["user_version"]
+            for i in range(version, SCHEMA_VERSION):
+                for stmt in MIGRATIONS[i].split(";"):
+                    if stmt.strip():
+                        self.conn.execute(stmt)
+                self.conn.execute(f"PRAGMA user_version={i + 1}")
+
+    @property
+    def journal_mode(self) -> str:
+        return self.conn.execute("PRAGMA journal_mode").fetchone()["journal_mode"]
+
+    @contextmanager
+    def immediate(self):
+        """A short write transaction that holds the database write lock from the start."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    def query(self, sql: str, params=()) -> list[dict]:
+        return self.conn.execute(sql, params).fetchall()
+
+    def one(self, sql: str, params=()) -> dict | None:
+        return self.conn.execute(sql, params).fetchone()
+
+    def execute(self, sql: str, params=()) -> int:
+        """Run one statement in its own (autocommit) transaction; returns rowcount."""
+        return self.conn.execute(sql, params).rowcount
+
+    # ---- vms ----
+    def get_vm(self, ref: str) -> dict | None:
+        row = self.one("SELECT * FROM vms WHERE id = ? OR name = ?", (ref, ref))
+        if row is None and len(ref) >= 4:
+            rows = self.query("SELECT * FROM vms WHERE id LIKE ?", (ref + "%",))
+            if len(rows) == 1:
+                row = rows[0]
+        return _decode_vm(row)
+
+    def list_vms(self) -> list[dict]:
+        return [_decode_vm(r) for r in self.query("SELECT * FROM vms ORDER BY created_at, name")]
+
+    def update_vm(self, vm_id: str, **fields) -> None:
+        if "options" in fields and not isinstance(fields["options"], str):
+            fields["options"] = json.dumps(fields["options"], sort_keys=True)
+        fields["updated_at"] = time.time()
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self.execute(f"UPDATE vms SET {cols} WHERE id = ?", (*fields.values(), vm_id))
+
+    def delete_vm_row(self, vm_id: str) -> None:
+        with self.immediate() as c:
+            c.execute("DELETE FROM stage_events WHERE vm_id = ?", (vm_id,))
+            c.execute("DELETE FROM vms WHERE id = ?", (vm_id,))
+
+    # ---- stage events ----
+    def record_stage(self, vm_id: str, op: str, stage: str, started_at: float, duration_ms: float | None,
+                     ok: bool | None, error: str | None = None) -> None:
+        self.execute(
+            "INSERT INTO stage_events (vm_id, op, stage, started_at, duration_ms, ok, error) VALUES (?,?,?,?,?,?,?)",
+            (vm_id, op, stage, started_at, duration_ms, None if ok is None else int(ok), error),
+        )
+
+    def stages(self, vm_id: str, op: str | None = None) -> list[dict]:
+        if op:
+            return self.query("SELECT * FROM stage_events WHERE vm_id = ? AND op = ? ORDER BY id", (vm_id, op))
+        return self.query("SELECT * FROM stage_events WHERE vm_id = ? ORDER BY id", (vm_id,))
+
+    # ---- generic json-column helpers ----
+    @staticmethod
+    def dumps(obj) -> str:
+        return json.dumps(obj, sort_keys=True)
+
+
+def _decode_vm(row: dict | None) -> dict | None:
+    if row is None:
+        return None
+    row = dict(row)
+    row["options"] = json.loads(row.get("options") or "{}")
+    row["nat"] = bool(row["nat"])
+    return row
+
+
+def open_store(cfg) -> Store:
+    return Store(cfg.db_path)

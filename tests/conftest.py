@@ -1,0 +1,68 @@
+"""Shared fixtures: every test gets its own BANGER_HOME and BANGER_RUN.
+
+Area-specific fixtures live in tests/support/<area>.py and are imported by the
+test modules that need them (keeps one conftest, owned by nobody in particular).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        p = str(item.fspath)
+        if f"{os.sep}integration{os.sep}" in p:
+            item.add_marker(pytest.mark.integration)
+        elif f"{os.sep}e2e{os.sep}" in p:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture
+def banger_env(tmp_path, monkeypatch):
+    """Isolated state + runtime dirs. Runtime dir is short (unix socket paths are limited to 107 bytes)."""
+    home = tmp_path / "home"
+    run = Path(tempfile.mkdtemp(prefix="bgr-", dir="/tmp"))
+    home.mkdir()
+    monkeypatch.setenv("BANGER_HOME", str(home))
+    monkeypatch.setenv("BANGER_RUN", str(run))
+    yield {"home": home, "run": run, "env": dict(os.environ)}
+    shutil.rmtree(run, ignore_errors=True)
+
+
+@pytest.fixture
+def cfg(banger_env):
+    from banger.config import load_config
+
+    return load_config()
+
+
+def banger(*args, env=None, check=True, input=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run the real CLI in its own process (every banger command is its own process)."""
+    cp = subprocess.run([sys.executable, "-m", "banger.cli.main", *map(str, args)], env=env or os.environ.copy(),
+                        capture_output=True, text=True, input=input, timeout=timeout)
+    if check and cp.returncode != 0:
+        raise AssertionError(f"banger {' '.join(map(str, args))} exited {cp.returncode}\n"
+                             f"stdout:\n{cp.stdout}\nstderr:\n{cp.stderr}")
+    return cp
+
+
+def banger_json(*args, env=None, check=True, timeout=600) -> dict:
+    cp = banger(*args, "--json", env=env, check=False, timeout=timeout)
+    try:
+        doc = json.loads(cp.stdout)
+    except json.JSONDecodeError as e:
+        raise AssertionError(f"not JSON from banger {args}: {cp.stdout!r}\nstderr:{cp.stderr}") from e
+    if check and not doc.get("ok"):
+        raise AssertionError(f"banger {args} failed: {doc}\nstderr:{cp.stderr}")
+    return doc
