@@ -1,7 +1,9 @@
-"""Entry point. A lazy command table: `banger --help` imports no command module.
+"""Entry point with a lazy command table.
 
-Each noun lives in its own module (banger/cli/<noun>.py) exposing a typer app;
-it is imported only when that command runs.
+Only the module of the command being run is imported: `banger vm list` imports
+banger.cli.vm and nothing else; `banger --help` imports no command module at all
+(each noun is listed through a placeholder carrying its one-line help).  Uses only
+typer's public API (typer 0.29 vendors its own click; we never import click).
 """
 
 from __future__ import annotations
@@ -21,72 +23,83 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _build():
-    import click
+def _invoked(argv: list[str]) -> str | None:
+    for a in argv:
+        if a.startswith("-"):
+            continue
+        return a if a in COMMANDS else None
+    return None
 
-    class LazyGroup(click.Group):
-        def list_commands(self, ctx):
-            return list(COMMANDS)
 
-        def get_command(self, ctx, name):
-            if name not in COMMANDS:
-                return None
-            import importlib
+def _version(value: bool):
+    if value:
+        import typer
 
-            import typer.main
+        from banger import __version__
 
-            mod = importlib.import_module(COMMANDS[name][0])
-            cmd = typer.main.get_command(mod.app)
-            cmd.name = name
-            return cmd
+        typer.echo(f"banger {__version__}")
+        raise typer.Exit()
 
-        def format_commands(self, ctx, formatter):
-            rows = [(n, h) for n, (_, h) in COMMANDS.items()]
-            with formatter.section("Commands"):
-                formatter.write_dl(rows)
 
-    def _version(ctx, param, value):
-        if value and not ctx.resilient_parsing:
-            from banger import __version__
+def build_app(argv: list[str]):
+    import importlib
 
-            click.echo(f"banger {__version__}")
-            ctx.exit()
+    import typer
 
-    @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
-                 epilog="Every command takes --json. Exit codes: see README.md.")
-    @click.option("--debug", is_flag=True, help="Show tracebacks for internal errors.")
-    @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
-                  help="Print the version and exit.")
-    def cli(debug: bool):
-        """banger: disposable Linux microVMs on your own host, fast."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+                      no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
+                      help="banger: disposable Linux microVMs on your own host, fast.",
+                      epilog="Every command takes --json. Exit codes: see README.md.")
+
+    @app.callback()
+    def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for internal errors."),
+              version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                           help="Print the version and exit.")):
         if debug:
             os.environ["BANGER_DEBUG"] = "1"
 
-    return cli
+    target = _invoked(argv)
+    for name, (modname, help_) in COMMANDS.items():
+        if name != target:
+            # a placeholder: listed in --help, never imported
+            app.add_typer(typer.Typer(help=help_), name=name, help=help_)
+            continue
+        sub = importlib.import_module(modname).app
+        if len(sub.registered_commands) == 1 and not sub.registered_groups and sub.registered_callback is None:
+            info = sub.registered_commands[0]
+            app.command(name=name, help=info.help or help_)(info.callback)
+        else:
+            app.add_typer(sub, name=name, help=help_)
+    return app
 
 
 def main(argv: list[str] | None = None) -> None:
-    import click
-
     argv = sys.argv[1:] if argv is None else argv
-    cli = _build()
+    app = build_app(argv)
     try:
-        rv = cli.main(args=argv, prog_name="banger", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+        rv = app(args=argv, prog_name="banger", standalone_mode=False)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
         sys.exit(130)
-    except click.ClickException as e:
+    except Exception as e:  # typer's (vendored click) usage errors: no public base class to name
+        fmt = getattr(e, "format_message", None)
+        code = getattr(e, "exit_code", None)
+        if fmt is None or code is None:
+            if type(e).__name__ == "Abort":
+                sys.exit(130)
+            raise
         from banger.errors import EXIT_USAGE
 
         if "--json" in argv:
             import json
 
-            print(json.dumps({"ok": False, "error": {"code": "usage", "message": e.format_message(),
-                                                       "hint": "see --help"}}))
-        else:
+            print(json.dumps({"ok": False, "error": {"code": "usage", "message": fmt(), "hint": "see --help"}}))
+        elif hasattr(e, "show"):
             e.show()
-        sys.exit(EXIT_USAGE if e.exit_code in (1, 2) else e.exit_code)
+        else:
+            print(f"error: {fmt()}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     if isinstance(rv, int):
         sys.exit(rv)
 

@@ -1,0 +1,79 @@
+"""The CLI frame: lazy command table, --json envelope, exit codes, no heavy imports at start."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.cli import banger, banger_json
+
+GROUPS = ["vm", "image", "kernel", "pool", "snapshot", "doctor", "gc"]
+HEAVY = ("paramiko", "pyroute2", "requests", "zstandard", "cryptography")
+
+
+def test_help_lists_groups(banger_env):
+    out = banger("--help").stdout
+    for g in GROUPS:
+        assert f"\n  {g} " in out, g
+
+
+def test_version(banger_env):
+    assert banger("--version").stdout.startswith("banger ")
+
+
+def test_doctor_json_has_one_entry_per_check(banger_env):
+    cp = banger("doctor", "--json", check=False)
+    doc = json.loads(cp.stdout)
+    assert doc["ok"] is True
+    names = [c["name"] for c in doc["data"]["checks"]]
+    assert len(names) == len(set(names))
+    for required in ("python", "kvm", "firecracker", "qemu", "debootstrap", "busybox", "nftables", "tun",
+                     "userfaultfd", "reflink", "disk"):
+        assert required in names
+    for c in doc["data"]["checks"]:
+        assert c["status"] in ("ok", "warn", "fail")
+        if c["status"] != "ok":
+            assert c["hint"], c
+    assert doc["data"]["backend"] in ("qemu", "firecracker")
+    assert cp.returncode == (0 if doc["data"]["ok"] else 6)
+
+
+def test_usage_error_json_envelope(banger_env):
+    cp = banger("doctor", "--json", "--no-such-flag", check=False)
+    assert cp.returncode == 2
+    doc = json.loads(cp.stdout)
+    assert doc["ok"] is False and doc["error"]["code"] == "usage"
+
+
+def test_unknown_command_exit_code(banger_env):
+    cp = banger("frobnicate", check=False)
+    assert cp.returncode == 2
+    assert "No such command" in cp.stderr
+
+
+def _imported_modules(args, env):
+    code = ("import sys, runpy\nsys.argv=['banger', *sys.argv[1:]]\n"
+            "try:\n    runpy.run_module('banger.cli.main', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "import json\nprint('\\n@@' + json.dumps(sorted(sys.modules)))")
+    cp = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=60)
+    line = [ln for ln in cp.stdout.splitlines() if ln.startswith("@@")][-1]
+    return set(json.loads(line[2:]))
+
+
+@pytest.mark.parametrize("args", [["--help"], ["doctor", "--json"], ["vm", "list", "--json"],
+                                  ["image", "list", "--json"], ["kernel", "list", "--json"]])
+def test_no_heavy_imports_at_start(banger_env, args):
+    mods = _imported_modules(args, banger_env["env"])
+    heavy = sorted(m for m in mods if m.split(".")[0] in HEAVY)
+    assert not heavy, f"{args} imported {heavy}"
+
+
+def test_help_imports_no_command_module(banger_env):
+    mods = _imported_modules(["--help"], banger_env["env"])
+    loaded = sorted(m for m in mods if m.startswith("banger.cli.") and m not in ("banger.cli.main",))
+    assert loaded == [], loaded
+    assert "banger.store" not in mods and "rich.table" not in mods
