@@ -1,0 +1,48 @@
+"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s bench`.
+
+Tests need root (netns, TAP, loop devices, userfaultfd) and the Debian packages
+that scripts/test.sh installs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+def _install(session):
+    session.install("-q", ".[test]")
+
+
+@nox.session
+def tests(session):
+    """Every tier: unit, integration (root, real host facilities), e2e (real QEMU guests)."""
+    _install(session)
+    args = session.posargs or ["tests", "-q", "-p", "no:cacheprovider", "--durations=15"]
+    session.run("python", "-m", "pytest", *args, env={"PYTHONDONTWRITEBYTECODE": "1"})
+
+
+@nox.session
+def unit(session):
+    """Fast tests only: no root facilities, no guests."""
+    _install(session)
+    session.run("python", "-m", "pytest", "tests/unit", "-q", *session.posargs)
+
+
+@nox.session
+def lint(session):
+    session.install("-q", "ruff")
+    session.run("ruff", "check", "banger", "tests", "bench", "noxfile.py", "setup.py")
+
+
+@nox.session
+def bench(session):
+    """Benchmarks with their targets (bench/README.md). Pass a name to run one: nox -s bench -- startup"""
+    _install(session)
+    which = session.posargs or ["startup", "uffd", "create"]
+    for name in which:
+        session.run("python", f"bench/{name}.py", env={"BENCH_BANGER": os.path.join(session.bin, "banger")})
