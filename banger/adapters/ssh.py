@@ -1,0 +1,339 @@
+"""SSH to guests through paramiko: pinned host keys, readiness polling, exec, shell, sftp copy.
+
+Host keys are never auto-accepted: each VM's ``known_hosts`` (written when its
+overlay disk got its injected host key) is loaded explicitly and the server key
+must match it, else the connection is refused.  Key exchange prefers
+curve25519-sha256 (the post-quantum default costs ~0.3 s under emulation), and
+keepalives stop a session hanging forever on a dead VM.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import stat
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from banger.errors import BangerError, ExternalError, GuestTimeout, NotFound
+
+KEX_FIRST = "curve25519-sha256@libssh.org"
+KEEPALIVE_S = 5
+
+
+class SshError(ExternalError):
+    code = "ssh"
+
+
+class HostKeyMismatch(SshError):
+    code = "host_key_mismatch"
+
+
+def connect(ip: str, *, key_path: Path, known_hosts: Path, user: str = "root", port: int = 22,
+            timeout: float = 10.0):
+    """Open an authenticated paramiko Transport to ``ip`` whose host key matches ``known_hosts``."""
+    import paramiko
+
+    try:
+        sock = socket.create_connection((ip, port), timeout=timeout)
+    except OSError as e:
+        raise SshError(f"cannot reach {ip}:{port}: {e}", "is the VM running? (banger vm show)") from None
+    t = paramiko.Transport(sock)
+    try:
+        t.banner_timeout = timeout
+        t.auth_timeout = timeout
+        opts = t.get_security_options()
+        kex = list(opts.kex)
+        if KEX_FIRST in kex:
+            kex.remove(KEX_FIRST)
+            opts.kex = [KEX_FIRST, *kex]
+        opts.key_types = ["ssh-ed25519"]  # the only host key type banger injects and pins
+        try:
+            t.start_client(timeout=timeout)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise SshError(f"SSH handshake with {ip} failed: {e}", "the guest's sshd may still be starting") from None
+        _check_host_key(t, ip, port, known_hosts)
+        pkey = paramiko.Ed25519Key.from_private_key_file(str(key_path))
+        try:
+            t.auth_publickey(user, pkey)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise SshError(f"SSH authentication as {user}@{ip} failed: {e}",
+                           "the image's authorized key does not match banger's client key "
+                           "(rebuild the image, or check /root/.ssh on the work disk)") from None
+        t.set_keepalive(KEEPALIVE_S)
+        return t
+    except BaseException:
+        t.close()
+        raise
+
+
+def _check_host_key(t, ip: str, port: int, known_hosts: Path) -> None:
+    import paramiko
+
+    if not Path(known_hosts).is_file():
+        raise HostKeyMismatch(f"no pinned host key for {ip} ({known_hosts} missing)",
+                              "the VM directory is damaged; recreate the VM")
+    hk = paramiko.HostKeys(str(known_hosts))
+    key = t.get_remote_server_key()
+    host = ip if port == 22 else f"[{ip}]:{port}"
+    known = hk.lookup(host)
+    if not known or key.get_name() not in known or known[key.get_name()] != key:
+        raise HostKeyMismatch(f"host key of {ip} does not match the key pinned for this VM "
+                              f"(got {key.get_name()} {key.get_base64()[:24]}...)",
+                              "another machine may answer on this address; check `banger vm list` and "
+                              "`banger gc`")
+
+
+def wait_ready(ip: str, *, key_path: Path, known_hosts: Path, deadline: float,
+               alive: Callable[[], None] | None = None, attempt_timeout: float = 3.0):
+    """Poll until SSH authenticates (returns the Transport) or ``deadline`` (monotonic) passes.
+
+    ``alive()`` is called between attempts and should raise if the VM died. A host key
+    mismatch is not retried: it is never going to get better.
+    """
+    last = None
+    while True:
+        if alive is not None:
+            alive()
+        try:
+            return connect(ip, key_path=key_path, known_hosts=known_hosts,
+                           timeout=max(0.5, min(attempt_timeout, deadline - time.monotonic())))
+        except HostKeyMismatch:
+            raise
+        except SshError as e:
+            last = e.message
+        now = time.monotonic()
+        if now >= deadline:
+            raise GuestTimeout(f"SSH on {ip} not ready: {last}", "see the serial console: banger vm logs")
+        time.sleep(min(0.1, max(0.0, deadline - now)))
+
+
+def command_string(argv: list[str]) -> str:
+    """One argument is passed to the remote shell as written; several are quoted word by word."""
+    return argv[0] if len(argv) == 1 else shlex.join(argv)
+
+
+def exec_command(t, argv: list[str], *, stdin=None, stdout=None, stderr=None, get_pty: bool = False) -> int:
+    """Run ``argv`` in the guest, streaming output; return its exit status.
+
+    ``stdin`` is a binary file to forward (None: none); stdout/stderr default to ours.
+    """
+    import select
+    import threading
+
+    out = stdout or sys.stdout.buffer
+    err = stderr or sys.stderr.buffer
+    chan = t.open_session()
+    try:
+        if get_pty:
+            chan.get_pty()
+        chan.exec_command(command_string(argv))
+        if stdin is not None:
+            def pump():
+                try:
+                    while True:
+                        data = os.read(stdin.fileno(), 65536)
+                        if not data:
+                            break
+                        chan.sendall(data)
+                except OSError:
+                    pass
+                finally:
+                    try:
+                        chan.shutdown_write()
+                    except OSError:
+                        pass
+            threading.Thread(target=pump, daemon=True).start()
+        else:
+            chan.shutdown_write()
+        while True:
+            r, _, _ = select.select([chan], [], [], 1.0)
+            progressed = False
+            while chan.recv_ready():
+                out.write(chan.recv(65536))
+                progressed = True
+            while chan.recv_stderr_ready():
+                err.write(chan.recv_stderr(65536))
+                progressed = True
+            out.flush()
+            err.flush()
+            if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                break
+            if not progressed and not t.is_active():
+                raise SshError("SSH connection to the guest dropped", "the VM may have stopped; banger vm show")
+        return chan.recv_exit_status()
+    finally:
+        chan.close()
+
+
+def run_capture(t, argv: list[str], timeout: float = 60.0) -> tuple[int, str, str]:
+    """Run ``argv`` and return (status, stdout, stderr) as text."""
+    chan = t.open_session()
+    try:
+        chan.settimeout(timeout)
+        chan.exec_command(command_string(argv))
+        chan.shutdown_write()
+        so = chan.makefile("rb").read().decode(errors="replace")
+        se = chan.makefile_stderr("rb").read().decode(errors="replace")
+        return chan.recv_exit_status(), so, se
+    except TimeoutError:
+        raise GuestTimeout(f"guest command {argv!r} did not finish within {timeout:g}s", "is the VM wedged?") from None
+    finally:
+        chan.close()
+
+
+def interactive_shell(t, argv: list[str] | None = None) -> int:
+    """An interactive login shell (raw tty loop with window-size updates); returns the exit status."""
+    import select
+    import signal
+
+    if not sys.stdin.isatty():
+        return exec_command(t, argv or ["exec ${SHELL:-/bin/sh} -l"], stdin=sys.stdin)
+    import termios
+    import tty
+
+    cols, rows = os.get_terminal_size(sys.stdout.fileno()) if sys.stdout.isatty() else (80, 24)
+    chan = t.open_session()
+    chan.get_pty(term=os.environ.get("TERM", "xterm"), width=cols, height=rows)
+    if argv:
+        chan.exec_command(command_string(argv))
+    else:
+        chan.invoke_shell()
+
+    def on_winch(*_):
+        try:
+            c, r = os.get_terminal_size(sys.stdout.fileno())
+            chan.resize_pty(width=c, height=r)
+        except OSError:
+            pass
+
+    old_winch = signal.signal(signal.SIGWINCH, on_winch)
+    fd = sys.stdin.fileno()
+    old = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd)
+        chan.settimeout(0.0)
+        while True:
+            try:
+                r, _, _ = select.select([chan, fd], [], [], 1.0)
+            except InterruptedError:
+                continue
+            if chan in r:
+                try:
+                    data = chan.recv(65536)
+                except TimeoutError:
+                    data = None
+                if data == b"":
+                    break
+                if data:
+                    os.write(sys.stdout.fileno(), data)
+            if fd in r:
+                data = os.read(fd, 4096)
+                if not data:
+                    break
+                chan.sendall(data)
+            if chan.exit_status_ready() and not chan.recv_ready():
+                break
+            if not t.is_active():
+                break
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, old)
+        signal.signal(signal.SIGWINCH, old_winch)
+    status = chan.recv_exit_status() if chan.exit_status_ready() else 255
+    chan.close()
+    return status
+
+
+# ---- sftp copy (recursive, both directions) ----
+def put(t, local: Path, remote: str) -> int:
+    """Copy a local file or directory tree to ``remote`` in the guest. Returns files copied."""
+    local = Path(local)
+    if not local.exists():
+        raise NotFound(f"no such local path: {local}", "check the path")
+    sftp = t.open_sftp_client()
+    try:
+        remote = _remote_target(sftp, remote, local.name)
+        if local.is_dir():
+            n = 0
+            for root, _dirs, files in os.walk(local):
+                rel = os.path.relpath(root, local)
+                rdir = remote if rel == "." else f"{remote}/{rel}"
+                _mkdir(sftp, rdir, os.stat(root).st_mode & 0o7777)
+                for f in files:
+                    lp = os.path.join(root, f)
+                    sftp.put(lp, f"{rdir}/{f}")
+                    sftp.chmod(f"{rdir}/{f}", os.stat(lp).st_mode & 0o7777)
+                    n += 1
+            return n
+        sftp.put(str(local), remote)
+        sftp.chmod(remote, local.stat().st_mode & 0o7777)
+        return 1
+    except OSError as e:
+        raise SshError(f"copy to guest:{remote} failed: {e}", "check the path and free space in the guest") from None
+    finally:
+        sftp.close()
+
+
+def get(t, remote: str, local: Path) -> int:
+    """Copy a guest file or directory tree to ``local``. Returns files copied."""
+    sftp = t.open_sftp_client()
+    local = Path(local)
+    try:
+        try:
+            st = sftp.stat(remote)
+        except OSError:
+            raise NotFound(f"no such path in the guest: {remote}", "check the path (banger vm exec VM -- ls)") from None
+        if local.is_dir():
+            local = local / os.path.basename(remote.rstrip("/"))
+        if stat.S_ISDIR(st.st_mode):
+            return _get_tree(sftp, remote, local)
+        sftp.get(remote, str(local))
+        os.chmod(local, st.st_mode & 0o7777)
+        return 1
+    except OSError as e:
+        raise SshError(f"copy from guest:{remote} failed: {e}", "check the paths and local free space") from None
+    finally:
+        sftp.close()
+
+
+def _get_tree(sftp, remote: str, local: Path) -> int:
+    local.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for a in sftp.listdir_attr(remote):
+        rp = f"{remote.rstrip('/')}/{a.filename}"
+        lp = local / a.filename
+        if stat.S_ISDIR(a.st_mode):
+            n += _get_tree(sftp, rp, lp)
+        elif stat.S_ISREG(a.st_mode):
+            sftp.get(rp, str(lp))
+            os.chmod(lp, a.st_mode & 0o7777)
+            n += 1
+        elif stat.S_ISLNK(a.st_mode):
+            target = sftp.readlink(rp)
+            lp.unlink(missing_ok=True)
+            os.symlink(target, lp)
+    return n
+
+
+def _remote_target(sftp, remote: str, base: str) -> str:
+    """`cp x VM:/dir` puts x inside /dir when /dir exists (like cp)."""
+    try:
+        if stat.S_ISDIR(sftp.stat(remote).st_mode):
+            return f"{remote.rstrip('/')}/{base}"
+    except OSError:
+        pass
+    return remote
+
+
+def _mkdir(sftp, path: str, mode: int) -> None:
+    try:
+        sftp.mkdir(path, mode)
+    except OSError:
+        try:
+            if not stat.S_ISDIR(sftp.stat(path).st_mode):
+                raise
+        except OSError as e:
+            raise BangerError(f"cannot create guest directory {path}: {e}", "check the path") from None
