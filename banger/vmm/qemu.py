@@ -190,6 +190,21 @@ class QemuDriver:
         try:
             s.connect(handles["serial_sock"])
             s.sendall(line.rstrip("\n").encode() + b"\n")
+            # QEMU drops what it has not read yet when the client hangs up, and the UART only takes a
+            # FIFO's worth at a time: wait until the peer consumed every byte (SIOCOUTQ == 0).
+            import fcntl
+            import struct
+            import termios
+
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                pending = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+                if pending == 0:
+                    break
+                time.sleep(0.01)
+            else:
+                raise ExternalError("the guest did not read the console line in time",
+                                    "is the guest's init listening on its console?")
         except OSError as e:
             raise ExternalError(f"cannot write to the serial console: {e}", "is the VM running?") from None
         finally:
