@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .app import JsonOpt, emit, make_ctx, say
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+@app.command(help="Remove leaked TAPs, stray VMM processes, sockets, loop devices, staging dirs and stuck rows.")
+def gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only report what would be removed.")] = False,
+       json_out: JsonOpt = False):
+    ctx = make_ctx(json_out)
+    from banger.services import gc as svc
+
+    def render(r):
+        verb = "would remove" if r["dry_run"] else "removed"
+        labels = {"rows": "stuck VM row", "processes": "stray process", "taps": "leaked TAP",
+                  "sockets": "runtime dir", "loops": "loop device", "vm_dirs": "orphan VM dir",
+                  "staging": "staging dir"}
+        for k, label in labels.items():
+            for item in r[k]:
+                what = (item.get("name") or item.get("pid")) if isinstance(item, dict) else item
+                say(f"{verb} {label}: {what}")
+        for e in r["errors"]:
+            say(f"[red]error:[/] {e}")
+        if not r["total"]:
+            say("nothing to clean up")
+
+    emit(lambda: svc.collect(ctx, dry_run=dry_run), json_out=json_out, render=render,
+         exit_code=lambda r: 1 if r["errors"] else 0)
