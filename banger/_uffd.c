@@ -2,6 +2,20 @@
  *
  * A thin C layer: the hot loop lives here with the GIL released; policy and the
  * handshake stay in Python (banger/uffd/).
+ *
+ * Server owns one serving loop over a userfaultfd that the VMM handed over:
+ *   - UFFD_EVENT_PAGEFAULT -> UFFDIO_COPY of the faulting page from a read-only
+ *     MAP_PRIVATE mapping of the memory file (or a zero fill when the page was
+ *     removed earlier), EAGAIN -> defer and retry after draining events,
+ *     EEXIST -> already there (wake the waiter, move on);
+ *   - UFFD_EVENT_REMOVE -> the pages in the range read back as zeros afterwards;
+ *   - between faults, a prefetch plan (runs of memory-file pages) is copied in
+ *     batches, but the uffd is polled between batches so faults go first;
+ *   - the loop ends when the VMM's connection hangs up, its pidfd fires, stop()
+ *     is called, or something fails (then run() raises and the caller takes the
+ *     VMM down).
+ * Page identity is the page index in the memory file (regions map to distinct
+ * file ranges), which is also what the access log records.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -9,9 +23,18 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 static int open_uffd(int flags)
@@ -53,14 +76,806 @@ static PyObject *py_probe(PyObject *self, PyObject *args)
     return Py_BuildValue("(Os)", Py_True, buf);
 }
 
+/* ------------------------------------------------------------------------- */
+/* Server                                                                     */
+
+enum { PG_MISSING = 0, PG_PRESENT = 1, PG_REMOVED = 2, PG_STATE_MASK = 0x03, PG_LOGGED = 0x80 };
+
+enum { END_PEER_CLOSED = 1, END_PEER_EXITED = 2, END_STOPPED = 3, END_ERROR = -1 };
+
+typedef struct {
+    uint64_t base, size, file_off;
+} region_t;
+
+/* Counters are written by the serving thread and read by anyone: relaxed atomics. */
+enum {
+    ST_FAULTS,          /* UFFD_EVENT_PAGEFAULT messages read */
+    ST_FAULT_PAGES,     /* pages installed from the memory file because of a fault */
+    ST_ZERO_PAGES,      /* pages zero-filled because they were removed earlier */
+    ST_PREFETCH_PAGES,  /* pages installed by the prefetch plan */
+    ST_PREFETCH_BATCHES,/* UFFDIO_COPY calls made by the prefetch plan */
+    ST_PREFETCH_SKIPPED,/* plan pages already present or removed when the plan got there */
+    ST_REMOVES,         /* UFFD_EVENT_REMOVE messages */
+    ST_REMOVED_PAGES,   /* pages covered by those events */
+    ST_EAGAIN,          /* UFFDIO_COPY/ZEROPAGE calls that returned EAGAIN */
+    ST_EAGAIN_RETRIES,  /* retries of deferred faults */
+    ST_EEXIST,          /* copies that found the page already there */
+    ST_WAKES,           /* UFFDIO_WAKE calls for such faults */
+    ST_RECORDED,        /* first-touch pages appended to the access log */
+    ST_SERVICE_NS,      /* total time from reading a fault to its page being installed */
+    ST_SERVICE_MAX_NS,
+    ST_PREFETCH_NS,     /* time spent inside prefetch copies */
+    ST_FIRST_FAULT_NS,  /* CLOCK_MONOTONIC timestamps (0 = never) */
+    ST_LAST_FAULT_NS,
+    ST_PLAN_DONE_NS,
+    ST_UNKNOWN_EVENTS,
+    ST_COUNT
+};
+
+static const char *stat_names[ST_COUNT] = {
+    "faults", "fault_pages", "zero_pages", "prefetch_pages", "prefetch_batches", "prefetch_skipped",
+    "removes", "removed_pages", "eagain", "eagain_retries", "eexist", "wakes", "recorded",
+    "service_ns", "service_max_ns", "prefetch_ns", "first_fault_ns", "last_fault_ns", "plan_done_ns",
+    "unknown_events",
+};
+
+typedef struct {
+    PyObject_HEAD
+    int uffd, conn_fd, pid_fd, wake_fd;
+    uint64_t page_size;
+    unsigned page_shift;
+    region_t *regions; /* sorted by base */
+    int nregions;
+    region_t *by_file; /* the same, sorted by file offset */
+    const char *map;   /* read-only mapping of the memory file */
+    uint64_t map_len;
+    uint8_t *state;    /* one byte per memory-file page */
+    uint64_t npages;
+    void *zero_buf;    /* page_size of zeros, for 2M zero fills */
+    uint64_t batch_pages;
+
+    /* prefetch plan: pairs (file_page, npages) */
+    uint64_t *plan;
+    size_t plan_len, plan_pos;
+    uint64_t plan_cur; /* next page within plan[plan_pos] */
+    int plan_active;
+
+    /* deferred faults (page-aligned addresses) */
+    uint64_t *deferred;
+    size_t ndef, capdef;
+
+    /* shared with other threads, under lock */
+    pthread_mutex_t lock;
+    uint32_t *log;
+    size_t log_len, log_cap;
+    uint64_t *pending_plan;
+    size_t pending_len;
+    int pending_set;
+
+    int record;  /* atomic */
+    int stop;    /* atomic */
+    int running; /* atomic */
+    uint64_t st[ST_COUNT];
+
+    char err[256];
+    int err_errno;
+} Server;
+
+#define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+#define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
+#define ADD(s, i, n) __atomic_fetch_add(&(s)->st[i], (n), __ATOMIC_RELAXED)
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static int fail(Server *s, int err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int fail(Server *s, int err, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(s->err, sizeof s->err, fmt, ap);
+    va_end(ap);
+    s->err_errno = err;
+    return END_ERROR;
+}
+
+static const region_t *region_of_addr(const Server *s, uint64_t addr)
+{
+    int lo = 0, hi = s->nregions - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        const region_t *r = &s->regions[mid];
+        if (addr < r->base)
+            hi = mid - 1;
+        else if (addr - r->base >= r->size)
+            lo = mid + 1;
+        else
+            return r;
+    }
+    return NULL;
+}
+
+/* The region holding memory-file page fp, or NULL when no region maps that page. */
+static const region_t *region_of_page(const Server *s, uint64_t fp)
+{
+    uint64_t off = fp << s->page_shift;
+    int lo = 0, hi = s->nregions - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        const region_t *r = &s->by_file[mid];
+        if (off < r->file_off)
+            hi = mid - 1;
+        else if (off - r->file_off >= r->size)
+            lo = mid + 1;
+        else
+            return r;
+    }
+    return NULL;
+}
+
+/* 0 = done, 1 = EAGAIN (try later), 2 = the VMM's memory is gone, END_ERROR = failure. */
+static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry)
+{
+    const region_t *r = region_of_addr(s, addr);
+    if (!r)
+        return fail(s, EFAULT, "page fault at 0x%llx outside every registered region", (unsigned long long)addr);
+    uint64_t off = r->file_off + (addr - r->base);
+    uint64_t fp = off >> s->page_shift;
+    uint8_t st = s->state[fp];
+    int zero = (st & PG_STATE_MASK) == PG_REMOVED;
+
+    if (!zero && !retry && LOAD(s->record) && !(st & PG_LOGGED)) {
+        pthread_mutex_lock(&s->lock);
+        if (s->log_len == s->log_cap) {
+            size_t cap = s->log_cap ? s->log_cap * 2 : 4096;
+            uint32_t *n = realloc(s->log, cap * sizeof *n);
+            if (!n) {
+                pthread_mutex_unlock(&s->lock);
+                return fail(s, ENOMEM, "out of memory growing the access log");
+            }
+            s->log = n;
+            s->log_cap = cap;
+        }
+        s->log[s->log_len++] = (uint32_t)fp;
+        pthread_mutex_unlock(&s->lock);
+        s->state[fp] = st | PG_LOGGED;
+        ADD(s, ST_RECORDED, 1);
+    }
+
+    int rc;
+    long long result;
+    if (zero && s->page_size == 4096) {
+        struct uffdio_zeropage z = {.range = {.start = addr, .len = s->page_size}, .mode = 0};
+        rc = ioctl(s->uffd, UFFDIO_ZEROPAGE, &z);
+        result = z.zeropage;
+    } else {
+        struct uffdio_copy c = {
+            .dst = addr,
+            .src = zero ? (uint64_t)(uintptr_t)s->zero_buf : (uint64_t)(uintptr_t)(s->map + off),
+            .len = s->page_size,
+            .mode = 0,
+        };
+        rc = ioctl(s->uffd, UFFDIO_COPY, &c);
+        result = c.copy;
+    }
+    if (rc == 0 || result == (long long)s->page_size) {
+        s->state[fp] = (s->state[fp] & PG_LOGGED) | PG_PRESENT;
+        ADD(s, zero ? ST_ZERO_PAGES : ST_FAULT_PAGES, 1);
+    } else {
+        int e = errno;
+        if (e == EAGAIN) {
+            ADD(s, ST_EAGAIN, 1);
+            return 1;
+        }
+        if (e == EEXIST) {
+            /* already populated (another fault on the same page, or a prefetch got there first) */
+            s->state[fp] = (s->state[fp] & PG_LOGGED) | PG_PRESENT;
+            ADD(s, ST_EEXIST, 1);
+            struct uffdio_range w = {.start = addr, .len = s->page_size};
+            if (ioctl(s->uffd, UFFDIO_WAKE, &w) == 0)
+                ADD(s, ST_WAKES, 1);
+        } else if (e == ESRCH || e == ENOENT) {
+            return 2;
+        } else {
+            return fail(s, e, "%s of page 0x%llx (file offset %llu) failed: %s",
+                        zero ? "zero fill" : "UFFDIO_COPY", (unsigned long long)addr,
+                        (unsigned long long)off, strerror(e));
+        }
+    }
+    uint64_t t = now_ns(), d = t - t_read;
+    ADD(s, ST_SERVICE_NS, d);
+    if (d > LOAD(s->st[ST_SERVICE_MAX_NS]))
+        STORE(s->st[ST_SERVICE_MAX_NS], d);
+    return 0;
+}
+
+static int defer(Server *s, uint64_t addr)
+{
+    for (size_t i = 0; i < s->ndef; i++)
+        if (s->deferred[i] == addr)
+            return 0;
+    if (s->ndef == s->capdef) {
+        size_t cap = s->capdef ? s->capdef * 2 : 64;
+        uint64_t *n = realloc(s->deferred, cap * sizeof *n);
+        if (!n)
+            return fail(s, ENOMEM, "out of memory deferring a fault");
+        s->deferred = n;
+        s->capdef = cap;
+    }
+    s->deferred[s->ndef++] = addr;
+    return 0;
+}
+
+static void mark_removed(Server *s, uint64_t start, uint64_t end)
+{
+    uint64_t mask = s->page_size - 1;
+    for (int i = 0; i < s->nregions; i++) {
+        const region_t *r = &s->regions[i];
+        uint64_t a = start > r->base ? start : r->base;
+        uint64_t b = end < r->base + r->size ? end : r->base + r->size;
+        if (a >= b)
+            continue;
+        a &= ~mask;                /* a partly removed huge page is zapped whole */
+        b = (b + mask) & ~mask;
+        uint64_t fp0 = (r->file_off + (a - r->base)) >> s->page_shift;
+        uint64_t n = (b - a) >> s->page_shift;
+        for (uint64_t k = 0; k < n; k++)
+            s->state[fp0 + k] = (s->state[fp0 + k] & PG_LOGGED) | PG_REMOVED;
+        ADD(s, ST_REMOVED_PAGES, n);
+    }
+}
+
+/* Read events until EAGAIN, one 32-byte record per read() so an unread REMOVE stays
+ * queued behind the faults (the kernel hands out faults first) exactly as it would
+ * for a slower reader. Returns 0, 2 (VMM gone) or END_ERROR. */
+static int drain(Server *s)
+{
+    for (;;) {
+        struct uffd_msg msg;
+        ssize_t n = read(s->uffd, &msg, sizeof msg);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN)
+                return 0;
+            return fail(s, errno, "reading the userfaultfd failed: %s", strerror(errno));
+        }
+        if (n != sizeof msg)
+            return fail(s, EIO, "short read from the userfaultfd (%zd bytes)", n);
+        uint64_t t = now_ns();
+        if (msg.event == UFFD_EVENT_PAGEFAULT) {
+            ADD(s, ST_FAULTS, 1);
+            if (!LOAD(s->st[ST_FIRST_FAULT_NS]))
+                STORE(s->st[ST_FIRST_FAULT_NS], t);
+            STORE(s->st[ST_LAST_FAULT_NS], t);
+            uint64_t addr = msg.arg.pagefault.address & ~(s->page_size - 1);
+            int rc = serve_page(s, addr, t, 0);
+            if (rc == 1) {
+                if (defer(s, addr) < 0)
+                    return END_ERROR;
+            } else if (rc != 0) {
+                return rc;
+            }
+        } else if (msg.event == UFFD_EVENT_REMOVE) {
+            ADD(s, ST_REMOVES, 1);
+            mark_removed(s, msg.arg.remove.start, msg.arg.remove.end);
+        } else {
+            ADD(s, ST_UNKNOWN_EVENTS, 1);
+        }
+    }
+}
+
+static int retry_deferred(Server *s)
+{
+    size_t keep = 0;
+    for (size_t i = 0; i < s->ndef; i++) {
+        uint64_t addr = s->deferred[i];
+        ADD(s, ST_EAGAIN_RETRIES, 1);
+        int rc = serve_page(s, addr, now_ns(), 1);
+        if (rc == 1)
+            s->deferred[keep++] = addr;
+        else if (rc != 0) {
+            s->ndef = 0;
+            return rc;
+        }
+    }
+    s->ndef = keep;
+    return 0;
+}
+
+static void take_pending_plan(Server *s)
+{
+    pthread_mutex_lock(&s->lock);
+    if (s->pending_set) {
+        free(s->plan);
+        s->plan = s->pending_plan;
+        s->plan_len = s->pending_len;
+        s->pending_plan = NULL;
+        s->pending_len = 0;
+        s->pending_set = 0;
+        s->plan_pos = 0;
+        s->plan_cur = s->plan_len ? s->plan[0] : 0;
+        s->plan_active = s->plan_len > 0;
+        STORE(s->st[ST_PLAN_DONE_NS], 0);
+    }
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* One prefetch batch: up to batch_pages contiguous missing pages of the current run.
+ * Returns 0, 1 (EAGAIN: cursor left where it was), 2 (VMM gone) or END_ERROR. */
+static int prefetch_batch(Server *s)
+{
+    while (s->plan_pos < s->plan_len) {
+        uint64_t start = s->plan[2 * s->plan_pos], count = s->plan[2 * s->plan_pos + 1];
+        uint64_t end = start + count;
+        if (end > s->npages)
+            end = s->npages;
+        uint64_t fp = s->plan_cur;
+        while (fp < end && (s->state[fp] & PG_STATE_MASK) != PG_MISSING) {
+            fp++;
+            ADD(s, ST_PREFETCH_SKIPPED, 1);
+        }
+        if (fp >= end) {
+            if (++s->plan_pos < s->plan_len)
+                s->plan_cur = s->plan[2 * s->plan_pos];
+            continue;
+        }
+        const region_t *r = region_of_page(s, fp);
+        if (!r) { /* a file page no region maps: nothing to install */
+            s->plan_cur = fp + 1;
+            continue;
+        }
+        uint64_t rend = (r->file_off + r->size) >> s->page_shift;
+        uint64_t lim = end < rend ? end : rend;
+        uint64_t n = 1;
+        while (fp + n < lim && n < s->batch_pages && (s->state[fp + n] & PG_STATE_MASK) == PG_MISSING)
+            n++;
+        uint64_t off = fp << s->page_shift;
+        struct uffdio_copy c = {
+            .dst = r->base + (off - r->file_off),
+            .src = (uint64_t)(uintptr_t)(s->map + off),
+            .len = n << s->page_shift,
+            .mode = 0,
+        };
+        uint64_t t0 = now_ns();
+        int rc = ioctl(s->uffd, UFFDIO_COPY, &c);
+        int e = errno;
+        ADD(s, ST_PREFETCH_NS, now_ns() - t0);
+        ADD(s, ST_PREFETCH_BATCHES, 1);
+        uint64_t done = 0;
+        if (rc == 0)
+            done = n;
+        else if (c.copy > 0)
+            done = (uint64_t)c.copy >> s->page_shift;
+        for (uint64_t k = 0; k < done; k++)
+            s->state[fp + k] = (s->state[fp + k] & PG_LOGGED) | PG_PRESENT;
+        ADD(s, ST_PREFETCH_PAGES, done);
+        s->plan_cur = fp + done;
+        if (rc == 0 || c.copy > 0)
+            return 0;
+        if (e == EAGAIN) {
+            ADD(s, ST_EAGAIN, 1);
+            return 1;
+        }
+        if (e == EEXIST) {
+            s->state[fp] = (s->state[fp] & PG_LOGGED) | PG_PRESENT;
+            ADD(s, ST_EEXIST, 1);
+            s->plan_cur = fp + 1;
+            return 0;
+        }
+        if (e == ESRCH || e == ENOENT)
+            return 2;
+        return fail(s, e, "prefetch UFFDIO_COPY of %llu pages at file offset %llu failed: %s",
+                    (unsigned long long)n, (unsigned long long)off, strerror(e));
+    }
+    s->plan_active = 0;
+    STORE(s->st[ST_PLAN_DONE_NS], now_ns());
+    return 0;
+}
+
+static int serve_loop(Server *s)
+{
+    struct pollfd p[4] = {
+        {.fd = s->uffd, .events = POLLIN},
+        {.fd = s->conn_fd, .events = POLLIN | POLLRDHUP},
+        {.fd = s->pid_fd, .events = POLLIN},
+        {.fd = s->wake_fd, .events = POLLIN},
+    };
+    int idle_retries = 0, backoff = 0;
+    take_pending_plan(s);
+    for (;;) {
+        if (LOAD(s->stop))
+            return END_STOPPED;
+        struct timespec ts, *tsp = NULL;
+        if (s->ndef || backoff) {
+            /* an event is being delivered (EAGAIN); give its waiter a moment, then retry */
+            ts.tv_sec = 0;
+            ts.tv_nsec = (idle_retries > 8 || backoff > 8) ? 1000000 : 20000;
+            tsp = &ts;
+        } else if (s->plan_active) {
+            ts.tv_sec = 0;
+            ts.tv_nsec = 0;
+            tsp = &ts;
+        }
+        int n = ppoll(p, 4, tsp, NULL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return fail(s, errno, "poll failed: %s", strerror(errno));
+        }
+        if (p[1].revents) {
+            if (p[1].revents & (POLLHUP | POLLRDHUP | POLLERR | POLLNVAL))
+                return END_PEER_CLOSED;
+            char junk[256];
+            ssize_t r = recv(s->conn_fd, junk, sizeof junk, MSG_DONTWAIT);
+            if (r == 0)
+                return END_PEER_CLOSED;
+        }
+        if (p[2].revents)
+            return END_PEER_EXITED;
+        if (p[3].revents) {
+            uint64_t v;
+            if (read(s->wake_fd, &v, sizeof v) < 0 && errno != EAGAIN)
+                return fail(s, errno, "reading the wake eventfd failed: %s", strerror(errno));
+            if (LOAD(s->stop))
+                return END_STOPPED;
+            take_pending_plan(s);
+        }
+        if (p[0].revents & (POLLERR | POLLNVAL))
+            return fail(s, EIO, "the userfaultfd reported an error (POLLERR)");
+        if ((p[0].revents & POLLIN) || s->ndef) {
+            int rc = drain(s);
+            if (rc == 2)
+                return END_PEER_EXITED;
+            if (rc < 0)
+                return rc;
+        }
+        if (s->ndef) {
+            size_t before = s->ndef;
+            int rc = retry_deferred(s);
+            if (rc == 2)
+                return END_PEER_EXITED;
+            if (rc < 0)
+                return rc;
+            idle_retries = s->ndef && s->ndef == before ? idle_retries + 1 : 0;
+            continue; /* no prefetch while faults wait */
+        }
+        idle_retries = 0;
+        if (s->plan_active && !(p[0].revents & POLLIN)) {
+            int rc = prefetch_batch(s);
+            if (rc == 2)
+                return END_PEER_EXITED;
+            if (rc < 0)
+                return rc;
+            backoff = rc == 1 ? backoff + 1 : 0;
+        }
+    }
+}
+
+static void Server_dealloc(Server *s)
+{
+    if (s->map && s->map != MAP_FAILED)
+        munmap((void *)s->map, s->map_len);
+    if (s->zero_buf && s->zero_buf != MAP_FAILED)
+        munmap(s->zero_buf, s->page_size);
+    if (s->wake_fd >= 0)
+        close(s->wake_fd);
+    free(s->regions);
+    free(s->by_file);
+    free(s->state);
+    free(s->plan);
+    free(s->pending_plan);
+    free(s->deferred);
+    free(s->log);
+    pthread_mutex_destroy(&s->lock);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static PyObject *Server_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    Server *s = (Server *)type->tp_alloc(type, 0);
+    if (!s)
+        return NULL;
+    s->uffd = s->conn_fd = s->pid_fd = s->wake_fd = -1;
+    s->map = MAP_FAILED;
+    s->zero_buf = MAP_FAILED;
+    pthread_mutex_init(&s->lock, NULL);
+    return (PyObject *)s;
+}
+
+static int cmp_base(const void *a, const void *b)
+{
+    const region_t *x = a, *y = b;
+    return x->base < y->base ? -1 : x->base > y->base;
+}
+
+static int cmp_off(const void *a, const void *b)
+{
+    const region_t *x = a, *y = b;
+    return x->file_off < y->file_off ? -1 : x->file_off > y->file_off;
+}
+
+/* Server(uffd, mem_fd, regions, page_size, *, conn_fd=-1, pid_fd=-1, record=False, batch_pages=256)
+ * regions: sequence of (base_host_virt_addr, size, file_offset). The fds stay owned by the caller. */
+static int Server_init(Server *s, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"uffd", "mem_fd", "regions", "page_size", "conn_fd", "pid_fd", "record",
+                             "batch_pages", NULL};
+    int uffd, mem_fd, conn_fd = -1, pid_fd = -1, record = 0;
+    PyObject *regions;
+    unsigned long long page_size, batch = 256;
+    if (s->regions) {
+        PyErr_SetString(PyExc_RuntimeError, "Server is already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiOK|$iipK", kwlist, &uffd, &mem_fd, &regions, &page_size,
+                                     &conn_fd, &pid_fd, &record, &batch))
+        return -1;
+    if (page_size != 4096 && page_size != 2097152) {
+        PyErr_Format(PyExc_ValueError, "page size %llu is not supported (4096 or 2097152)", page_size);
+        return -1;
+    }
+    if (batch < 1)
+        batch = 1;
+    s->page_size = page_size;
+    s->page_shift = page_size == 4096 ? 12 : 21;
+    s->batch_pages = batch;
+
+    struct stat stbuf;
+    if (fstat(mem_fd, &stbuf) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    uint64_t fsize = (uint64_t)stbuf.st_size;
+    if (fsize == 0 || fsize % page_size) {
+        PyErr_Format(PyExc_ValueError, "memory file size %llu is not a positive multiple of the page size %llu",
+                     (unsigned long long)fsize, page_size);
+        return -1;
+    }
+
+    PyObject *seq = PySequence_Fast(regions, "regions must be a sequence of (base, size, offset)");
+    if (!seq)
+        return -1;
+    Py_ssize_t nr = PySequence_Fast_GET_SIZE(seq);
+    if (nr < 1 || nr > 4096) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "between 1 and 4096 regions are required");
+        return -1;
+    }
+    s->regions = calloc((size_t)nr, sizeof(region_t));
+    s->by_file = calloc((size_t)nr, sizeof(region_t));
+    if (!s->regions || !s->by_file) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nr; i++) {
+        unsigned long long b, sz, off;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKK;region must be (base, size, offset)", &b,
+                              &sz, &off)) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        if (!sz || (b | sz | off) & (page_size - 1) || b + sz < b || off + sz < off || off + sz > fsize) {
+            Py_DECREF(seq);
+            PyErr_Format(PyExc_ValueError, "region %zd (base 0x%llx size %llu offset %llu) is unaligned, empty or "
+                         "past the end of the %llu-byte memory file", i, b, sz, off, (unsigned long long)fsize);
+            return -1;
+        }
+        s->regions[i] = (region_t){b, sz, off};
+    }
+    Py_DECREF(seq);
+    s->nregions = (int)nr;
+    qsort(s->regions, (size_t)nr, sizeof(region_t), cmp_base);
+    memcpy(s->by_file, s->regions, (size_t)nr * sizeof(region_t));
+    qsort(s->by_file, (size_t)nr, sizeof(region_t), cmp_off);
+    for (int i = 1; i < s->nregions; i++) {
+        if (s->regions[i - 1].base + s->regions[i - 1].size > s->regions[i].base ||
+            s->by_file[i - 1].file_off + s->by_file[i - 1].size > s->by_file[i].file_off) {
+            PyErr_SetString(PyExc_ValueError, "regions overlap (in memory or in the memory file)");
+            return -1;
+        }
+    }
+
+    s->npages = fsize / page_size;
+    s->state = calloc(s->npages, 1);
+    if (!s->state) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    s->map = mmap(NULL, fsize, PROT_READ, MAP_PRIVATE | MAP_NORESERVE, mem_fd, 0);
+    if (s->map == MAP_FAILED) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    s->map_len = fsize;
+    s->zero_buf = mmap(NULL, page_size, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (s->zero_buf == MAP_FAILED) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    s->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (s->wake_fd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    s->uffd = uffd;
+    s->conn_fd = conn_fd;
+    s->pid_fd = pid_fd;
+    s->record = record;
+    return 0;
+}
+
+static PyObject *Server_run(Server *s, PyObject *noargs)
+{
+    if (!s->regions) {
+        PyErr_SetString(PyExc_RuntimeError, "Server is not initialised");
+        return NULL;
+    }
+    int expected = 0;
+    if (!__atomic_compare_exchange_n(&s->running, &expected, 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+        PyErr_SetString(PyExc_RuntimeError, "Server.run() is already running");
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = serve_loop(s);
+    Py_END_ALLOW_THREADS
+    STORE(s->running, 0);
+    switch (rc) {
+    case END_PEER_CLOSED:
+        return PyUnicode_FromString("peer_closed");
+    case END_PEER_EXITED:
+        return PyUnicode_FromString("peer_exited");
+    case END_STOPPED:
+        return PyUnicode_FromString("stopped");
+    default: {
+        PyObject *e = Py_BuildValue("(is)", s->err_errno, s->err);
+        if (e) {
+            PyErr_SetObject(PyExc_OSError, e);
+            Py_DECREF(e);
+        }
+        return NULL;
+    }
+    }
+}
+
+static void wake(Server *s)
+{
+    uint64_t one = 1;
+    if (write(s->wake_fd, &one, sizeof one) < 0) {
+        /* EAGAIN: the counter is already non-zero, the loop will wake anyway */
+    }
+}
+
+static PyObject *Server_stop(Server *s, PyObject *noargs)
+{
+    STORE(s->stop, 1);
+    if (s->wake_fd >= 0)
+        wake(s);
+    Py_RETURN_NONE;
+}
+
+/* set_plan(runs: bytes) with native-endian uint64 pairs (file_page, npages); replaces any plan. */
+static PyObject *Server_set_plan(Server *s, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (view.len % 16) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "plan must be uint64 pairs (file_page, npages)");
+        return NULL;
+    }
+    size_t n = (size_t)view.len / 16;
+    uint64_t *copy = NULL;
+    if (n) {
+        copy = malloc((size_t)view.len);
+        if (!copy) {
+            PyBuffer_Release(&view);
+            return PyErr_NoMemory();
+        }
+        memcpy(copy, view.buf, (size_t)view.len);
+    }
+    PyBuffer_Release(&view);
+    pthread_mutex_lock(&s->lock);
+    free(s->pending_plan);
+    s->pending_plan = copy;
+    s->pending_len = n;
+    s->pending_set = 1;
+    pthread_mutex_unlock(&s->lock);
+    if (s->wake_fd >= 0)
+        wake(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Server_set_record(Server *s, PyObject *arg)
+{
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    STORE(s->record, on);
+    Py_RETURN_NONE;
+}
+
+/* access_log() -> bytes: the recorded first-touch memory-file page indices, uint32 native-endian. */
+static PyObject *Server_access_log(Server *s, PyObject *noargs)
+{
+    pthread_mutex_lock(&s->lock);
+    PyObject *b = PyBytes_FromStringAndSize((const char *)s->log, (Py_ssize_t)(s->log_len * sizeof(uint32_t)));
+    pthread_mutex_unlock(&s->lock);
+    return b;
+}
+
+static PyObject *Server_stats(Server *s, PyObject *noargs)
+{
+    PyObject *d = PyDict_New();
+    if (!d)
+        return NULL;
+    for (int i = 0; i < ST_COUNT; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(LOAD(s->st[i]));
+        if (!v || PyDict_SetItemString(d, stat_names[i], v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
+    return d;
+}
+
+static PyMethodDef server_methods[] = {
+    {"run", (PyCFunction)Server_run, METH_NOARGS,
+     "run() -> 'peer_closed' | 'peer_exited' | 'stopped'. Serves until the VMM goes away or stop() is called; "
+     "releases the GIL; raises OSError when serving fails."},
+    {"stop", (PyCFunction)Server_stop, METH_NOARGS, "stop(): make run() return 'stopped' (thread-safe)."},
+    {"set_plan", (PyCFunction)Server_set_plan, METH_O,
+     "set_plan(runs: bytes): prefetch these (file_page, npages) uint64 pairs, in order (thread-safe)."},
+    {"set_record", (PyCFunction)Server_set_record, METH_O, "set_record(on): record first-touch pages or not."},
+    {"access_log", (PyCFunction)Server_access_log, METH_NOARGS,
+     "access_log() -> bytes of uint32 memory-file page indices in first-touch order."},
+    {"stats", (PyCFunction)Server_stats, METH_NOARGS, "stats() -> dict of counters (thread-safe)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ServerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "banger._uffd.Server",
+    .tp_basicsize = sizeof(Server),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Server(uffd, mem_fd, regions, page_size, *, conn_fd=-1, pid_fd=-1, record=False, batch_pages=256)",
+    .tp_new = Server_new,
+    .tp_init = (initproc)Server_init,
+    .tp_dealloc = (destructor)Server_dealloc,
+    .tp_methods = server_methods,
+};
+
 static PyMethodDef methods[] = {
     {"probe", py_probe, METH_NOARGS, "probe() -> (ok, detail): create a userfaultfd and negotiate its API."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "banger._uffd", "userfaultfd primitives", -1, methods};
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "banger._uffd", "userfaultfd primitives", -1, methods, NULL, NULL, NULL, NULL,
+};
 
 PyMODINIT_FUNC PyInit__uffd(void)
 {
-    return PyModule_Create(&moduledef);
+    if (PyType_Ready(&ServerType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m)
+        return NULL;
+    Py_INCREF(&ServerType);
+    if (PyModule_AddObject(m, "Server", (PyObject *)&ServerType) < 0) {
+        Py_DECREF(&ServerType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddIntConstant(m, "PAGE_4K", 4096);
+    PyModule_AddIntConstant(m, "PAGE_2M", 2097152);
+    return m;
 }
