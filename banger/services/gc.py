@@ -106,10 +106,12 @@ def collect(ctx, *, dry_run: bool = False) -> dict:
         report["errors"].append(f"{what}: {e.message if isinstance(e, BangerError) else e}")
 
     # 1. rows stuck in `creating` (their creator died without unwinding)
+    stale = set()
     for vm in ctx.store.list_vms():
         if vm["state"] != vms.CREATING or vms.creator_alive(vm) or ctx.locks.is_held(f"vm/{vm['id']}"):
             continue
         report["rows"].append({"id": vm["id"], "name": vm["name"]})
+        stale.add(vm["id"])
         if dry_run:
             continue
         try:
@@ -122,6 +124,7 @@ def collect(ctx, *, dry_run: bool = False) -> dict:
                     vms.destroy_vm(ctx, cur)
         except LockTimeout:
             report["rows"].pop()
+            stale.discard(vm["id"])
         except BangerError as e:
             err(f"row {vm['name']}", e)
 
@@ -132,7 +135,7 @@ def collect(ctx, *, dry_run: bool = False) -> dict:
         if vm is None:
             return False
         if vm["state"] == vms.CREATING:
-            return True  # its creator is alive (stale ones were handled above)
+            return vm_id not in stale  # a live create's VMM is its own business
         h = vms.load_handles(ctx, vm)
         return pid in {h.get("pid"), h.get("uffd_pid")}
 
@@ -169,7 +172,7 @@ def collect(ctx, *, dry_run: bool = False) -> dict:
     if rvms.is_dir():
         for d in sorted(rvms.iterdir()):
             vm = rows.get(d.name)
-            if vm is not None and (vm["state"] == vms.CREATING or vms.vmm_alive(ctx, vm)):
+            if vm is not None and ((vm["state"] == vms.CREATING and vm["id"] not in stale) or vms.vmm_alive(ctx, vm)):
                 continue
             report["sockets"].append(str(d))
             if not dry_run:
