@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -24,7 +24,8 @@ def _human(n) -> str:
 
 def _summary(row: dict) -> dict:
     return {k: row.get(k) for k in ("name", "kind", "source", "digest", "kernel", "rootfs", "work_seed",
-                                    "key_fingerprint", "size_bytes", "init", "has_sshd", "created_at", "meta")}
+                                    "key_fingerprint", "size_bytes", "init", "has_sshd", "created_at", "meta")} | (
+        {"existing": True} if row.get("existing") else {})
 
 
 def _render_one(verb: str):
@@ -37,7 +38,7 @@ def _render_one(verb: str):
 def build_cmd(
     name: Annotated[str, typer.Argument(help="Image name, e.g. debian-bookworm.")],
     suite: Annotated[str, typer.Option("--suite", help="Debian suite.")] = "bookworm",
-    package: Annotated[Optional[list[str]], typer.Option("--package", "-p", help="Extra package (repeatable).")] = None,
+    package: Annotated[list[str] | None, typer.Option("--package", "-p", help="Extra package (repeatable).")] = None,
     json_out: JsonOpt = False,
 ):
     from banger.services import images as svc
@@ -53,7 +54,7 @@ def build_cmd(
 @app.command("pull", help="Pull an OCI image (linux/amd64) from a registry and turn it into a banger image.")
 def pull_cmd(
     ref: Annotated[str, typer.Argument(help="[REGISTRY/]REPO[:TAG][@sha256:DIGEST]")],
-    name: Annotated[Optional[str], typer.Option("--name", "-n", help="Image name (default: from the reference).")] = None,
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Image name (default: from the reference).")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Plain http (automatic for 127.0.0.1/localhost).")] = False,
     json_out: JsonOpt = False,
 ):
@@ -68,7 +69,7 @@ def pull_cmd(
 def register_cmd(
     name: Annotated[str, typer.Argument(help="Image name.")],
     rootfs: Annotated[str, typer.Argument(help="Path of an ext4 image file.")],
-    kernel: Annotated[Optional[str], typer.Option("--kernel", help="Kernel to boot it with.")] = None,
+    kernel: Annotated[str | None, typer.Option("--kernel", help="Kernel to boot it with.")] = None,
     json_out: JsonOpt = False,
 ):
     from banger.services import images as svc

@@ -109,8 +109,9 @@ def layer(entries: list[tuple], compression: str = "gzip") -> tuple[bytes, str, 
 
 # ---------------------------------------------------------------- push client (our own code)
 class Registry:
-    def __init__(self, url: str):
+    def __init__(self, url: str, storage: Path | None = None):
         self.url = url.rstrip("/")
+        self.storage = storage
         self.host = urlsplit(self.url).netloc
 
     def push_blob(self, repo: str, data: bytes) -> str:
@@ -200,7 +201,7 @@ def registry(tmp_path_factory):
     work = tmp_path_factory.mktemp("registry")
     proc, url = start_registry(work)
     try:
-        yield Registry(url)
+        yield Registry(url, work / "storage")
     finally:
         stop_registry(proc)
 
