@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .app import JsonOpt, emit, make_app, make_ctx, print_kv, print_table, say
+
+app = make_app("Warm, inspect and drain the TAP device pool.")
+
+
+@app.command(help="Make sure at least N idle TAP devices are ready (idempotent; safe to run from cron).")
+def warm(n: Annotated[int, typer.Argument(help="How many idle TAPs to keep ready.", min=0)],
+         json_out: JsonOpt = False):
+    ctx = make_ctx(json_out)
+
+    def go():
+        from banger.services import pool
+
+        return pool.warm(ctx, n)
+
+    def render(d):
+        if d["noop"]:
+            say(f"pool already warm: {d['idle']} idle, {d['claimed']} claimed ({d['elapsed_ms']} ms)")
+        else:
+            rep = d["repaired"]
+            extra = ", ".join(f"{k.replace('_', ' ')}: {' '.join(v)}" for k, v in rep.items() if v)
+            say(f"created {len(d['created'])} TAP(s); {d['idle']} idle, {d['claimed']} claimed "
+                f"({d['elapsed_ms']} ms){'; ' + extra if extra else ''}")
+
+    emit(go, json_out=json_out, render=render)
+
+
+@app.command(help="Show the bridge and every pooled TAP (idle or claimed by a VM).")
+def status(json_out: JsonOpt = False):
+    ctx = make_ctx(json_out)
+
+    def go():
+        from banger.services import pool
+
+        return pool.status(ctx)
+
+    def render(d):
+        b = d["bridge"]
+        print_kv({"bridge": b["name"], "exists": b["exists"], "up": b["up"],
+                  "address": f"{b['gateway']}/{b['prefixlen']}" + ("" if b["has_address"] else " (missing)"),
+                  "idle": d["idle"], "claimed": d["claimed"]})
+        if d["taps"]:
+            print_table(["tap", "state", "vm", "device", "up", "in use"],
+                        [[t["name"], t["state"], t["vm_id"] or "", "yes" if t["device"] else "MISSING",
+                          "yes" if t["up"] else "no", "yes" if t["in_use"] else "no"] for t in d["taps"]])
+        if d["unknown_devices"]:
+            say(f"devices without a row (banger gc removes them): {' '.join(d['unknown_devices'])}")
+
+    emit(go, json_out=json_out, render=render)
+
+
+@app.command(help="Delete all idle TAPs (claimed ones stay with their VMs).")
+def drain(json_out: JsonOpt = False):
+    ctx = make_ctx(json_out)
+
+    def go():
+        from banger.services import pool
+
+        return pool.drain(ctx)
+
+    def render(d):
+        say(f"drained {len(d['drained'])} idle TAP(s); {d['claimed_kept']} claimed kept")
+
+    emit(go, json_out=json_out, render=render)
