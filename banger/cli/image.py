@@ -148,7 +148,7 @@ def catalog_cmd(json_out: JsonOpt = False):
     def go():
         have = {r["name"] for r in svc.list_images(ctx)}
         return [{"name": n, "kind": e["kind"], "description": e.get("description", ""), "present": n in have,
-                 "source": e.get("ref") or f"debootstrap:{e.get('suite')}"} for n, e in svc.catalog().items()]
+                 "source": e.get("ref") or f"debootstrap:{e.get('suite')}"} for n, e in svc.catalog(ctx).items()]
 
     emit(go, json_out=json_out, render=lambda rows: print_table(
         ["NAME", "KIND", "PRESENT", "DESCRIPTION"],

@@ -48,10 +48,19 @@ def validate_name(name: str) -> str:
     return name
 
 
-def catalog() -> dict:
+def catalog(ctx=None) -> dict:
+    """The embedded catalog, plus entries from ``image_catalog = "/path.json"`` in config.toml."""
     from importlib import resources
 
-    return json.loads(resources.files("banger.data").joinpath("images.json").read_text())
+    cat = json.loads(resources.files("banger.data").joinpath("images.json").read_text())
+    extra = ctx.cfg.extra.get("image_catalog") if ctx is not None else None
+    if extra:
+        try:
+            cat.update(json.loads(Path(extra).read_text()))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read image catalog {extra}: {e}", "fix or remove image_catalog in config.toml"
+                             ) from e
+    return cat
 
 
 def _guest_file(name: str) -> bytes:
@@ -82,9 +91,10 @@ def show(ctx, name: str) -> dict:
     row = get(ctx, name)
     if row is None:
         hint = "list images with: banger image ls"
-        if name in catalog():
-            hint = f"it is in the catalog: banger image build {name}" if catalog()[name]["kind"] == "debootstrap" \
-                else f"it is in the catalog: banger image pull {catalog()[name]['ref']} --name {name}"
+        cat = catalog(ctx)
+        if name in cat:
+            hint = f"it is in the catalog: banger image build {name}" if cat[name]["kind"] == "debootstrap" \
+                else f"it is in the catalog: banger image pull {cat[name]['ref']} --name {name}"
         raise NotFound(f"no image named {name!r}", hint)
     return row
 
@@ -203,23 +213,15 @@ def make_work_seed(dest: Path, key_line: str, root_home: Path | None = None) -> 
         _rmtree(work)
 
 
-def _seed_set_key(seed: Path, key_line: str) -> None:
-    """Rewrite /.ssh/authorized_keys inside an existing seed image (debugfs, no mount)."""
+def _reseed(old_seed: Path, new_seed: Path, key_line: str) -> None:
+    """Build ``new_seed`` from ``old_seed``'s files (debugfs rdump, no mount) with ``key_line``."""
     debugfs = require("debugfs", "e2fsprogs")
-    with tempfile.TemporaryDirectory(dir=seed.parent, prefix=".key-") as td:
-        kf = Path(td) / "authorized_keys"
-        kf.write_text(key_line.strip() + "\n")
-        os.chmod(kf, 0o600)
-        cmds = Path(td) / "cmds"
-        cmds.write_text("\n".join([
-            "mkdir /.ssh",
-            "sif /.ssh mode 040700", "sif /.ssh uid 0", "sif /.ssh gid 0",
-            "cd /.ssh",
-            "rm authorized_keys",
-            f"write {kf} authorized_keys",
-            "sif authorized_keys mode 0100600", "sif authorized_keys uid 0", "sif authorized_keys gid 0",
-        ]) + "\n")
-        run([debugfs, "-w", "-f", str(cmds), str(seed)], timeout=120)
+    with tempfile.TemporaryDirectory(dir=new_seed.parent, prefix=".reseed-") as td:
+        home = Path(td) / "home"
+        home.mkdir(mode=0o700)
+        run([debugfs, "-R", f"rdump / {home}", str(old_seed)], timeout=600)
+        _rmtree(home / "lost+found")
+        make_work_seed(new_seed, key_line, home)
 
 
 def _pack(ctx, staging: Path, tree: Path, key) -> dict:
@@ -391,7 +393,7 @@ def build(ctx, name: str, *, suite: str = "bookworm", packages: list[str] | None
     if "iproute2" not in pkgs:
         pkgs.append("iproute2")
     if kernel is None:
-        kernel = catalog().get(name, {}).get("kernel") or ctx.cfg.default_kernel
+        kernel = catalog(ctx).get(name, {}).get("kernel") or ctx.cfg.default_kernel
     debootstrap = require("debootstrap")
     with _single_flight(ctx, name):
         row = get(ctx, name)
@@ -456,7 +458,7 @@ def pull(ctx, ref: str, name: str | None = None, *, insecure: bool | None = None
     r = parse_ref(ref)
     name = validate_name(name or default_name(r))
     if kernel is None:
-        kernel = catalog().get(name, {}).get("kernel") or ctx.cfg.default_kernel
+        kernel = catalog(ctx).get(name, {}).get("kernel") or ctx.cfg.default_kernel
     with _single_flight(ctx, name):
         row = get(ctx, name)
         if row is not None:
@@ -633,8 +635,7 @@ def ensure_seed_key(ctx, row: dict) -> dict:
         seed = Path(row["work_seed"])
         tmp = seed.parent / f".{SEED_NAME}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            fsutil.reflink_or_sparse_copy(seed, tmp)
-            _seed_set_key(tmp, key.public_line)
+            _reseed(seed, tmp, key.public_line)
             ext4.fsck(tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
@@ -653,7 +654,7 @@ def resolve(ctx, name: str | None = None, auto_pull: bool = True) -> dict:
     name = name or ctx.cfg.default_image
     row = get(ctx, name)
     if row is None:
-        entry = catalog().get(name)
+        entry = catalog(ctx).get(name)
         if entry is None or not auto_pull:
             hint = "list images with: banger image ls"
             if entry is not None:

@@ -1,13 +1,11 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests.support)
 """OCI pull against a real registry (docker-registry) on loopback, images pushed by our own client."""
 
 from __future__ import annotations
 
 import json
 import os
-import stat
 from pathlib import Path
-
-import pytest
 
 from tests.support.cli import banger_json
 from tests.support.images import assert_nothing_left, ext4_cat, ext4_ls, ext4_stat, fsck_clean
