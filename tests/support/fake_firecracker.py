@@ -712,29 +712,33 @@ class Vmm:
             self.guest_handle_line(line)
 
     def guest_handle_line(self, line: str):
-        """What banger's guest init does with a control line on the console."""
-        parts = line.strip().split()
-        if parts[:2] != ["@banger", "net"]:
+        """What banger-init (banger/data/guest/banger-init) does with a control line on the console:
+        the same strict validation (lowercase unicast MAC, prefix 1-32, DNS-label hostname)."""
+        line = line.rstrip("\r")
+        if not line.startswith("@banger "):
             return
+        parts = line.split()
         try:
+            if parts[:2] != ["@banger", "net"] or len(parts) != 6:
+                raise ValueError("not a 6-field net line")
             ip, gw, mac, host = parts[2:6]
-            if len(parts) != 6:
-                raise ValueError("wrong number of fields")
+            addr, _, plen = ip.partition("/")
+            if not plen.isdigit() or plen.startswith("0") or not 1 <= int(plen) <= 32:
+                raise ValueError("bad prefix length")
             iface = ipaddress.IPv4Interface(ip)
-            if "/" not in ip:
-                raise ValueError("no prefix length")
+            ipaddress.IPv4Address(addr)
             ipaddress.IPv4Address(gw)
-            if not _MAC.match(mac):
+            if not re.match(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$", mac) or int(mac[:2], 16) & 1:
                 raise ValueError(f"bad MAC {mac}")
             if not re.match(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$", host):
                 raise ValueError(f"bad hostname {host}")
         except ValueError as e:
             self.rec.event("guest_net_rejected", line=line, error=str(e))
-            serial_out(f"banger-init: bad net line: {e}")
+            serial_out("banger-init: ignored an invalid control line")
             return
-        self.net_config = {"ip": str(iface), "gateway": gw, "mac": mac.lower(), "hostname": host}
+        self.net_config = {"ip": str(iface), "gateway": gw, "mac": mac, "hostname": host}
         self.rec.event("guest_net", **self.net_config)
-        serial_out(f"banger-init: net {iface} gw {gw} mac {mac.lower()} hostname {host}")
+        serial_out(f"banger-init: net {iface}")
 
     # ---- snapshots ----
     def snapshot_create(self, cfg: dict):

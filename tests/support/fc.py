@@ -222,3 +222,57 @@ def stop_double(p: subprocess.Popen):
     for s in (p.stdout, p.stderr):
         if s:
             s.close()
+
+
+# ---------------------------------------------------------------------------- whole-product helpers (netns)
+_RUNNING_FC_VM = """
+import json, sys
+from pathlib import Path
+from banger.context import Ctx
+from banger.names import Subnet
+from banger.reservation import reserve_vm
+from banger.services import vms
+from tests.support.fc import write_fake_vmlinux
+
+name, shared, mem = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+ctx = Ctx()
+shared.mkdir(parents=True, exist_ok=True)
+kern = shared / "vmlinux"
+if not kern.exists():
+    write_fake_vmlinux(kern)
+(shared / "initrd.img").write_bytes(b"initrd" * 100)
+rootfs = shared / "rootfs.ext4"
+if not rootfs.exists():
+    with open(rootfs, "wb") as f:
+        f.truncate(16 << 20)
+opts = {"rootfs": str(rootfs), "vmlinux": str(kern), "initrd": str(shared / "initrd.img"), "init": None}
+vm = reserve_vm(ctx.store, Subnet(ctx.cfg.subnet), name=name, image="fake-img", kernel="fake-kernel",
+                backend="firecracker", vcpu=1, memory_mib=mem, overlay_size_mib=64, work_disk_size_mib=64,
+                options=opts)
+d = vms.vm_dir(ctx, vm)
+d.mkdir(parents=True)
+for f in (vms.OVERLAY, vms.WORK):
+    with open(d / f, "wb") as fh:
+        fh.write(f"{f} of {name}".encode())
+        fh.truncate(8 << 20)
+(d / vms.KNOWN_HOSTS).write_text(f"{vm['ip']} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyFor{name}\\n")
+tap = vms._net_up(ctx, vm)
+spec = vms._spec(ctx, vm, tap)
+vms.run_dir(ctx, vm).mkdir(parents=True, exist_ok=True)
+h = vms._driver(ctx, vm).launch(spec)
+vms.save_handles(ctx, vm, h)
+ctx.store.update_vm(vm["id"], state=vms.RUNNING)
+print(json.dumps({"id": vm["id"], "ip": vm["ip"], "mac": vm["mac"], "tap": tap, "pid": h["pid"]}))
+"""
+
+
+def running_fc_vm(ns, name: str, shared: Path, memory_mib: int = 128) -> dict:
+    """A running Firecracker(-double) VM built through banger's own services inside the netns ``ns``.
+
+    (No kernel/image catalogue involved: the double needs only an ELF header and files that exist.)"""
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**ns.env, "PYTHONPATH": root + os.pathsep + ns.env.get("PYTHONPATH", "")}
+    cp = ns.run([__import__("sys").executable, "-c", _RUNNING_FC_VM, name, str(shared), str(memory_mib)], env=env)
+    if cp.returncode != 0:
+        raise AssertionError(f"could not build a running firecracker VM:\n{cp.stderr}")
+    return json.loads(cp.stdout.strip().splitlines()[-1])

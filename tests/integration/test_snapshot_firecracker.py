@@ -1,0 +1,174 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests.support are re-declared as arguments)
+"""`banger snapshot ...` end to end on the Firecracker backend (the strict double), in a throwaway netns.
+
+The whole product runs: the real CLI in its own processes, real SQLite rows, real
+flock, real TAPs from the pool on a real bridge (in the namespace), the double as
+Firecracker, banger's real UFFD handler serving the double's real page faults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from banger import procs
+from tests.support.fc import FAKE_FC, events, records, running_fc_vm, wait_event
+from tests.support.netns import netns  # noqa: F401
+
+
+@pytest.fixture
+def fcns(netns, tmp_path):
+    rec = tmp_path / "fc-record"
+    rec.mkdir()
+    conf = tmp_path / "config.toml"
+    conf.write_text(f'firecracker_bin = "{FAKE_FC}"\nbackend = "firecracker"\n')
+    netns.env.update(BANGER_CONFIG=str(conf), FAKE_FIRECRACKER_RECORD=str(rec))
+    netns.rec = rec
+    netns.shared = tmp_path / "shared"
+    try:
+        yield netns
+    finally:
+        left = netns.banger_json("vm", "list", check=False).get("data") or []
+        for v in left:
+            netns.banger_json("vm", "delete", "-f", v["id"], check=False)
+        # independent leak check: no double/handler/supervisor process for this env, no claimed TAP
+        deadline = time.monotonic() + 10
+        while _our_processes(netns) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _our_processes(netns)
+        assert not _claimed_taps(netns)
+
+
+def _our_processes(ns) -> list[str]:
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if (str(ns.run_dir) in cmd or str(ns.home) in cmd) and "banger.cli.main" not in cmd:
+            out.append(cmd[:160])
+    return out
+
+
+def _claimed_taps(ns) -> list[str]:
+    with sqlite3.connect(ns.home / "state.db") as c:
+        return [r[0] for r in c.execute("SELECT name FROM taps WHERE state = 'claimed'")]
+
+
+def _handles(ns, vm_id: str) -> dict:
+    return json.loads((ns.home / "vms" / vm_id / "handles.json").read_text())
+
+
+def test_snapshot_create_list_restore_rm(fcns):
+    ns = fcns
+    src = running_fc_vm(ns, "src-1", ns.shared)
+    src_seed = events(ns.rec, src["pid"], "boot")[0]["seed"]
+
+    snap = ns.banger_json("snapshot", "create", "src-1", "snap-1")["data"]
+    assert snap["name"] == "snap-1" and snap["vm_name"] == "src-1" and snap["backend"] == "firecracker"
+    sdir = Path(snap["dir"])
+    assert sorted(p.name for p in sdir.iterdir()) == ["known_hosts", "meta.json", "overlay.ext4", "vm.mem",
+                                                      "vm.state", "work.ext4"]
+    assert (sdir / "vm.mem").stat().st_size == 128 << 20
+    assert (sdir / "overlay.ext4").read_bytes()[:20] == b"overlay.ext4 of src-1"[:20]
+    # the source was paused for the snapshot and resumed afterwards
+    src_reqs = [(r["method"], r["path"], (r.get("body") or {}).get("state")) for r in events(ns.rec, src["pid"],
+                                                                                            "request")]
+    i = src_reqs.index(("PUT", "/snapshot/create", None))
+    assert ("PATCH", "/vm", "Paused") in src_reqs[:i] and src_reqs[-1] == ("PATCH", "/vm", "Resumed")
+    assert ns.banger_json("vm", "show", "src-1")["data"]["state"] == "running"
+
+    listed = ns.banger_json("snapshot", "list")["data"]
+    assert [s["name"] for s in listed] == ["snap-1"]
+    dup = ns.banger_json("snapshot", "create", "src-1", "snap-1", check=False)
+    assert dup["_exit"] == 4 and dup["error"]["code"] == "conflict"
+
+    # restore a clone: its own name, IP, MAC, TAP and disks; the guest is told its new address
+    clone = ns.banger_json("snapshot", "restore", "snap-1", "--name", "clone-1", "--no-wait")["data"]
+    assert clone["state"] == "running" and clone["restored_from"] == "snap-1"
+    assert clone["ip"] != src["ip"] and clone["mac"] != src["mac"]
+    assert clone["restore"]["mem_backend"] == "Uffd"
+    stages = [s["stage"] for s in clone["stages"] if s["op"] == "restore"]
+    assert stages == ["prepare", "disk.copy", "net.tap", "vmm.restore", "guest.net"]
+    h = _handles(ns, clone["id"])
+    assert h["tap"] != src["tap"] and procs.alive(h["uffd_pid"], h["uffd_pid_start"])
+    load = wait_event(ns.rec, h["pid"], "snapshot_load")
+    assert load["seed"] == src_seed and load["backend"]["type"] == "Uffd"
+    assert load["ifaces"] == [{"iface_id": "eth0", "host_dev_name": h["tap"]}]
+    overlay = next(d for d in load["drives"] if d["drive_id"] == "overlay")
+    assert overlay["abs_path"] == str(ns.home / "vms" / clone["id"] / "overlay.ext4")
+    net = wait_event(ns.rec, h["pid"], "guest_net")
+    assert net == {**net, "ip": f"{clone['ip']}/24", "gateway": "172.30.0.1", "mac": clone["mac"],
+                   "hostname": "clone-1"}
+    mem = wait_event(ns.rec, h["pid"], "memory_verified", timeout=120)
+    assert mem["pages"] == 32768 and mem["mismatched_vs_pattern"] == 0 and mem["mismatched_vs_file"] == 0
+    # the clone pins the same guest host key at its new address
+    kh = (ns.home / "vms" / clone["id"] / "known_hosts").read_text()
+    assert kh.startswith(clone["ip"] + " ssh-ed25519 ") and "FakeKeyForsrc-1" in kh
+
+    # circuit breaker: BANGER_UFFD=0 restores through Firecracker's File backend
+    env = {**ns.env, "BANGER_UFFD": "0"}
+    clone2 = ns.banger_json("snapshot", "restore", "snap-1", "--no-wait", env=env)["data"]
+    h2 = _handles(ns, clone2["id"])
+    assert clone2["restore"]["mem_backend"] == "File" and not h2.get("uffd_pid")
+    assert wait_event(ns.rec, h2["pid"], "snapshot_load")["backend"] == {"type": "File",
+                                                                          "path": str(sdir / "vm.mem")}
+    assert wait_event(ns.rec, h2["pid"], "memory_verified", timeout=120)["mismatched_vs_pattern"] == 0
+
+    # deleting a clone takes its VMM, handler and supervisor down and hands its TAP back
+    ns.banger_json("vm", "delete", "-f", "clone-1")
+    for pid, st in ((h["pid"], h["pid_start"]), (h["uffd_pid"], h["uffd_pid_start"]),
+                    (h["supervisor_pid"], h["supervisor_pid_start"])):
+        assert procs.kill(pid, st, wait=0) or not procs.alive(pid, st)
+    assert h["tap"] not in _claimed_taps(ns)
+
+    # rm: the clone still running from it is unaffected
+    assert ns.banger_json("snapshot", "rm", "snap-1")["data"] == [{"name": "snap-1", "deleted": True}]
+    assert not sdir.exists() and ns.banger_json("snapshot", "list")["data"] == []
+    assert ns.banger_json("vm", "show", clone2["name"])["data"]["state"] == "running"
+    gone = ns.banger_json("snapshot", "restore", "snap-1", "--no-wait", check=False)
+    assert gone["_exit"] == 3 and gone["error"]["code"] == "not_found"
+
+
+def test_failed_restore_leaves_nothing(fcns):
+    ns = fcns
+    running_fc_vm(ns, "src-2", ns.shared)
+    snap = ns.banger_json("snapshot", "create", "src-2")["data"]
+    assert snap["name"].startswith("src-2-")
+    state = Path(snap["dir"]) / "vm.state"
+    state.write_bytes(b"garbage")  # Firecracker cannot deserialize it: the load fails and the VMM exits
+    before_rows = {v["name"] for v in ns.banger_json("vm", "list")["data"]}
+    before_taps = set(_claimed_taps(ns))
+    r = ns.banger_json("snapshot", "restore", snap["name"], "--name", "broken-1", "--no-wait", check=False)
+    assert r["_exit"] == 8, r
+    assert "Failed to restore from snapshot" in r["error"]["message"] and r["error"]["hint"]
+    assert {v["name"] for v in ns.banger_json("vm", "list")["data"]} == before_rows
+    assert set(_claimed_taps(ns)) == before_taps
+    vm_dirs = {p.name for p in (ns.home / "vms").iterdir()}
+    assert len(vm_dirs) == 1  # only the source's
+    failed = [r for r in records(ns.rec) if r["event"] == "snapshot_load_failed"]
+    assert len(failed) == 1
+    # the handler and the failed VMM are gone too
+    assert len(_our_processes(ns)) == 1  # the source VM's double only
+
+
+def test_snapshot_needs_a_running_vm(fcns):
+    ns = fcns
+    running_fc_vm(ns, "src-3", ns.shared)
+    ns.banger_json("vm", "stop", "-f", "src-3")
+    r = ns.banger_json("snapshot", "create", "src-3", "s3", check=False)
+    assert r["_exit"] == 4 and r["error"]["code"] == "invalid_state"
+    assert ns.banger_json("snapshot", "list")["data"] == []
+    assert not (ns.home / "snapshots" / "s3").exists()
+    staging = ns.home / "staging"
+    assert not staging.exists() or not any(staging.iterdir())
+    bad = ns.banger_json("snapshot", "create", "src-3", "Bad_Name", check=False)
+    assert bad["_exit"] == 2
