@@ -318,3 +318,38 @@ def test_restore_refuses_missing_disk_copies(driver, fc_cfg, fc_record, tmp_path
     with pytest.raises(NotFound) as ei:
         driver.restore(spec, dest, meta)
     assert "work" in ei.value.message
+
+
+def test_load_is_bounded_when_the_handler_does_not_serve(driver, fc_cfg, fc_record, tmp_path, tap, tap2,
+                                                          monkeypatch):
+    """Faults arrive during PUT /snapshot/load; a handler that never serves must not hang banger forever."""
+    import banger.uffd as uffd_pkg
+    import banger.vmm.firecracker as fcmod
+    from banger.errors import GuestTimeout
+
+    monkeypatch.setenv("BANGER_UFFD", "1")
+    src_spec, h, dest, meta = take_snapshot(driver, fc_cfg, tmp_path, tap)
+    driver.kill(h)
+    real = uffd_pkg.spawn_handler
+    spawned = {}
+
+    def stalled_handler(*a, **kw):
+        pid, st = real(*a, **kw)
+        os.kill(pid, signal.SIGSTOP)  # alive and listening (the kernel queues the connect) but serving nothing
+        spawned.update(pid=pid, st=st)
+        return pid, st
+
+    monkeypatch.setattr(uffd_pkg, "spawn_handler", stalled_handler)
+    monkeypatch.setattr(fcmod, "LOAD_TIMEOUT", 3.0)
+    spec = restore_spec(fc_cfg, tmp_path, tap2, meta, src_spec)
+    before = {f.name for f in fc_record.glob("*.jsonl")}
+    t0 = time.monotonic()
+    with pytest.raises(GuestTimeout) as ei:
+        driver.restore(spec, dest, meta)
+    assert time.monotonic() - t0 < 20
+    assert "/snapshot/load" in ei.value.message
+    new = [f for f in fc_record.glob("*.jsonl") if f.name not in before]
+    pid = int(new[0].name.rsplit("-", 1)[1].split(".")[0])
+    wait_gone(pid, None)
+    wait_gone(spawned["pid"], spawned["st"])
+    assert not Path(spec.run_dir, "uffd.sock").exists() and not Path(spec.run_dir, "fc.sock").exists()

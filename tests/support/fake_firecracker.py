@@ -863,6 +863,11 @@ class Vmm:
                 os.close(fd)
             raise
         self.drives, self.ifaces = drives, ifaces
+        self.regions = regions
+        self.seed = state["seed"]
+        # Restoring device state reads guest memory (virtqueues etc.): faults arrive DURING the PUT, so a
+        # handler that does not serve at once makes the load hang, as with Firecracker.
+        self._load_touch()
         self.machine = dict(state["machine"])
         if "track_dirty_pages" in cfg or "enable_diff_snapshots" in cfg:
             self.machine["track_dirty_pages"] = bool(cfg.get("track_dirty_pages", cfg.get("enable_diff_snapshots")))
@@ -873,6 +878,22 @@ class Vmm:
         self.net_config = state.get("net_config")
         self.regions = regions
         self.restored_from = cfg["snapshot_path"]
+
+    def _load_touch(self):
+        total_pages = sum(r["size"] for r in self.regions) // PAGE
+        picks = sorted({0, total_pages // 2, total_pages - 1})
+        bad = 0
+        for gpage in picks:
+            ridx, off = self._locate(gpage * PAGE)
+            if self.peer is not None:
+                data = bytes(self.peer.read(ridx, off, PAGE))
+            else:
+                base = self.regions[ridx]["offset"] + off
+                data = self.mem_map[base:base + PAGE]
+            bad += data != page_pattern(self.seed, gpage)
+        self.rec.event("load_touch", pages=picks, mismatched=bad)
+        if bad:
+            raise Fault("Cannot restore guest memory: the device state refers to memory that does not match")
 
     def _uffd_handshake(self, backend_path: str, regions: list[dict]):
         here = os.path.dirname(os.path.abspath(__file__))
