@@ -269,11 +269,14 @@ class Netlink:
             self._cleanup_link(name)
             raise translate(e, f"create TAP {name}") from None
         try:
-            self.wait_link(name)
+            if not _poll(lambda: ifindex(name) is not None, 5.0):
+                raise HostError(f"TAP {name} did not appear after creating it", "check dmesg")
+            kw: dict = {"state": "up"} if up else {}
             if master:
-                self.set_master(name, master)
-            if up:
-                self.set_up(name)
+                kw["master"] = self._index(master)
+            if kw:  # one request: attach and bring up
+                self._call(f"attach {name} to {master} and bring it up", self.ipr.link, "set",
+                           index=self._index(name), **kw)
             return self.wait_link(name, lambda link: (not up or link["up"]) and
                                   (not master or link["master"] == master))
         except BaseException:

@@ -74,8 +74,10 @@ def status(ctx) -> dict:
 # ---------------------------------------------------------------------------
 # creating (caller holds the pool lock)
 
-def _next_name(store, devs: dict) -> str:
-    used = {r["name"] for r in store.query("SELECT name FROM taps")} | set(devs)
+def _next_name(store) -> str:
+    import socket
+
+    used = {r["name"] for r in store.query("SELECT name FROM taps")} | {n for _i, n in socket.if_nameindex()}
     for i in range(MAX_POOL * 4):
         name = f"{PREFIX}{i}"
         if name not in used:
@@ -85,7 +87,7 @@ def _next_name(store, devs: dict) -> str:
 
 def _create(ctx, nl, *, vm_id: str | None = None) -> str:
     """Create one TAP attached to the bridge and insert its row (idle, or claimed by vm_id)."""
-    name = _next_name(ctx.store, _devices(nl))
+    name = _next_name(ctx.store)
     nl.add_tap(name, master=ctx.cfg.bridge, up=True)
     try:
         ctx.store.execute("INSERT INTO taps (name, state, vm_id, created_at) VALUES (?, ?, ?, ?)",
