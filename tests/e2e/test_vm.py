@@ -1,0 +1,118 @@
+"""Real guests under QEMU (TCG here), every banger command run inside a throwaway netns.
+
+At most two guests run at once (2-core CI). After every test the vmenv fixture checks
+independently that no row, TAP, neighbour entry, process, socket or loop device is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+from tests.support.e2e import vmenv, wait_for  # noqa: F401  (fixture)
+from tests.support.netns import banger_argv
+
+
+def _stdout_json(cp):
+    return json.loads(cp.stdout)
+
+
+def test_vm_run_rm_prints_guest_kernel_version(vmenv, default_kernel):  # noqa: F811
+    cp = vmenv.banger("vm", "run", "--rm", "--name", "run-1", "--", "uname", "-r", timeout=300)
+    assert cp.stdout.strip() == default_kernel["version"], cp.stderr
+    assert vmenv.banger_json("vm", "list")["data"] == []
+
+
+def test_lifecycle_keeps_root_data_exec_status_cp_and_crash(vmenv, tmp_path):  # noqa: F811
+    env = vmenv
+    v = env.banger_json("vm", "create", "--name", "life-1", "--memory", "512", timeout=300)["data"]
+    assert v["state"] == "running"
+    stages = [s["stage"] for s in v["stages"] if s["op"] == "create"]
+    assert stages == ["prepare", "disk.work", "disk.overlay", "net.tap", "vmm.launch", "guest.ssh"]
+    t = v["timings"]
+    assert 0 < t["vmm_ready_s"] < t["ssh_ready_s"]
+
+    # exec: the guest's exit status becomes ours; output streams through
+    cp = env.banger("vm", "exec", "life-1", "--", "sh", "-c", "echo out; echo err >&2; exit 7", check=False)
+    assert (cp.returncode, cp.stdout, cp.stderr.strip().splitlines()[-1]) == (7, "out\n", "err")
+    env.banger("vm", "exec", "life-1", "--", "sh", "-c", "echo keep-me > /root/data.txt && sync")
+    assert env.banger("vm", "exec", "life-1", "--", "hostname").stdout.strip() == "life-1"
+
+    # cp round trip of a directory tree
+    src = tmp_path / "tree"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    (src / "a.txt").write_text("alpha\n")
+    (src / "sub" / "b.bin").write_bytes(os.urandom(70000))
+    (src / "sub" / "deeper" / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    os.chmod(src / "sub" / "deeper" / "run.sh", 0o755)
+    env.banger("vm", "cp", str(src), "life-1:/root/")
+    assert env.banger("vm", "exec", "life-1", "--", "/root/tree/sub/deeper/run.sh").stdout == "hi\n"
+    back = tmp_path / "back"
+    back.mkdir()
+    env.banger("vm", "cp", "life-1:/root/tree", str(back))
+    for rel in ("a.txt", "sub/b.bin", "sub/deeper/run.sh"):
+        assert (back / "tree" / rel).read_bytes() == (src / rel).read_bytes(), rel
+    assert os.stat(back / "tree/sub/deeper/run.sh").st_mode & 0o777 == 0o755
+
+    # ssh-config pins the injected host key
+    cfg_text = env.banger("vm", "ssh-config", "life-1").stdout
+    assert "StrictHostKeyChecking yes" in cfg_text and f"HostName {v['ip']}" in cfg_text
+    kh = next(line.split()[1] for line in cfg_text.splitlines() if "UserKnownHostsFile" in line)
+    assert open(kh).read().startswith(f"{v['ip']} ssh-ed25519 ")
+
+    # graceful stop, settings on the stopped VM, start again: /root survives
+    s = env.banger_json("vm", "stop", "life-1", timeout=120)["data"]
+    assert s["state"] == "stopped" and s["error"] is None  # powered off by itself, not forced
+    assert not [x for x in env.links(details=True) if (x.get("linkinfo") or {}).get("info_kind") == "tun"
+                and x.get("operstate") == "UP" and "LOWER_UP" in x.get("flags", [])]
+    env.banger_json("vm", "set", "life-1", "--work-disk-size", "3G", "--vcpu", "2")
+    bad = env.banger_json("vm", "set", "life-1", "--work-disk-size", "1G", check=False)
+    assert bad["_exit"] == 2 and "only grows" in bad["error"]["message"]
+    env.banger_json("vm", "start", "life-1", timeout=300)
+    assert env.banger("vm", "exec", "life-1", "--", "cat", "/root/data.txt").stdout == "keep-me\n"
+    assert env.banger("vm", "exec", "life-1", "--", "nproc").stdout.strip() == "2"
+    size_kb = int(env.banger("vm", "exec", "life-1", "--", "df", "-k", "--output=size", "/root").stdout.split()[-1])
+    assert size_kb > 2.5 * 1024 * 1024
+
+    # a running VM refuses a plain delete
+    busy = env.banger_json("vm", "delete", "life-1", check=False)
+    assert busy["_exit"] == 4 and busy["error"]["code"] == "invalid_state"
+
+    # the VMM dies behind banger's back: shown as crashed, never running; start recovers it
+    pid = env.banger_json("vm", "show", "life-1")["data"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: env.banger_json("vm", "show", "life-1")["data"]["state"] == "crashed", 30, "crashed state")
+    env.banger_json("vm", "delete", "-f", "life-1")
+
+
+def test_parallel_creates_overlap_and_duplicate_fails_fast(vmenv):  # noqa: F811
+    env = vmenv
+    names = ["par-a", "par-b", "par-a"]
+    procs = [(n, time.monotonic(), env.spawn(banger_argv("vm", "create", "--name", n, "--json"))) for n in names]
+    results = []
+    for n, t0, p in procs:
+        out, err = p.communicate(timeout=400)
+        results.append((n, p.returncode, time.monotonic() - t0, json.loads(out), err))
+    ok = [r for r in results if r[1] == 0]
+    failed = [r for r in results if r[1] != 0]
+    assert len(ok) == 2 and len(failed) == 1, results
+    fn, code, took, doc, _ = failed[0]
+    assert fn == "par-a" and code == 4 and doc["error"]["code"] == "conflict"
+    assert "already exists" in doc["error"]["message"] and "par-a" in doc["error"]["hint"]
+    assert took < min(r[2] for r in ok), "the duplicate must fail before the others finish booting"
+    assert {r[3]["data"]["name"] for r in ok} == {"par-a", "par-b"}
+
+    # host-side phases (everything before the guest boots) overlap in time across the two creates
+    def host_window(doc):
+        st = [s for s in doc["data"]["stages"] if s["op"] == "create" and s["stage"] != "guest.ssh"]
+        return st[0]["started_at"], max(s["started_at"] + s["duration_ms"] / 1000 for s in st)
+
+    (a0, a1), (b0, b1) = (host_window(r[3]) for r in ok)
+    assert a0 < b1 and b0 < a1, f"host-side phases did not overlap: {(a0, a1)} vs {(b0, b1)}"
+    ips = {r[3]["data"]["ip"] for r in ok}
+    assert len(ips) == 2
+    for n in ("par-a", "par-b"):
+        assert env.banger("vm", "exec", n, "--", "hostname").stdout.strip() == n
+    env.banger_json("vm", "delete", "-f", "par-a", "par-b")
