@@ -107,7 +107,8 @@ def _fix(nl, link: dict, bridge: str) -> None:
 
 def _repair(ctx, nl) -> dict:
     """Under the pool lock: drop idle rows whose device vanished, adopt unattached devices
-    that lost their row, re-attach idle devices that fell off the bridge."""
+    that lost their row, re-attach pooled devices that fell off the bridge (e.g. after the
+    bridge was deleted and re-created)."""
     bridge = ctx.cfg.bridge
     devs = _devices(nl)
     rows = {r["name"]: r for r in _rows(ctx.store)}
@@ -123,27 +124,32 @@ def _repair(ctx, nl) -> dict:
         ctx.store.execute("INSERT OR IGNORE INTO taps (name, state, vm_id, created_at) VALUES (?, 'idle', NULL, ?)",
                           (name, time.time()))
         adopted.append(name)
-    for name, r in rows.items():
+    for name, _r in rows.items():  # idle or claimed: a re-created bridge lost all its ports
         link = devs.get(name)
-        if r["state"] == "idle" and link and not _usable(link, bridge):
+        if link and link["kind"] == "tun" and not _usable(link, bridge):
             _fix(nl, link, bridge)
             fixed.append(name)
     return {"dropped_rows": dropped, "adopted_devices": adopted, "fixed": fixed}
 
 
 def _warm_enough(ctx, nl, n: int) -> bool:
+    """True when nothing needs doing: >= n usable idle TAPs, every pooled device usable,
+    no adoptable device without a row."""
+    bridge = ctx.cfg.bridge
     devs = _devices(nl)
     rows = _rows(ctx.store)
     names = {r["name"] for r in rows}
-    if any(d not in names for d in devs):
+    if any(name not in names and link["kind"] == "tun" and not link["carrier"] for name, link in devs.items()):
         return False
     idle_ok = 0
     for r in rows:
         link = devs.get(r["name"])
         if r["state"] == "idle":
-            if not _usable(link, ctx.cfg.bridge):
+            if not _usable(link, bridge):
                 return False
             idle_ok += 1
+        elif link is not None and not _usable(link, bridge):
+            return False
     return idle_ok >= n
 
 

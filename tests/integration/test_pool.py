@@ -202,6 +202,20 @@ def test_warm_repairs_vanished_devices_and_adopts_rowless_ones(netns):
     assert _taps(netns)["tap-pool-9"]["master"] == "banger0"
 
 
+def test_warm_reattaches_all_pooled_taps_after_the_bridge_was_recreated(netns):
+    netns.banger_json("pool", "warm", "2")
+    a = result(netns.call("pool.claim(ctx, 'vm-a')"))
+    netns.run(["ip", "link", "del", "banger0"], check=True)
+    assert all(x.get("master") is None for x in _taps(netns).values())
+    d = netns.banger_json("pool", "warm", "2")["data"]
+    assert d["bridge_created"] is True
+    assert sorted(d["repaired"]["fixed"]) == ["tap-pool-0", "tap-pool-1"]
+    assert d["created"] == ["tap-pool-2"]  # one of the two is claimed: top up to 2 idle
+    for link in _taps(netns).values():
+        _assert_pooled_device(link)
+    assert _rows(netns)[a]["vm_id"] == "vm-a"
+
+
 def test_leaks_found_and_reaped_capacity_untouched(netns):
     netns.banger_json("pool", "warm", "3")
     vm = _vm(netns)
