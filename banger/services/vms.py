@@ -359,6 +359,7 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
     vcpu = vcpu or cfg.vcpu
     memory_mib = memory_mib or cfg.memory_mib
     overlay_size_mib = overlay_size_mib or cfg.overlay_size_mib
+    asked_work = work_disk_size_mib
     work_disk_size_mib = work_disk_size_mib or cfg.work_disk_size_mib
     nat = cfg.nat if nat is None else nat
     if vcpu < 1 or memory_mib < 128 or overlay_size_mib < 64 or work_disk_size_mib < 64:
@@ -373,9 +374,12 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
     # phase 1: resolve (no lock)
     img, ker, be = resolve(ctx, image=image, kernel=kernel, backend=backend)
     seed = img.get("work_seed")
-    if work_seed and seed and os.path.exists(seed) and os.path.getsize(seed) > work_disk_size_mib << 20:
+    seed_mib = -(-os.path.getsize(seed) // (1 << 20)) if work_seed and seed and os.path.exists(seed) else 0
+    if not asked_work:
+        work_disk_size_mib = max(work_disk_size_mib, seed_mib)  # a promoted image's seed may be larger
+    if seed_mib > work_disk_size_mib:
         raise UsageError(f"--work-disk-size {work_disk_size_mib} MiB is smaller than the image's work seed "
-                         f"({os.path.getsize(seed) >> 20} MiB)", "ask for a larger work disk")
+                         f"({seed_mib} MiB)", "ask for a larger work disk")
     options = {"rootfs": str(img["rootfs"]), "work_seed": bool(work_seed and seed), "init": img.get("init"),
                "vmlinux": str(ker["vmlinux"]) if ker.get("vmlinux") else None,
                "bzimage": str(ker["bzimage"]) if ker.get("bzimage") else None, "initrd": str(ker["initrd"]),
