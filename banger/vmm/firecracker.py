@@ -243,7 +243,10 @@ class FirecrackerDriver:
 
     def kill(self, handles: dict) -> None:
         procs.kill(handles.get("pid"), handles.get("pid_start"), signal.SIGKILL)
-        procs.kill(handles.get("uffd_pid"), handles.get("uffd_pid_start"), signal.SIGKILL)
+        # the handler exits by itself once its VMM is gone (writing its stats); then SIGTERM, then SIGKILL
+        u = (handles.get("uffd_pid"), handles.get("uffd_pid_start"))
+        if not procs.kill(*u, 0, wait=1.0) and not procs.kill(*u, signal.SIGTERM, wait=1.0):
+            procs.kill(*u, signal.SIGKILL)
         procs.kill(handles.get("supervisor_pid"), handles.get("supervisor_pid_start"), signal.SIGKILL)
         for k in ("api_sock", "uffd_sock", "serial_in"):
             _unlink(handles.get(k))
@@ -412,8 +415,12 @@ def supervise(vmm_pid: int, vmm_start: int, helper_pid: int, helper_start: int) 
         for fd in fds:
             p.register(fd, select.POLLIN)
         p.poll()  # blocks until one of them exits
-    for pid, st in ((vmm_pid, vmm_start), (helper_pid, helper_start)):
-        procs.kill(pid, st, signal.SIGKILL)
+    # The handler gone: the guest is frozen, kill the VMM now.  The VMM gone: the handler exits by itself
+    # (writing its stats and access log); give it a moment, then SIGTERM, then SIGKILL.
+    procs.kill(vmm_pid, vmm_start, signal.SIGKILL)
+    if not procs.kill(helper_pid, helper_start, 0, wait=2.0) and \
+            not procs.kill(helper_pid, helper_start, signal.SIGTERM, wait=1.0):
+        procs.kill(helper_pid, helper_start, signal.SIGKILL)
     return 0
 
 

@@ -353,3 +353,30 @@ def test_load_is_bounded_when_the_handler_does_not_serve(driver, fc_cfg, fc_reco
     wait_gone(pid, None)
     wait_gone(spawned["pid"], spawned["st"])
     assert not Path(spec.run_dir, "uffd.sock").exists() and not Path(spec.run_dir, "fc.sock").exists()
+
+
+def test_second_restore_replays_the_recorded_access_log(driver, fc_cfg, fc_record, tmp_path, tap, tap2,
+                                                        monkeypatch):
+    """The first UFFD restore records which pages the guest touched (beside the snapshot); the next one
+    prefetches them. Both serve every byte correctly."""
+    import json as _json
+
+    monkeypatch.setenv("BANGER_UFFD", "1")
+    src_spec, h, dest, meta = take_snapshot(driver, fc_cfg, tmp_path, tap)
+    driver.kill(h)
+    modes = []
+    for i in range(2):
+        spec = restore_spec(fc_cfg, tmp_path, tap2, meta, src_spec)
+        r = driver.restore(spec, dest, meta)
+        driver._test_launched.append(r)
+        v = wait_event(fc_record, r["pid"], "memory_verified", timeout=120)
+        assert v["mismatched_vs_pattern"] == 0 and v["mismatched_vs_file"] == 0
+        if i == 0:  # recording settles on the fault rate, then the log is published atomically
+            deadline = time.monotonic() + 60
+            while not (dest / "access.log").exists():
+                assert time.monotonic() < deadline, "no access log recorded"
+                time.sleep(0.1)
+        driver.kill(r)
+        wait_gone(r["uffd_pid"], r["uffd_pid_start"])
+        modes.append(_json.loads((Path(spec.vm_dir) / "uffd-stats.json").read_text())["mode"])
+    assert modes == ["record", "replay"]
