@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import signal
 
-from tests.support.e2e import assert_no_leaks, leaks, vmenv, wait_for  # noqa: F401  (fixture)
+from tests.support.e2e import assert_no_leaks, default_image, default_kernel, leaks, netns, vmenv, wait_for  # noqa: F401
 from tests.support.netns import banger_argv
 
 STEPS = ["prepare", "disk.work", "disk.overlay", "net.tap", "vmm.launch", "guest.ssh"]
