@@ -95,7 +95,7 @@ def promote_cmd(
     emit(go, json_out=json_out, render=_render_one("promoted"))
 
 
-@app.command("ls", help="List images.")
+@app.command("list", help="List images.")
 def ls_cmd(json_out: JsonOpt = False):
     from banger.services import images as svc
 
@@ -109,7 +109,7 @@ def ls_cmd(json_out: JsonOpt = False):
     emit(lambda: [_summary(r) for r in svc.list_images(ctx)], json_out=json_out, render=render)
 
 
-app.command("list", help="List images (alias of ls).", hidden=True)(ls_cmd)
+app.command("ls", help="List images (alias of list).", hidden=True)(ls_cmd)
 
 
 @app.command("show", help="Show one image.")
@@ -128,7 +128,7 @@ def show_cmd(name: Annotated[str, typer.Argument(help="Image name.")], json_out:
     emit(lambda: _summary(svc.show(ctx, name)), json_out=json_out, render=render)
 
 
-@app.command("rm", help="Delete an image (refused while a VM uses it).")
+@app.command("delete", help="Delete an image (refused while a VM uses it).")
 def rm_cmd(name: Annotated[str, typer.Argument(help="Image name.")], json_out: JsonOpt = False):
     from banger.services import images as svc
 
@@ -136,7 +136,7 @@ def rm_cmd(name: Annotated[str, typer.Argument(help="Image name.")], json_out: J
     emit(lambda: svc.delete(ctx, name), json_out=json_out, render=lambda d: say(f"deleted image {d['name']}"))
 
 
-app.command("delete", help="Delete an image (alias of rm).", hidden=True)(rm_cmd)
+app.command("rm", help="Delete an image (alias of delete).", hidden=True)(rm_cmd)
 
 
 @app.command("catalog", help="List the images banger can build or pull by name.")
