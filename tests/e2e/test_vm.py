@@ -11,7 +11,7 @@ import os
 import signal
 import time
 
-from tests.support.e2e import default_image, default_kernel, netns, vmenv, wait_for  # noqa: F401  (fixtures)
+from tests.support.e2e import default_image, default_kernel, netns, pulled_default_kernel, vmenv, wait_for  # noqa: F401  (fixtures)
 from tests.support.netns import banger_argv
 
 

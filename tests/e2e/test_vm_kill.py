@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import signal
 
-from tests.support.e2e import assert_no_leaks, default_image, default_kernel, leaks, netns, vmenv, wait_for  # noqa: F401
+from tests.support.e2e import (  # noqa: F401
+    assert_no_leaks,
+    default_image,
+    default_kernel,
+    leaks,
+    netns,
+    pulled_default_kernel,
+    vmenv,
+    wait_for,
+)
 from tests.support.netns import banger_argv
 
 STEPS = ["prepare", "disk.work", "disk.overlay", "net.tap", "vmm.launch", "guest.ssh"]

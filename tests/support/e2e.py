@@ -19,38 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.images import default_image, install_image  # noqa: F401  (fixture re-export)
-
-try:
-    from tests.support.kernels import default_kernel, install_kernel  # noqa: F401  (fixture re-export)
-except ImportError:  # until the kernels helper's fixture lands: pull once into a cached home
-    CACHE = Path(os.environ.get("BANGER_TEST_CACHE", "/var/tmp/banger-test-cache"))
-
-    @pytest.fixture(scope="session")
-    def default_kernel() -> dict:
-        from filelock import FileLock
-
-        from banger.config import load_config
-        from banger.context import Ctx
-        from banger.services import kernels
-
-        home = CACHE / "kernel-home"
-        home.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(CACHE / ".kernel.lock")):
-            ctx = Ctx(load_config({"BANGER_HOME": str(home), "BANGER_RUN": str(home / "run")}))
-            try:
-                return kernels.resolve(ctx)
-            finally:
-                ctx.close()
-
-    def install_kernel(cfg, kernel: dict) -> dict:
-        from banger.context import Ctx
-        from banger.services import kernels
-
-        ctx = Ctx(cfg)
-        try:
-            return kernels.import_kernel(ctx, kernel["name"], kernel["dir"])
-        finally:
-            ctx.close()
+from tests.support.kernels import default_kernel, install_kernel, pulled_default_kernel  # noqa: F401
 from tests.support.netns import netns  # noqa: F401  (fixture re-export)
 
 
