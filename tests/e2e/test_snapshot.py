@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests.support are re-declared as arguments)
 """Snapshots of a real guest under QEMU (TCG here), every banger command inside a throwaway netns.
 
 A guest writes files on its work disk, on its overlay root and in tmpfs (memory only)
@@ -9,7 +10,7 @@ own hostname, while the source keeps running with its later state.
 
 from __future__ import annotations
 
-from tests.support.e2e import vmenv  # noqa: F401  (fixture)
+from tests.support.e2e import default_image, default_kernel, netns, pulled_default_kernel, vmenv  # noqa: F401  (fixtures)
 
 
 def _exec(env, vm, script, **kw):

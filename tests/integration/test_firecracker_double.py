@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -304,3 +305,89 @@ def test_payload_limit(fc):
     api, _, _ = fc
     big = {"vcpu_count": 1, "mem_size_mib": 128, "x": "a" * 60000}
     assert "larger than the limit" in fault(api.request("PUT", "/machine-config", big))
+
+
+@pytest.fixture
+def snap(files, tap, fc_record):
+    """A snapshot taken from a booted double that had one network interface (on ``tap``)."""
+    d = files["dir"]
+    sock = d / "snapsrc.sock"
+    p = start_double(sock, "--id", "snapsrc")
+    try:
+        a = RawApi(sock)
+        assert a.request("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 32})[0] == 204
+        assert a.request("PUT", "/network-interfaces/eth0", {"iface_id": "eth0", "host_dev_name": tap})[0] == 204
+        boot_minimal(a, files)
+        a.request("PATCH", "/vm", {"state": "Paused"})
+        assert a.request("PUT", "/snapshot/create", {"snapshot_path": str(d / "s.state"),
+                                                     "mem_file_path": str(d / "s.mem")})[0] == 204
+        a.close()
+    finally:
+        stop_double(p)
+    return {"state": str(d / "s.state"), "mem": str(d / "s.mem"), "tap": tap}
+
+
+def test_snapshot_create_into_missing_directory(fc, files):
+    api, _, _ = fc
+    boot_minimal(api, files)
+    api.request("PATCH", "/vm", {"state": "Paused"})
+    msg = fault(api.request("PUT", "/snapshot/create", {"snapshot_path": str(files["dir"] / "no" / "s"),
+                                                        "mem_file_path": str(files["dir"] / "m")}))
+    assert "No such file or directory" in msg
+
+
+def test_uffd_socket_without_listener_is_econnrefused_and_fatal(fc, snap, files):
+    api, p, _ = fc
+    dead = files["dir"] / "dead.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(dead))
+    s.close()  # the path exists, nobody listens
+    msg = fault(api.request("PUT", "/snapshot/load", {
+        "snapshot_path": snap["state"], "mem_backend": {"backend_type": "Uffd", "backend_path": str(dead)}}))
+    assert "Connection refused" in msg
+    assert p.wait(timeout=10) == 1
+
+
+def test_network_override_must_name_a_known_interface(fc, snap):
+    api, p, _ = fc
+    msg = fault(api.request("PUT", "/snapshot/load", {
+        "snapshot_path": snap["state"], "mem_backend": {"backend_type": "File", "backend_path": snap["mem"]},
+        "network_overrides": [{"iface_id": "eth9", "host_dev_name": snap["tap"]}]}))
+    assert "no network interface with id eth9" in msg
+    assert p.wait(timeout=10) == 1
+
+
+def test_snapshot_tap_must_exist_without_override(fc, snap):
+    api, p, _ = fc
+    del_tap(snap["tap"])  # the snapshot names a TAP that is gone and no override is given
+    msg = fault(api.request("PUT", "/snapshot/load", {
+        "snapshot_path": snap["state"], "mem_backend": {"backend_type": "File", "backend_path": snap["mem"]}}))
+    assert "Open tap device failed" in msg
+    assert p.wait(timeout=10) == 1
+
+
+def test_memory_file_must_match_the_snapshot(fc, snap, files):
+    api, p, _ = fc
+    short = files["dir"] / "short.mem"
+    short.write_bytes(open(snap["mem"], "rb").read()[: 16 << 20])
+    msg = fault(api.request("PUT", "/snapshot/load", {
+        "snapshot_path": snap["state"], "mem_backend": {"backend_type": "File", "backend_path": str(short)}}))
+    assert "memory file is" in msg
+    assert p.wait(timeout=10) == 1
+
+
+def test_loaded_vm_is_paused_then_runtime_only(fc, snap, fc_record):
+    api, p, _ = fc
+    assert api.request("PUT", "/snapshot/load", {
+        "snapshot_path": snap["state"], "mem_backend": {"backend_type": "File", "backend_path": snap["mem"]}})[0] == 204
+    assert api.request("GET", "/")[1]["state"] == "Paused"
+    assert "not supported after starting" in fault(api.request("PUT", "/snapshot/load", {
+        "snapshot_path": snap["state"], "mem_backend": {"backend_type": "File", "backend_path": snap["mem"]}}))
+    assert "not supported after starting" in fault(api.request("PUT", "/actions", {"action_type": "InstanceStart"}))
+    assert api.request("PATCH", "/vm", {"state": "Resumed"})[0] == 204
+    v = [e for e in events(fc_record, p.pid, "memory_verified")]
+    deadline = time.monotonic() + 60
+    while not v and time.monotonic() < deadline:
+        time.sleep(0.05)
+        v = events(fc_record, p.pid, "memory_verified")
+    assert v and v[0]["mismatched_vs_pattern"] == 0 and v[0]["pages"] == (32 << 20) // 4096

@@ -205,12 +205,21 @@ def start_double(sock: Path, *extra, cwd=None, stdin=None, env=None) -> subproce
                          stdin=stdin or subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          env=env or os.environ.copy())
     deadline = time.monotonic() + 10
-    while not os.path.exists(sock):
+    while True:  # the file appears at bind(), connections succeed after listen(): poll for both
         if p.poll() is not None:
             raise AssertionError(f"double exited {p.returncode}: {p.stderr.read().decode()}")
         if time.monotonic() > deadline:
             p.kill()
-            raise AssertionError("double did not create its socket")
+            raise AssertionError("double did not listen on its socket")
+        if os.path.exists(sock):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(str(sock))
+                break
+            except (ConnectionRefusedError, FileNotFoundError):
+                pass
+            finally:
+                s.close()
         time.sleep(0.01)
     return p
 
