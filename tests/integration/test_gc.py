@@ -15,7 +15,7 @@ from banger.locks import Locks
 from banger.names import Subnet
 from banger.reservation import reserve_vm
 from banger.store import Store
-from tests.support.cli import banger_json
+from tests.support.netns import netns  # noqa: F401  (fixture: gc's TAP scan must not see the host's links)
 
 
 def _dead_process() -> dict:
@@ -38,7 +38,8 @@ def _loops_under(home) -> list[str]:
             if (d.get("back-file") or "").startswith(str(home))]
 
 
-def test_gc_removes_leftovers_and_spares_live_things(banger_env):
+def test_gc_removes_leftovers_and_spares_live_things(netns):  # noqa: F811
+    banger_json = netns.banger_json
     cfg = load_config()
     home = cfg.home
     # a create killed mid-way: row 'creating', its dirs, a VMM-like process pointing into them
@@ -49,6 +50,9 @@ def test_gc_removes_leftovers_and_spares_live_things(banger_env):
     srun = cfg.vm_run_dir(stuck["id"])
     srun.mkdir(parents=True)
     (srun / "qmp.sock").write_text("")
+    tap = netns.call(f"pool.claim(ctx, {stuck['id']!r})")["value"]
+    netns.call(f"netlink.set_neighbour(ctx.cfg.bridge, {stuck['ip']!r}, {stuck['mac']!r})")
+    assert [n["dst"] for n in netns.neighbours(cfg.bridge)] == [stuck["ip"]]
     stray_pid, stray_start = procs.spawn_detached(
         [sys.executable, "-c", "import time; time.sleep(300)", f"file={sdir}/overlay.ext4"])
     # a loop device left by a killed promote (backed by a file under BANGER_HOME)
@@ -94,6 +98,9 @@ def test_gc_removes_leftovers_and_spares_live_things(banger_env):
             assert loop not in _loops_under(home)
             assert not sdir.exists() and not srun.exists() and not dead_stage.exists()
             assert not (home / "vms" / "orphan-dir").exists()
+            with Store(cfg.db_path) as st:  # the TAP went back to the pool; no neighbour entry is left
+                assert st.query("SELECT name, state FROM taps") == [{"name": tap, "state": "idle"}]
+            assert netns.neighbours(cfg.bridge) == []
             names = {v["name"] for v in banger_json("vm", "list")["data"]}
             assert names == {"busy-1", "live-1"}
             # live things untouched
