@@ -286,3 +286,36 @@ def download_log(cfg) -> list[dict]:
     if not p.exists():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def fake_module(name: str, depends: list[str] = (), vermagic: str = "9.9.9-banger-test SMP mod_unload ") -> bytes:
+    """A minimal ELF64 relocatable with a .modinfo section (what module selection reads)."""
+    modinfo = b"".join(f"{k}={v}".encode() + b"\0" for k, v in
+                       (("license", "GPL"), ("depends", ",".join(depends)), ("name", name), ("vermagic", vermagic)))
+    shstrtab = b"\0.modinfo\0.shstrtab\0"
+    data_off = 64
+    modinfo_off = data_off
+    shstr_off = modinfo_off + len(modinfo)
+    shoff = (shstr_off + len(shstrtab) + 7) & ~7
+    ehdr = b"\x7fELF" + bytes([2, 1, 1, 0]) + b"\0" * 8
+    ehdr += struct.pack("<HHIQQQIHHHHHH", 1, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, 3, 2)
+    body = modinfo + shstrtab
+    pad = b"\0" * (shoff - data_off - len(body))
+    sh_null = b"\0" * 64
+    sh_modinfo = struct.pack("<IIQQQQIIQQ", 1, 1, 2, 0, modinfo_off, len(modinfo), 0, 0, 1, 0)
+    sh_shstr = struct.pack("<IIQQQQIIQQ", 10, 3, 0, 0, shstr_off, len(shstrtab), 0, 0, 1, 0)
+    return ehdr + body + pad + sh_null + sh_modinfo + sh_shstr
+
+
+def fake_module_tree(root: Path, release: str = "9.9.9-banger-test", extra: dict | None = None) -> Path:
+    """lib/modules/<release>/kernel/... holding fake guest modules with the real dependency shape."""
+    deps = {"virtio_ring": [], "virtio": [], "virtio_mmio": ["virtio", "virtio_ring"],
+            "virtio_blk": ["virtio", "virtio_ring"], "failover": [], "net_failover": ["failover"],
+            "virtio_net": ["net_failover", "virtio", "virtio_ring"], "overlay": [],
+            "virtio-rng": ["virtio", "virtio_ring"], "unrelated_gpu": [], **(extra or {})}
+    base = root / "lib" / "modules" / release
+    for n, d in deps.items():
+        p = base / "kernel" / ("drivers" if n != "overlay" else "fs") / f"{n}.ko"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(fake_module(n.replace("-", "_"), d, vermagic=f"{release} SMP mod_unload "))
+    return base
