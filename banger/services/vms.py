@@ -240,8 +240,11 @@ def _neighbour(ctx, vm, *, add: bool) -> None:
 
     if add:
         netlink.set_neighbour(ctx.cfg.bridge, vm["ip"], vm["mac"])
-    else:
+        return
+    try:
         netlink.del_neighbour(ctx.cfg.bridge, vm["ip"])
+    except NotFound:
+        pass  # no bridge, so no entry either
 
 
 # ---------------------------------------------------------------- boot
