@@ -133,6 +133,7 @@ typedef struct {
     uint64_t npages;
     void *zero_buf;    /* page_size of zeros, for 2M zero fills */
     uint64_t batch_pages;
+    int no_populate;
 
     /* prefetch plan: pairs (file_page, npages) */
     uint64_t *plan;
@@ -217,6 +218,23 @@ static const region_t *region_of_page(const Server *s, uint64_t fp)
     return NULL;
 }
 
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+
+/* Map the source pages into our page tables before UFFDIO_COPY reads them. Otherwise the
+ * kernel's atomic copy faults, drops its locks and retries through a temporary page; for
+ * hugetlb that temporary page is a spare huge page the host may not have (ENOMEM).
+ * Best effort: kernels before 5.14 lack MADV_POPULATE_READ, and a failure here resurfaces
+ * as the copy's own error. */
+static void populate_src(Server *s, uint64_t off, uint64_t len)
+{
+    if (s->no_populate)
+        return;
+    if (madvise((void *)(s->map + off), len, MADV_POPULATE_READ) < 0 && errno == EINVAL)
+        s->no_populate = 1;
+}
+
 /* 0 = done, 1 = EAGAIN (try later), 2 = the VMM's memory is gone, END_ERROR = failure. */
 static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry)
 {
@@ -253,6 +271,8 @@ static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry)
         rc = ioctl(s->uffd, UFFDIO_ZEROPAGE, &z);
         result = z.zeropage;
     } else {
+        if (!zero && s->page_size != 4096)
+            populate_src(s, off, s->page_size);
         struct uffdio_copy c = {
             .dst = addr,
             .src = zero ? (uint64_t)(uintptr_t)s->zero_buf : (uint64_t)(uintptr_t)(s->map + off),
@@ -442,6 +462,7 @@ static int prefetch_batch(Server *s)
             .mode = 0,
         };
         uint64_t t0 = now_ns();
+        populate_src(s, off, n << s->page_shift);
         int rc = ioctl(s->uffd, UFFDIO_COPY, &c);
         int e = errno;
         ADD(s, ST_PREFETCH_NS, now_ns() - t0);
@@ -693,7 +714,8 @@ static int Server_init(Server *s, PyObject *args, PyObject *kw)
         return -1;
     }
     s->map_len = fsize;
-    s->zero_buf = mmap(NULL, page_size, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    /* populated (with the shared zero page) so zero-fill copies never take the slow path */
+    s->zero_buf = mmap(NULL, page_size, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_POPULATE, -1, 0);
     if (s->zero_buf == MAP_FAILED) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;

@@ -1,6 +1,6 @@
 """Type stub for the banger._uffd C extension (banger/_uffd.c)."""
 
-from collections.abc import Buffer, Sequence
+from collections.abc import Sequence
 
 PAGE_4K: int
 PAGE_2M: int
@@ -30,7 +30,7 @@ class Server:
     def run(self) -> str:
         """Serve until 'peer_closed' | 'peer_exited' | 'stopped' (GIL released); OSError on failure."""
     def stop(self) -> None: ...
-    def set_plan(self, runs: Buffer) -> None:
+    def set_plan(self, runs: bytes | bytearray | memoryview) -> None:
         """Prefetch these native uint64 (first_file_page, npages) pairs in order; replaces any plan."""
     def set_record(self, on: bool) -> None: ...
     def access_log(self) -> bytes:

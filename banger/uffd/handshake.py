@@ -162,7 +162,7 @@ def receive(conn: socket.socket, timeout: float) -> tuple[bytes, list[int]]:
 
 def _complete_json(data: bytes) -> bool:
     try:
-        json.loads(data)
+        json.loads(data.decode("utf-8"))
         return True
     except (ValueError, UnicodeDecodeError):
         return False
@@ -182,7 +182,7 @@ def parse_regions(data: bytes, mem_size: int) -> tuple[list[Region], int, list[s
     Returns (regions in the order sent, page size, sorted names of ignored fields).
     """
     try:
-        doc = json.loads(data)
+        doc = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise HandshakeError("the handshake message is not UTF-8 JSON") from None
     except ValueError as e:

@@ -121,6 +121,7 @@ class UffdPeer:
         self.conn: socket.socket | None = None
         self.uffd = -1
         self.features = 0
+        self._stuck: list[threading.Thread] = []  # touch threads still blocked in a fault
         flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE
         if page_size == PAGE_2M:
             flags |= MAP_HUGETLB | MAP_HUGE_2MB
@@ -297,6 +298,7 @@ class UffdPeer:
         for t in ts:
             t.join(max(0.0, deadline - time.monotonic()))
         if any(t.is_alive() for t in ts):
+            self._stuck.extend(t for t in ts if t.is_alive())
             raise TimeoutError(f"touching {len(pages)} pages did not finish within {timeout}s (handler stuck?)")
         if errors:
             raise errors[0]
@@ -308,15 +310,21 @@ class UffdPeer:
             raise _oserror("madvise(MADV_DONTNEED)")
 
     def close(self) -> None:
+        """Hang up, release the uffd, unmap. Closing the uffd first lets threads still blocked in a
+        fault (a dead handler) finish on zero pages; memory they may still touch is left mapped."""
         if self.conn is not None:
             self.conn.close()
             self.conn = None
-        for base, size in zip(self.bases, self.region_sizes):
-            _libc.munmap(base, size)
-        self.bases = []
         if self.uffd >= 0:
             os.close(self.uffd)
             self.uffd = -1
+        for t in self._stuck:
+            t.join(5)
+        if any(t.is_alive() for t in self._stuck):
+            return  # never unmap under a running thread
+        for base, size in zip(self.bases, self.region_sizes):
+            _libc.munmap(base, size)
+        self.bases = []
 
     def __enter__(self):
         return self
@@ -383,8 +391,9 @@ def _script(argv=None) -> int:
     ap.add_argument("--page-size", type=int, default=PAGE_4K)
     ap.add_argument("--bad", choices=UffdPeer.BAD_KINDS, help="send this malformed handshake instead")
     ap.add_argument("--mem-file", help="compare every touched byte with this file")
-    ap.add_argument("--then", choices=("hold", "touch_all", "touch_first"), default="hold",
-                    help="after the handshake: just hold the connection, touch every page, or one page")
+    ap.add_argument("--then", choices=("hold", "touch_all", "touch_first", "stdin"), default="hold",
+                    help="after the handshake: hold the connection, touch every page, touch one page, or "
+                         "obey stdin lines 'read REGION OFFSET LENGTH' (answers 'DATA <sha256>') / 'quit'")
     args = ap.parse_args(argv)
     peer = UffdPeer([int(x) for x in args.regions.split(",")], args.page_size)
     if args.bad:
@@ -405,6 +414,18 @@ def _script(argv=None) -> int:
             if args.then == "touch_first":
                 break
         print("TOUCHED", flush=True)
+    if args.then == "stdin":
+        import hashlib
+
+        for line in sys.stdin:
+            cmd = line.split()
+            if cmd and cmd[0] == "read":
+                got = peer.read(int(cmd[1]), int(cmd[2]), int(cmd[3]))
+                print(f"DATA {hashlib.sha256(got).hexdigest()}", flush=True)
+            elif cmd and cmd[0] == "quit":
+                break
+        peer.close()
+        return 0
     # hold until the handler hangs up (or we are killed)
     eof = peer.wait_eof(timeout=3600)
     print("EOF" if eof else "NO_EOF", flush=True)

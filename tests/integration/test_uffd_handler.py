@@ -1,0 +1,620 @@
+"""The UFFD handler process against real userfaultfd faults made by tests/support/uffd_peer.py.
+
+Every test spawns the real handler (banger.uffd.spawn_handler -> python -m
+banger.uffd.handler), plays Firecracker's side with real anonymous (or hugetlb)
+memory registered with a real userfaultfd, and compares guest memory byte for
+byte with the memory file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from banger import procs
+from banger.uffd import policy, spawn_handler
+from tests.support.uffd_peer import (
+    PAGE_2M,
+    PAGE_4K,
+    UffdPeer,
+    hugepages,
+    make_mem_file,
+    thread_blocked_in_uffd,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+PS = PAGE_4K
+MB = 1 << 20
+
+
+def _uffd_usable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    try:
+        from banger import _uffd
+
+        _uffd.probe()
+    except (ImportError, OSError) as e:
+        return f"userfaultfd unavailable: {e}"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_uffd_usable() is not None, reason=str(_uffd_usable()))
+
+
+def wait_for(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class Handler:
+    pid: int
+    started: int
+    sock: Path
+    stats_path: Path
+    log_path: Path
+    rc: int | None = None
+
+    def wait(self, timeout: float = 20) -> int:
+        """The handler's exit code (negative: killed by that signal)."""
+        def done():
+            if self.rc is None:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self.rc = os.waitstatus_to_exitcode(status)
+            return self.rc is not None
+        wait_for(done, timeout, f"the handler (pid {self.pid}) to exit; log:\n{self.log()}")
+        return self.rc
+
+    def stats(self) -> dict:
+        return json.loads(self.stats_path.read_text())
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()
+        except FileNotFoundError:
+            return ""
+
+
+@pytest.fixture
+def udir():
+    d = Path(tempfile.mkdtemp(prefix="bu-", dir="/tmp"))  # short: AF_UNIX paths are limited
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def start(udir):
+    started: list[Handler] = []
+    count = [0]
+
+    def _start(mem: Path, *, prefetch: bool | None = False, access_log=None, connect_timeout: float = 20,
+               extra=(), vmm_pid=None) -> Handler:
+        count[0] += 1
+        n = count[0]
+        h = Handler(0, 0, udir / f"h{n}.sock", udir / f"h{n}.stats.json", udir / f"h{n}.log")
+        h.pid, h.started = spawn_handler(h.sock, mem, access_log=access_log, stats_path=h.stats_path,
+                                         prefetch=prefetch, connect_timeout=connect_timeout, log_path=h.log_path,
+                                         vmm_pid=vmm_pid, extra_args=list(extra))
+        started.append(h)
+        return h
+
+    yield _start
+    for h in started:
+        if h.rc is None:
+            procs.kill(h.pid, h.started)
+
+
+@pytest.fixture
+def peers():
+    made: list[UffdPeer] = []
+
+    def _make(sizes, page_size=PS) -> UffdPeer:
+        p = UffdPeer(sizes, page_size)
+        made.append(p)
+        return p
+
+    yield _make
+    for p in made:
+        p.close()
+
+
+class PeerProc:
+    """A fake VMM in its own process (so the handler may kill it)."""
+
+    def __init__(self, sock: Path, sizes, *, bad: str | None = None, then: str = "hold", page_size=PS,
+                 mem_file=None):
+        argv = [sys.executable, "-m", "tests.support.uffd_peer", "--socket", str(sock),
+                "--regions", ",".join(str(s) for s in sizes), "--page-size", str(page_size), "--then", then]
+        if bad:
+            argv += ["--bad", bad]
+        if mem_file:
+            argv += ["--mem-file", str(mem_file)]
+        self.p = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+
+    def expect(self, prefix: str, timeout: float = 20) -> str:
+        box: dict = {}
+        t = threading.Thread(target=lambda: box.setdefault("line", self.p.stdout.readline()), daemon=True)
+        t.start()
+        t.join(timeout)
+        line = box.get("line")
+        assert line is not None, f"peer printed nothing within {timeout}s (wanted {prefix})"
+        self.lines.append(line)
+        assert line.startswith(prefix), f"peer said {line!r}, wanted {prefix!r}"
+        return line
+
+    def send(self, line: str) -> None:
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
+
+    def wait(self, timeout: float = 20) -> int:
+        return self.p.wait(timeout)
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+@pytest.fixture
+def peer_procs():
+    made: list[PeerProc] = []
+
+    def _make(*a, **kw) -> PeerProc:
+        pp = PeerProc(*a, **kw)
+        made.append(pp)
+        return pp
+
+    yield _make
+    for pp in made:
+        pp.kill()
+
+
+def memfile(udir: Path, size: int, seed: int = 1) -> tuple[Path, bytes]:
+    path = udir / "mem"
+    return path, make_mem_file(path, size, seed)
+
+
+def offsets(sizes):
+    out, off = [], 0
+    for s in sizes:
+        out.append(off)
+        off += s
+    return out
+
+
+# ---------------------------------------------------------------------------- serving
+
+
+def test_multi_region_4k_concurrent_threads_every_byte(udir, start, peers):
+    sizes = [3 * MB, 1 * MB, 2 * MB + 64 * PS]
+    mem, data = memfile(udir, sum(sizes))
+    h = start(mem)
+    peer = peers(sizes)
+    peer.handshake(h.sock)
+    wait_for(lambda: not h.sock.exists(), 10, "the socket file to go once the VMM connected")
+    rnd = random.Random(5)
+    for i, size in enumerate(sizes):
+        pages = list(range(size // PS))
+        rnd.shuffle(pages)
+        peer.touch_pages(i, pages, threads=4)
+    for i, (size, off) in enumerate(zip(sizes, offsets(sizes))):
+        assert peer.read(i, 0, size) == data[off:off + size], f"region {i} differs from the memory file"
+    peer.close()
+    assert h.wait() == 0
+    st = h.stats()
+    total = sum(sizes) // PS
+    assert st["ok"] and st["exit_reason"] == "peer_closed" and st["mode"] == "on_demand"
+    assert st["serve"]["fault_pages"] + st["serve"]["eexist"] >= total
+    assert st["serve"]["fault_pages"] == total  # each page copied exactly once
+    assert st["serve"]["prefetch_pages"] == 0
+    assert st["page_size"] == PS and len(st["regions"]) == 3
+    assert sorted(p.name for p in udir.iterdir()) == ["h1.log", "h1.stats.json", "mem"]
+
+
+def test_regions_at_arbitrary_file_offsets(udir, start, peers):
+    """Regions need not be in file order: each maps to its own offset."""
+    sizes = [1 * MB, 2 * MB]
+    mem, data = memfile(udir, 4 * MB)
+    h = start(mem)
+    peer = peers(sizes)
+    file_offsets = [3 * MB, 0]
+    peer.handshake(h.sock, mem_file_offsets=file_offsets)
+    for i, (size, off) in enumerate(zip(sizes, file_offsets)):
+        assert peer.read(i, 0, size) == data[off:off + size]
+    peer.close()
+    assert h.wait() == 0
+
+
+@pytest.mark.parametrize("fields", [{"page_size": None}, {"page_size": None, "page_size_kib": None}],
+                         ids=["fc1.7-1.11", "fc<=1.6"])
+def test_older_firecracker_page_size_fields(udir, start, peers, fields):
+    sizes = [1 * MB]
+    mem, data = memfile(udir, sum(sizes))
+    h = start(mem)
+    peer = peers(sizes)
+    peer.handshake(h.sock, extra_fields=fields)
+    assert peer.read(0, 0, MB) == data
+    peer.close()
+    assert h.wait() == 0
+    assert h.stats()["page_size"] == PS
+
+
+def test_remove_then_read_gives_zeros(udir, start, peers):
+    sizes = [2 * MB, 1 * MB]
+    mem, data = memfile(udir, sum(sizes))
+    h = start(mem)
+    peer = peers(sizes)
+    peer.handshake(h.sock)
+    assert peer.read(0, 0, 2 * MB) == data[:2 * MB]
+    # remove a populated range and a never-touched one
+    peer.madvise_remove(0, 100 * PS, 20 * PS)
+    peer.madvise_remove(1, 0, 8 * PS)
+    assert peer.read(0, 100 * PS, 20 * PS) == bytes(20 * PS)
+    assert peer.read(1, 0, 8 * PS) == bytes(8 * PS)
+    # neighbours keep the file's bytes
+    assert peer.read(0, 0, 100 * PS) == data[:100 * PS]
+    assert peer.read(0, 120 * PS, 2 * MB - 120 * PS) == data[120 * PS:2 * MB]
+    assert peer.read(1, 8 * PS, MB - 8 * PS) == data[2 * MB + 8 * PS:]
+    # a removed page written and removed again reads back as zeros again
+    peer.write(0, 100 * PS, b"x" * 10)
+    peer.madvise_remove(0, 100 * PS, PS)
+    assert peer.read(0, 100 * PS, PS) == bytes(PS)
+    peer.close()
+    assert h.wait() == 0
+    s = h.stats()["serve"]
+    assert s["removes"] == 3
+    assert s["removed_pages"] == 20 + 8 + 1
+    assert s["zero_pages"] == 20 + 8 + 1
+
+
+def test_eagain_while_remove_unread_and_faults_pending(udir, start, peers):
+    """Freeze the handler, queue a fault and then a REMOVE, thaw it: the fault's UFFDIO_COPY
+    meets the unread REMOVE (EAGAIN), is deferred and retried after the events are drained."""
+    sizes = [1 * MB, 1 * MB]
+    mem, data = memfile(udir, sum(sizes))
+    h = start(mem)
+    peer = peers(sizes)
+    peer.handshake(h.sock)
+    assert peer.read(0, 0, 64 * PS) == data[:64 * PS]
+    got: dict = {}
+    os.kill(h.pid, signal.SIGSTOP)
+    try:
+        ft = threading.Thread(target=lambda: got.setdefault("fault", peer.read(1, 0, 16 * PS)), daemon=True)
+        ft.start()
+        wait_for(lambda: ft.native_id and thread_blocked_in_uffd(ft.native_id), 10, "the fault to be queued")
+        rt = threading.Thread(target=lambda: got.setdefault("remove", peer.madvise_remove(0, 0, 32 * PS)),
+                              daemon=True)
+        rt.start()
+        wait_for(lambda: rt.native_id and thread_blocked_in_uffd(rt.native_id), 10, "the REMOVE to be queued")
+        assert ft.is_alive() and rt.is_alive()
+    finally:
+        os.kill(h.pid, signal.SIGCONT)
+    ft.join(20)
+    rt.join(20)
+    assert not ft.is_alive() and not rt.is_alive()
+    assert got["fault"] == data[MB:MB + 16 * PS]
+    assert peer.read(0, 0, 32 * PS) == bytes(32 * PS)
+    assert peer.read(0, 32 * PS, MB - 32 * PS) == data[32 * PS:MB]
+    assert peer.read(1, 0, MB) == data[MB:]
+    peer.close()
+    assert h.wait() == 0
+    s = h.stats()["serve"]
+    assert s["eagain"] >= 1, s
+    assert s["eagain_retries"] >= 1, s
+    assert s["removes"] == 1 and s["zero_pages"] == 32
+
+
+def test_2m_pages_multi_region_threads_and_remove(udir, start, peers):
+    sizes = [8 * MB, 4 * MB]
+    need = sum(sizes) // PAGE_2M
+    with hugepages(need) as free:
+        if free < need:
+            pytest.skip(f"cannot reserve {need} 2 MiB hugetlb pages (only {free} free)")
+        mem, data = memfile(udir, sum(sizes))
+        h = start(mem)
+        peer = peers(sizes, PAGE_2M)
+        peer.handshake(h.sock)
+        peer.touch_pages(0, [3, 0, 2, 1], threads=4)
+        peer.touch_pages(1, [1, 0], threads=2)
+        for i, (size, off) in enumerate(zip(sizes, offsets(sizes))):
+            assert peer.read(i, 0, size) == data[off:off + size]
+        peer.madvise_remove(0, PAGE_2M, PAGE_2M)
+        assert peer.read(0, PAGE_2M, PAGE_2M) == bytes(PAGE_2M)
+        assert peer.read(0, 0, PAGE_2M) == data[:PAGE_2M]
+        assert peer.read(0, 2 * PAGE_2M, 2 * PAGE_2M) == data[2 * PAGE_2M:8 * MB]
+        peer.close()
+        assert h.wait() == 0
+        st = h.stats()
+        assert st["page_size"] == PAGE_2M
+        assert st["serve"]["fault_pages"] == need
+        assert st["serve"]["zero_pages"] == 1 and st["serve"]["removes"] == 1
+
+
+def test_2m_prefetch_fill(udir, start, peers):
+    sizes = [6 * MB, 2 * MB]
+    need = sum(sizes) // PAGE_2M
+    with hugepages(need) as free:
+        if free < need:
+            pytest.skip(f"cannot reserve {need} 2 MiB hugetlb pages (only {free} free)")
+        mem, data = memfile(udir, sum(sizes))
+        h = start(mem, prefetch=True)  # no access log: sequential fill
+        peer = peers(sizes, PAGE_2M)
+        peer.handshake(h.sock)
+        for i, (size, off) in enumerate(zip(sizes, offsets(sizes))):
+            assert peer.read(i, 0, size) == data[off:off + size]
+        peer.close()
+        assert h.wait() == 0
+        s = h.stats()
+        assert s["mode"] == "fill"
+        assert s["serve"]["fault_pages"] + s["serve"]["prefetch_pages"] == need
+
+
+def test_fill_without_log_while_threads_fault(udir, start, peers):
+    sizes = [16 * MB, 4 * MB]
+    mem, data = memfile(udir, sum(sizes))
+    h = start(mem, prefetch=True)
+    peer = peers(sizes)
+    peer.handshake(h.sock)
+    rnd = random.Random(9)
+    peer.touch_pages(0, rnd.sample(range(16 * MB // PS), 500), threads=4)
+    for i, (size, off) in enumerate(zip(sizes, offsets(sizes))):
+        assert peer.read(i, 0, size) == data[off:off + size]
+    peer.close()
+    assert h.wait() == 0
+    s = h.stats()
+    assert s["mode"] == "fill"
+    total = sum(sizes) // PS
+    assert s["serve"]["fault_pages"] + s["serve"]["prefetch_pages"] == total
+    assert s["serve"]["prefetch_pages"] > 0
+
+
+def working_set(npages: int, runs: int, run_len: int, seed: int) -> list[int]:
+    rnd = random.Random(seed)
+    starts = rnd.sample(range(0, npages - run_len, run_len), runs)
+    order = []
+    for s in starts:  # runs in random order, pages within a run ascending (a guest walking a buffer)
+        order.extend(range(s, s + run_len))
+    return order
+
+
+def test_record_then_prefetch_replay(udir, start, peers):
+    sizes = [48 * MB, 16 * MB]
+    mem, data = memfile(udir, sum(sizes))
+    log = udir / "mem.access"
+    ws = working_set(sizes[0] // PS, runs=120, run_len=24, seed=11)
+    settle = ["--settle-interval", "0.05", "--settle-intervals", "5", "--settle-faults", "8"]
+
+    # 1st restore: on demand, recording first touches until the fault rate settles
+    h1 = start(mem, prefetch=True, access_log=log, extra=settle)
+    p1 = peers(sizes)
+    p1.handshake(h1.sock)
+    p1.touch_pages(0, ws, threads=1)
+    wait_for(log.exists, 20, "the access log (recording settles once faults stop)")
+    assert list(policy.read_log(log, PS, sum(sizes))) == ws  # exactly the first-touch order
+    for i, (size, off) in enumerate(zip(sizes, offsets(sizes))):  # the background fill kept bytes right
+        assert p1.read(i, 0, size) == data[off:off + size]
+    p1.close()
+    assert h1.wait() == 0
+    s1 = h1.stats()
+    assert s1["mode"] == "record" and s1["log_reason"] == "settled" and s1["log_pages"] == len(ws)
+    assert s1["serve"]["recorded"] == len(ws)
+    assert s1["serve"]["fault_pages"] + s1["serve"]["prefetch_pages"] == sum(sizes) // PS
+
+    # 2nd restore: the recorded working set arrives ahead of the guest
+    h2 = start(mem, prefetch=True, access_log=log)
+    p2 = peers(sizes)
+    p2.handshake(h2.sock)
+    p2.touch_pages(0, ws, threads=2)
+    for k in range(0, len(ws), 24):
+        first = ws[k]
+        assert p2.read(0, first * PS, 24 * PS) == data[first * PS:(first + 24) * PS]
+    p2.close()
+    assert h2.wait() == 0
+    s2 = h2.stats()
+    assert s2["mode"] == "replay" and s2["plan_pages"] == len(ws)
+    faults, pref = s2["serve"]["fault_pages"], s2["serve"]["prefetch_pages"]
+    assert faults + pref == len(ws)
+    assert faults < len(ws) // 4, f"{faults} of {len(ws)} working-set pages still faulted"
+    assert s2["serve"]["prefetch_batches"] < len(ws) // 4  # many pages per UFFDIO_COPY
+    assert s2["serve"]["recorded"] == 0 and "log_written" not in s2
+
+
+def test_prefetch_switch_off_keeps_uffd_and_records_nothing(udir, start, peers, monkeypatch):
+    monkeypatch.setenv("BANGER_UFFD_PREFETCH", "0")
+    sizes = [4 * MB]
+    mem, data = memfile(udir, sum(sizes))
+    log = udir / "mem.access"
+    h = start(mem, prefetch=None, access_log=log,
+              extra=["--settle-interval", "0.02", "--settle-intervals", "2"])
+    peer = peers(sizes)
+    peer.handshake(h.sock)
+    peer.touch_pages(0, range(0, 1024, 3), threads=2)
+    assert peer.read(0, 0, 4 * MB) == data
+    peer.close()
+    assert h.wait() == 0
+    s = h.stats()
+    assert s["mode"] == "on_demand" and s["prefetch"] is False
+    assert s["serve"]["prefetch_pages"] == 0 and s["serve"]["recorded"] == 0
+    assert not log.exists()
+
+
+def test_stale_or_foreign_log_is_ignored_and_rerecorded(udir, start, peers):
+    sizes = [4 * MB]
+    mem, data = memfile(udir, sum(sizes))
+    log = udir / "mem.access"
+    policy.write_log(log, __import__("array").array("I", [1, 2, 3]), PS, 8 * MB)  # another file's size
+    h = start(mem, prefetch=True, access_log=log, extra=["--no-fill"])
+    peer = peers(sizes)
+    peer.handshake(h.sock)
+    peer.touch_pages(0, [7, 5, 9], threads=1)
+    peer.close()
+    assert h.wait() == 0
+    s = h.stats()
+    assert s["mode"] == "record" and "recorded for" in s["log_ignored"]
+    assert s["log_reason"] == "vmm_exit"
+    assert list(policy.read_log(log, PS, 4 * MB)) == [7, 5, 9]
+
+
+# ---------------------------------------------------------------------------- lifecycle
+
+
+def test_exits_when_peer_process_dies(udir, start, peer_procs):
+    sizes = [1 * MB]
+    mem, _ = memfile(udir, sum(sizes))
+    h = start(mem)
+    pp = peer_procs(h.sock, sizes, then="touch_all", mem_file=mem)
+    pp.expect("HANDSHAKE")
+    pp.expect("TOUCHED")
+    pp.kill()
+    assert h.wait() == 0
+    st = h.stats()
+    assert st["exit_reason"] in ("peer_closed", "peer_exited")
+    assert st["serve"]["fault_pages"] == MB // PS
+
+
+def test_connect_timeout(udir, start):
+    mem, _ = memfile(udir, MB)
+    h = start(mem, connect_timeout=0.5)
+    t = time.monotonic()
+    assert h.wait(15) == 7  # EXIT_TIMEOUT
+    assert time.monotonic() - t < 10
+    st = h.stats()
+    assert st["error"]["code"] == "uffd_connect_timeout"
+    assert "never connected" in st["error"]["message"] and st["error"]["hint"]
+    assert not h.sock.exists()
+
+
+BAD = ["invalid_json", "not_array", "no_fd", "two_fds", "not_uffd", "unknown_page_size", "page_sizes_disagree",
+       "overlap", "past_eof", "unaligned", "negative"]
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_bad_handshake_in_process_peer_sees_eof(udir, start, peers, kind):
+    sizes = [1 * MB, 1 * MB]
+    mem, _ = memfile(udir, sum(sizes))
+    h = start(mem)
+    peer = peers(sizes)
+    peer.bad_handshake(h.sock, kind)
+    assert peer.wait_eof(10), "the handler left the peer hanging"
+    assert h.wait() != 0
+    st = h.stats()
+    assert st["error"]["code"] == "uffd_handshake", st["error"]
+    assert st["error"]["hint"]
+    assert "peer_killed" not in st  # this peer is the handler's own parent: never a VMM to kill
+    assert not h.sock.exists()
+
+
+@pytest.mark.parametrize("kind, killed", [("invalid_json", True), ("unknown_page_size", True), ("overlap", True),
+                                          ("past_eof", True), ("two_fds", True), ("no_fd", False)])
+def test_bad_handshake_from_a_vmm_kills_it(udir, start, peer_procs, kind, killed):
+    """A VMM that handed over its uffd with a bad handshake would freeze its guest: it is killed.
+    A peer that sent no uffd has nothing to freeze and just sees the connection close."""
+    sizes = [1 * MB, 1 * MB]
+    mem, _ = memfile(udir, sum(sizes))
+    h = start(mem)
+    pp = peer_procs(h.sock, sizes, bad=kind)
+    assert h.wait() == 8  # ExternalError
+    st = h.stats()
+    assert st["error"]["code"] == "uffd_handshake"
+    if killed:
+        assert pp.wait() == -signal.SIGKILL
+        assert st["peer_killed"] is True
+    else:
+        pp.expect("HANDSHAKE")
+        pp.expect("EOF")
+        assert pp.wait() == 0
+
+
+def test_stranger_is_refused_not_killed(udir, start, peer_procs):
+    sizes = [1 * MB]
+    mem, _ = memfile(udir, sum(sizes))
+    h = start(mem, vmm_pid=os.getpid())  # not the peer's pid
+    pp = peer_procs(h.sock, sizes)
+    pp.expect("HANDSHAKE")
+    pp.expect("EOF")
+    assert pp.wait() == 0
+    assert h.wait() == 8
+    assert "expected the VMM pid" in h.stats()["error"]["message"]
+
+
+def test_handler_failure_after_handshake_kills_the_vmm(udir, start, peer_procs):
+    """The memory file shrinks under the handler: UFFDIO_COPY fails, the handler takes the VMM down."""
+    sizes = [1 * MB]
+    mem, data = memfile(udir, sum(sizes))
+    h = start(mem)
+    pp = peer_procs(h.sock, sizes, then="stdin")
+    pp.expect("HANDSHAKE")
+    import hashlib
+
+    pp.send(f"read 0 0 {PS}")
+    assert pp.expect("DATA").split()[1] == hashlib.sha256(data[:PS]).hexdigest()
+    os.truncate(mem, 0)
+    pp.send(f"read 0 {8 * PS} {PS}")
+    assert pp.wait() == -signal.SIGKILL
+    assert h.wait() == 8
+    st = h.stats()
+    assert st["error"]["code"] == "uffd_failed" and "UFFDIO_COPY" in st["error"]["message"]
+    assert st["peer_killed"] is True
+
+
+def test_terminated_handler_takes_the_vmm_down(udir, start, peer_procs):
+    sizes = [1 * MB]
+    mem, _ = memfile(udir, sum(sizes))
+    h = start(mem)
+    pp = peer_procs(h.sock, sizes, then="touch_first", mem_file=mem)
+    pp.expect("HANDSHAKE")
+    pp.expect("TOUCHED")
+    os.kill(h.pid, signal.SIGTERM)
+    assert pp.wait() == -signal.SIGKILL
+    assert h.wait() == 8
+    st = h.stats()
+    assert st["error"]["code"] == "uffd_failed" and "SIGTERM" in st["error"]["message"]
+
+
+def test_spawn_handler_refuses_missing_file_and_non_socket(udir):
+    from banger.errors import Conflict, NotFound
+
+    with pytest.raises(NotFound):
+        spawn_handler(udir / "s.sock", udir / "nope")
+    mem, _ = memfile(udir, MB)
+    (udir / "plain").write_text("x")
+    with pytest.raises(Conflict):
+        spawn_handler(udir / "plain", mem)
+
+
+def test_spawn_handler_replaces_a_stale_socket(udir, start, peers):
+    import socket as socketlib
+
+    mem, data = memfile(udir, MB)
+    stale = udir / "h1.sock"
+    s = socketlib.socket(socketlib.AF_UNIX)
+    s.bind(str(stale))
+    s.close()  # bound, never listening: a leftover
+    h = start(mem)
+    peer = peers([MB])
+    peer.handshake(h.sock)
+    assert peer.read(0, 0, MB) == data
+    peer.close()
+    assert h.wait() == 0
