@@ -33,6 +33,8 @@ def test_snapshot_restore_keeps_disk_root_and_memory_state(vmenv):  # noqa: F811
 
     clone = env.banger_json("vm", "restore", "snap-e2e", "--name", "snap-clone", timeout=600)["data"]
     assert clone["state"] == "running" and clone["ip"] != src["ip"] and clone["mac"] != src["mac"]
+    print(f"qemu snapshot: create {snap['create_ms']} ms, {snap['size_bytes'] >> 20} MiB on disk; "
+          f"restore {clone['restore']}")
     out = _exec(env, "snap-clone", "cat /root/f.txt /etc/marker /tmp/mem.txt; pidof sleep; hostname; "
                                    "ip -4 -o addr show dev eth0; cat /sys/class/net/eth0/address").stdout.split("\n")
     assert out[:3] == ["disk-before", "root-before", "mem-before"], out

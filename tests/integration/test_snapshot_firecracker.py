@@ -172,3 +172,21 @@ def test_snapshot_needs_a_running_vm(fcns):
     assert not staging.exists() or not any(staging.iterdir())
     bad = ns.banger_json("snapshot", "create", "src-3", "Bad_Name", check=False)
     assert bad["_exit"] == 2
+
+
+def test_snapshot_of_a_restored_clone(fcns):
+    """A clone carries what a snapshot needs (drive layout, memory size) in its handles: snapshots chain."""
+    ns = fcns
+    src = running_fc_vm(ns, "src-4", ns.shared)
+    seed = events(ns.rec, src["pid"], "boot")[0]["seed"]
+    ns.banger_json("snapshot", "create", "src-4", "gen-1")
+    c1 = ns.banger_json("snapshot", "restore", "gen-1", "--name", "gen1-clone", "--no-wait")["data"]
+    ns.banger_json("vm", "delete", "-f", "src-4")
+    s2 = ns.banger_json("snapshot", "create", "gen1-clone", "gen-2")["data"]
+    assert Path(s2["dir"], "vm.mem").stat().st_size == 128 << 20
+    c2 = ns.banger_json("snapshot", "restore", "gen-2", "--name", "gen2-clone", "--no-wait")["data"]
+    h2 = _handles(ns, c2["id"])
+    assert wait_event(ns.rec, h2["pid"], "snapshot_load")["seed"] == seed
+    assert wait_event(ns.rec, h2["pid"], "guest_net")["hostname"] == "gen2-clone"
+    assert wait_event(ns.rec, h2["pid"], "memory_verified", timeout=120)["mismatched_vs_pattern"] == 0
+    assert c1["ip"] != src["ip"] and c2["ip"] != c1["ip"]  # (src-4 was deleted: its slot may be reused)
