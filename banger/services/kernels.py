@@ -32,8 +32,15 @@ from importlib import resources
 from pathlib import Path
 
 from banger import fsutil
-from banger.errors import (BangerError, Conflict, ExternalError, HostError, IntegrityError, InvalidName,
-                           NotFound, UsageError)
+from banger.errors import (
+    Conflict,
+    ExternalError,
+    HostError,
+    IntegrityError,
+    InvalidName,
+    NotFound,
+    UsageError,
+)
 
 CATALOG_ENV = "BANGER_KERNEL_CATALOG"
 MANIFEST = "manifest.json"
@@ -755,5 +762,4 @@ def _dir_size(d: Path) -> int:
     return total
 
 
-__all__ = ["catalog", "resolve", "pull", "import_kernel", "list_kernels", "available", "show", "remove",
-           "BangerError"]
+__all__ = ["catalog", "resolve", "pull", "import_kernel", "list_kernels", "available", "show", "remove"]

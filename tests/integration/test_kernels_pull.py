@@ -15,8 +15,16 @@ import pytest
 
 from banger import kernelfmt
 from tests.support.cli import banger_json
-from tests.support.kernels import (KernelServer, download_log, fake_bzimage, fake_elf_kernel, fake_module_tree,
-                                   newc_entries, sha256, write_catalog)
+from tests.support.kernels import (
+    KernelServer,
+    download_log,
+    fake_bzimage,
+    fake_elf_kernel,
+    fake_module_tree,
+    newc_entries,
+    sha256,
+    write_catalog,
+)
 
 ELF_A = fake_elf_kernel(release="9.9.1-a", size=3 << 20, seed=11)
 ELF_B = fake_elf_kernel(release="9.9.2-b", size=3 << 20, seed=22)
