@@ -38,7 +38,8 @@ def pct(xs: list[float], p: float) -> float:
 
 
 def banger(ns, env, *args, timeout=600) -> dict:
-    cp = run_in_ns(ns, banger_argv(*args, "--json"), env, timeout=timeout)
+    args = [*args[:2], "--json", *args[2:]]  # before any `--`
+    cp = run_in_ns(ns, banger_argv(*args), env, timeout=timeout)
     doc = json.loads(cp.stdout or "{}")
     if not doc.get("ok"):
         raise SystemExit(f"banger {' '.join(args)} failed: {doc}\n{cp.stderr[-2000:]}")
