@@ -26,6 +26,7 @@ import os
 import secrets
 import shutil
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from banger.errors import BangerError, Conflict, InvalidState, NotFound
@@ -233,78 +234,81 @@ def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = Tru
     t0 = time.monotonic()
     timings = {}
     transport = None
-    with ctx.locks.hold(f"vm/{vm['id']}", purpose="restore"):
-        with ctx.locks.hold(f"snapshot/{snapshot}", purpose="restore"):
-            steps = Steps(ctx, vm["id"], "restore")
-            state: dict = {}
-            try:
-                if _row(ctx, snapshot) is None:
-                    raise NotFound(f"snapshot {snapshot!r} was removed meanwhile", "pick another snapshot")
-                d = vms.vm_dir(ctx, vm)
+    with ctx.locks.hold(f"vm/{vm['id']}", purpose="restore"), ExitStack() as snap_lock:
+        # held while the snapshot's files are read (disk copies, VMM start); released before the guest waits
+        snap_lock.enter_context(ctx.locks.hold(f"snapshot/{snapshot}", purpose="restore"))
+        steps = Steps(ctx, vm["id"], "restore")
+        state: dict = {}
+        try:
+            if _row(ctx, snapshot) is None:
+                raise NotFound(f"snapshot {snapshot!r} was removed meanwhile", "pick another snapshot")
+            d = vms.vm_dir(ctx, vm)
 
-                def prepare():
-                    d.mkdir(parents=True, exist_ok=False)
+            def prepare():
+                d.mkdir(parents=True, exist_ok=False)
 
-                def unprepare():
-                    shutil.rmtree(d, ignore_errors=True)
-                    shutil.rmtree(vms.run_dir(ctx, vm), ignore_errors=True)
+            def unprepare():
+                shutil.rmtree(d, ignore_errors=True)
+                shutil.rmtree(vms.run_dir(ctx, vm), ignore_errors=True)
 
-                steps.run("prepare", prepare, unprepare)
+            steps.run("prepare", prepare, unprepare)
 
-                def disks():
-                    for f in meta.get("disks", DISKS):
-                        reflink_or_sparse_copy(sdir / f, d / f)
-                    kh = sdir / KNOWN_HOSTS
-                    if kh.exists():  # same guest, same host key; new address
-                        key = kh.read_text().split(None, 1)[1].strip()
-                        (d / vms.KNOWN_HOSTS).write_text(f"{vm['ip']} {key}\n")
+            def disks():
+                for f in meta.get("disks", DISKS):
+                    reflink_or_sparse_copy(sdir / f, d / f)
+                kh = sdir / KNOWN_HOSTS
+                if kh.exists():  # same guest, same host key; new address
+                    key = kh.read_text().split(None, 1)[1].strip()
+                    (d / vms.KNOWN_HOSTS).write_text(f"{vm['ip']} {key}\n")
 
-                steps.run("disk.copy", disks, lambda: [(d / f).unlink(missing_ok=True)
-                                                       for f in (*DISKS, vms.KNOWN_HOSTS)],
-                          message="copying disks")
+            steps.run("disk.copy", disks, lambda: [(d / f).unlink(missing_ok=True)
+                                                   for f in (*DISKS, vms.KNOWN_HOSTS)],
+                      message="copying disks")
 
-                def net():
-                    state["tap"] = vms._net_up(ctx, vm)
+            def net():
+                state["tap"] = vms._net_up(ctx, vm)
 
-                steps.run("net.tap", net, lambda: vms._net_down(ctx, vm), message="network")
+            steps.run("net.tap", net, lambda: vms._net_down(ctx, vm), message="network")
 
-                def launch():
-                    spec = vms._spec(ctx, vm, state["tap"])
-                    vms.run_dir(ctx, vm).mkdir(parents=True, exist_ok=True)
-                    h = vms._driver(ctx, vm).restore(spec, sdir, meta["vmm"], ctx.progress)
-                    state["handles"] = h
-                    vms.save_handles(ctx, vm, h)
+            def launch():
+                spec = vms._spec(ctx, vm, state["tap"])
+                vms.run_dir(ctx, vm).mkdir(parents=True, exist_ok=True)
+                h = vms._driver(ctx, vm).restore(spec, sdir, meta["vmm"], ctx.progress)
+                state["handles"] = h
+                vms.save_handles(ctx, vm, h)
 
-                def unlaunch():
-                    h = state.get("handles") or vms.load_handles(ctx, vm)
-                    if h:
-                        vms._driver(ctx, vm).kill(h)
-                    (d / vms.HANDLES).unlink(missing_ok=True)
-                    shutil.rmtree(vms.run_dir(ctx, vm), ignore_errors=True)
+            def unlaunch():
+                h = state.get("handles") or vms.load_handles(ctx, vm)
+                if h:
+                    vms._driver(ctx, vm).kill(h)
+                (d / vms.HANDLES).unlink(missing_ok=True)
+                shutil.rmtree(vms.run_dir(ctx, vm), ignore_errors=True)
 
-                steps.run("vmm.restore", launch, unlaunch, message=f"restoring with {snap['backend']}")
-                timings["vmm_restored_ms"] = round((time.monotonic() - t0) * 1000, 1)
-                steps.run("guest.net", lambda: vms._driver(ctx, vm).send_console(state["handles"],
-                                                                                   net_line(ctx, vm)),
-                          message="giving the guest its new address")
-                if wait_ssh:
-                    transport = steps.run("guest.ssh", lambda: vms._wait_ssh(ctx, vm, state["handles"]),
-                                          message="waiting for SSH")
-                    timings["ssh_ready_ms"] = round((time.monotonic() - t0) * 1000, 1)
-                ctx.store.update_vm(vm["id"], state=vms.RUNNING, error=None)
+            steps.run("vmm.restore", launch, unlaunch, message=f"restoring with {snap['backend']}")
+            timings["vmm_restored_ms"] = round((time.monotonic() - t0) * 1000, 1)
+            snap_lock.close()  # the VMM (or its UFFD handler) holds what it still needs open
+            steps.run("guest.net", lambda: vms._driver(ctx, vm).send_console(state["handles"],
+                                                                               net_line(ctx, vm)),
+                      message="giving the guest its new address")
+            if wait_ssh:
+                transport = steps.run("guest.ssh", lambda: vms._wait_ssh(ctx, vm, state["handles"]),
+                                      message="waiting for SSH")
+                timings["ssh_ready_ms"] = round((time.monotonic() - t0) * 1000, 1)
+            ctx.store.update_vm(vm["id"], state=vms.RUNNING, error=None)
+            steps.forget()
+        except BaseException as e:
+            if vms._booted(ctx, vm, steps, e):
+                ctx.store.update_vm(vm["id"], state=vms.RUNNING, error=e.message)
                 steps.forget()
-            except BaseException as e:
-                if vms._booted(ctx, vm, steps, e):
-                    ctx.store.update_vm(vm["id"], state=vms.RUNNING, error=e.message)
-                    steps.forget()
-                    raise
-                errs = steps.unwind()
-                reason = e.message if isinstance(e, BangerError) else f"{type(e).__name__}: {e}"
-                if errs:
-                    reason += " (clean-up incomplete: " + "; ".join(errs) + "; run banger gc)"
-                # nothing is left behind: the reserved row goes too (the name and slot are free again)
-                ctx.store.delete_vm_row(vm["id"])
                 raise
+            errs = steps.unwind()
+            reason = e.message if isinstance(e, BangerError) else f"{type(e).__name__}: {e}"
+            if errs:  # keep the row in `error` so `banger gc` finds what could not be undone
+                reason += " (clean-up incomplete: " + "; ".join(errs) + "; run banger gc)"
+                ctx.store.update_vm(vm["id"], state=vms.ERROR, error=reason)
+            else:  # nothing is left behind: the reserved row goes too (the name and slot are free again)
+                ctx.store.delete_vm_row(vm["id"])
+            raise
     if transport is not None:
         transport.close()
     out = vms.view(ctx, ctx.store.get_vm(vm["id"]), stages=True)
