@@ -143,6 +143,10 @@ def resolve(ctx, name: str | None = None, auto_pull: bool = True) -> dict:
         return info
     cat = catalog()
     if name not in cat:
+        row = _row(ctx, name)
+        if row is not None:
+            raise NotFound(f"kernel {name!r} is registered but its files are missing from {row['dir']}",
+                           f"import it again (banger kernel import PATH --name {name} --force) or banger kernel rm {name}")
         raise NotFound(f"kernel {name!r} is not pulled and not in the catalog", _catalog_hint(cat),
                        details={"catalog": sorted(cat)})
     if not auto_pull:

@@ -347,3 +347,37 @@ def test_list_show_rm_and_rm_refused_while_in_use(cfg, catalog):
     _nothing_left(cfg, "ka")
     assert banger_json("kernel", "rm", "ka", check=False)["error"]["code"] == "not_found"
     assert banger_json("kernel", "list")["data"] == []
+
+
+def test_resolve_imported_kernel_and_missing_files(cfg, tmp_path, monkeypatch):
+    import shutil
+
+    from banger.context import Ctx
+    from banger.errors import NotFound
+    from banger.services import kernels
+
+    monkeypatch.delenv("BANGER_KERNEL_CATALOG", raising=False)
+    vm = tmp_path / "vmlinux"
+    vm.write_bytes(ELF_B)
+    banger_json("kernel", "import", vm, "--name", "own")
+    ctx = Ctx(cfg)
+    try:
+        r = kernels.resolve(ctx, "own", auto_pull=False)
+        assert r["version"] == "9.9.2-b" and r["bzimage"] is None
+        shutil.rmtree(cfg.kernels_dir / "own")
+        with pytest.raises(NotFound, match="files are missing") as ei:
+            kernels.resolve(ctx, "own")
+        assert "--force" in ei.value.hint
+    finally:
+        ctx.close()
+    # the directory form of import (used to share a pulled kernel between homes) verifies hashes
+    banger_json("kernel", "import", vm, "--name", "own", "--force")
+    src = cfg.kernels_dir / "own"
+    copy = banger_json("kernel", "import", src, "--name", "own2")["data"]
+    assert open(copy["vmlinux"], "rb").read() == ELF_B
+    tampered = tmp_path / "tampered"
+    shutil.copytree(src, tampered)
+    (tampered / "initrd.img").write_bytes(b"\x1f\x8b" + b"\0" * 100)
+    doc = banger_json("kernel", "import", tampered, "--name", "own3", check=False)
+    assert doc["error"]["code"] == "integrity" and "initrd.img" in doc["error"]["message"]
+    _nothing_left(cfg, "own3")
