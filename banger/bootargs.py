@@ -19,7 +19,10 @@ from .hostinfo import tsc_khz
 
 def guest_cmdline(*, ip: str, prefixlen: int, gateway: str, hostname: str, init: str | None = None,
                   dns: str | None = None, backend: str = "qemu", extra: list[str] | None = None) -> str:
-    args = ["console=ttyS0", "reboot=k", "panic=1", "quiet", "loglevel=3", "cryptomgr.notests",
+    # Both VMMs exit when the guest reboots (QEMU runs with -no-reboot). Firecracker needs
+    # reboot=k (its i8042 reset); under QEMU microvm reboot=k hangs when booting a bzImage,
+    # a triple fault (reboot=t) always works.
+    args = ["console=ttyS0", "reboot=k" if backend == "firecracker" else "reboot=t", "panic=1", "quiet", "loglevel=3", "cryptomgr.notests",
             "random.trust_cpu=on", "i8042.noaux", "i8042.nomux", "i8042.dumbkbd",
             "banger.root=/dev/vda", "banger.overlay=/dev/vdb", "banger.work=/dev/vdc",
             f"banger.ip={ip}/{prefixlen}", f"banger.gw={gateway}", f"banger.hostname={hostname}"]

@@ -73,6 +73,12 @@ def run_checks(cfg) -> list[Check]:
         checks.append(Check("busybox", "fail", "no static busybox (the generated initramfs needs one)",
                             "apt-get install busybox-static", "busybox-static"))
     checks.append(_tool("cpio", "cpio", "cpio"))
+    checks.append(_tool("lz4", "lz4", "lz4"))  # Debian's bzImage payload is LZ4: vmlinux extraction
+    checks.append(_tool("dpkg-deb", "dpkg-deb", "dpkg"))
+    apt = which("apt-get")
+    checks.append(Check("apt", "ok", apt) if apt else
+                  Check("apt", "warn", "apt-get not found: catalog kernels from Debian packages cannot be pulled",
+                        "use `banger kernel import` or a URL catalog entry"))
     checks.append(_tool("nftables", "nft", "nftables", required=False))
     checks.append(_dev("tun", "/dev/net/tun", "modprobe tun"))
     checks.append(_uffd())
