@@ -65,3 +65,25 @@ def test_duplicate_name_race_has_exactly_one_winner(banger_env):
     with Store(banger_env["home"] / "state.db") as s:
         assert len(s.list_vms()) == 9
         assert len({v["ip"] for v in s.list_vms()}) == 9
+
+
+def test_check_refs_refuses_a_deleted_kernel(banger_env):
+    import time
+
+    import pytest
+
+    from banger.config import load_config
+    from banger.errors import NotFound
+    from banger.names import Subnet
+    from banger.reservation import reserve_vm
+
+    cfg = load_config()
+    with Store(cfg.db_path) as s:
+        s.execute("INSERT INTO images (name, kind, rootfs, created_at) VALUES ('img', 'test', '/x', ?)", (time.time(),))
+        kw = dict(image="img", backend="qemu", vcpu=1, memory_mib=256, overlay_size_mib=64, work_disk_size_mib=64,
+                  check_refs=True)
+        with pytest.raises(NotFound):
+            reserve_vm(s, Subnet(cfg.subnet), name="a", kernel="gone", **kw)
+        assert s.list_vms() == []
+        s.execute("INSERT INTO kernels (name, dir, created_at) VALUES ('k', '/k', ?)", (time.time(),))
+        assert reserve_vm(s, Subnet(cfg.subnet), name="a", kernel="k", **kw)["name"] == "a"
