@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "kernel": ("banger.cli.kernel", "Pull, import and manage guest kernels."),
     "pool": ("banger.cli.pool", "Warm, inspect and drain the TAP device pool."),
     "snapshot": ("banger.cli.snapshot", "Snapshot VMs and manage snapshots."),
+    "workspace": ("banger.cli.workspace", "Import a git repository into a VM and export changes back."),
     "doctor": ("banger.cli.doctor", "Check the host and say how to fix what is missing."),
     "gc": ("banger.cli.gc", "Remove leaked TAPs, processes, sockets, loop devices and rows."),
 }

@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.cli import banger, banger_json
 
-GROUPS = ["vm", "image", "kernel", "pool", "snapshot", "doctor", "gc"]
+GROUPS = ["vm", "image", "kernel", "pool", "snapshot", "workspace", "doctor", "gc"]
 HEAVY = ("paramiko", "pyroute2", "requests", "zstandard", "cryptography")
 
 
