@@ -79,7 +79,10 @@ static PyObject *py_probe(PyObject *self, PyObject *args)
 /* ------------------------------------------------------------------------- */
 /* Server                                                                     */
 
-enum { PG_MISSING = 0, PG_PRESENT = 1, PG_REMOVED = 2, PG_STATE_MASK = 0x03, PG_LOGGED = 0x80 };
+enum { PG_MISSING = 0, PG_PRESENT = 1, PG_REMOVED = 2, PG_STATE_MASK = 0x03, PG_PLANNED = 0x40, PG_LOGGED = 0x80 };
+#define SET_STATE(s, fp, v) ((s)->state[fp] = (uint8_t)(((s)->state[fp] & ~PG_STATE_MASK) | (v)))
+#define IS_MISSING(s, fp) (((s)->state[fp] & PG_STATE_MASK) == PG_MISSING)
+#define HOT_MAX 64
 
 enum { END_PEER_CLOSED = 1, END_PEER_EXITED = 2, END_STOPPED = 3, END_ERROR = -1 };
 
@@ -109,6 +112,7 @@ enum {
     ST_LAST_FAULT_NS,
     ST_PLAN_DONE_NS,
     ST_UNKNOWN_EVENTS,
+    ST_HOT_PAGES,       /* prefetch pages copied right behind a fault, along the plan */
     ST_COUNT
 };
 
@@ -116,7 +120,7 @@ static const char *stat_names[ST_COUNT] = {
     "faults", "fault_pages", "zero_pages", "prefetch_pages", "prefetch_batches", "prefetch_skipped",
     "removes", "removed_pages", "eagain", "eagain_retries", "eexist", "wakes", "recorded",
     "service_ns", "service_max_ns", "prefetch_ns", "first_fault_ns", "last_fault_ns", "plan_done_ns",
-    "unknown_events",
+    "unknown_events", "hot_pages",
 };
 
 typedef struct {
@@ -133,6 +137,7 @@ typedef struct {
     uint64_t npages;
     void *zero_buf;    /* page_size of zeros, for 2M zero fills */
     uint64_t batch_pages;
+    uint64_t fault_around; /* planned pages copied along with a faulting one */
     int no_populate;
 
     /* prefetch plan: pairs (file_page, npages) */
@@ -140,6 +145,8 @@ typedef struct {
     size_t plan_len, plan_pos;
     uint64_t plan_cur; /* next page within plan[plan_pos] */
     int plan_active;
+    uint64_t hot[HOT_MAX]; /* planned pages right after recent faults: copied before the plan cursor */
+    size_t nhot;
 
     /* deferred faults (page-aligned addresses) */
     uint64_t *deferred;
@@ -236,14 +243,16 @@ static void populate_src(Server *s, uint64_t off, uint64_t len)
 }
 
 /* 0 = done, 1 = EAGAIN (try later), 2 = the VMM's memory is gone, END_ERROR = failure. */
-static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry)
+static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry, uint64_t *fp_out)
 {
     const region_t *r = region_of_addr(s, addr);
     if (!r)
         return fail(s, EFAULT, "page fault at 0x%llx outside every registered region", (unsigned long long)addr);
     uint64_t off = r->file_off + (addr - r->base);
     uint64_t fp = off >> s->page_shift;
+    uint64_t rend = (r->file_off + r->size) >> s->page_shift, extra = 0;
     uint8_t st = s->state[fp];
+    *fp_out = fp;
     int zero = (st & PG_STATE_MASK) == PG_REMOVED;
 
     if (!zero && !retry && LOAD(s->record) && !(st & PG_LOGGED)) {
@@ -271,20 +280,33 @@ static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry)
         rc = ioctl(s->uffd, UFFDIO_ZEROPAGE, &z);
         result = z.zeropage;
     } else {
-        if (!zero && s->page_size != 4096)
-            populate_src(s, off, s->page_size);
+        /* Fault-around along the plan: the planned, missing pages right after this one go in
+         * the same copy (the guest is walking into them; a separate batch would race its next
+         * fault). The faulting page is first, so any progress at all serves the fault. */
+        if (!zero)
+            while (extra < s->fault_around && fp + 1 + extra < rend &&
+                   (s->state[fp + 1 + extra] & (PG_PLANNED | PG_STATE_MASK)) == PG_PLANNED)
+                extra++;
+        if (!zero && (s->page_size != 4096 || extra))
+            populate_src(s, off, (1 + extra) << s->page_shift);
         struct uffdio_copy c = {
             .dst = addr,
             .src = zero ? (uint64_t)(uintptr_t)s->zero_buf : (uint64_t)(uintptr_t)(s->map + off),
-            .len = s->page_size,
+            .len = (1 + extra) << s->page_shift,
             .mode = 0,
         };
         rc = ioctl(s->uffd, UFFDIO_COPY, &c);
         result = c.copy;
     }
-    if (rc == 0 || result == (long long)s->page_size) {
-        s->state[fp] = (s->state[fp] & PG_LOGGED) | PG_PRESENT;
+    if (rc == 0 || result >= (long long)s->page_size) {
+        uint64_t done = rc == 0 ? 1 + extra : (uint64_t)result >> s->page_shift;
+        for (uint64_t k = 0; k < done; k++)
+            SET_STATE(s, fp + k, PG_PRESENT);
         ADD(s, zero ? ST_ZERO_PAGES : ST_FAULT_PAGES, 1);
+        if (done > 1) {
+            ADD(s, ST_PREFETCH_PAGES, done - 1);
+            ADD(s, ST_HOT_PAGES, done - 1);
+        }
     } else {
         int e = errno;
         if (e == EAGAIN) {
@@ -293,7 +315,7 @@ static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry)
         }
         if (e == EEXIST) {
             /* already populated (another fault on the same page, or a prefetch got there first) */
-            s->state[fp] = (s->state[fp] & PG_LOGGED) | PG_PRESENT;
+            SET_STATE(s, fp, PG_PRESENT);
             ADD(s, ST_EEXIST, 1);
             struct uffdio_range w = {.start = addr, .len = s->page_size};
             if (ioctl(s->uffd, UFFDIO_WAKE, &w) == 0)
@@ -344,9 +366,26 @@ static void mark_removed(Server *s, uint64_t start, uint64_t end)
         uint64_t fp0 = (r->file_off + (a - r->base)) >> s->page_shift;
         uint64_t n = (b - a) >> s->page_shift;
         for (uint64_t k = 0; k < n; k++)
-            s->state[fp0 + k] = (s->state[fp0 + k] & PG_LOGGED) | PG_REMOVED;
+            SET_STATE(s, fp0 + k, PG_REMOVED);
         ADD(s, ST_REMOVED_PAGES, n);
     }
+}
+
+/* The guest faulted just before page fp: if the plan holds fp and it is still missing, copy the
+ * planned pages from there soon (the guest is walking into them) instead of waiting for the
+ * plan cursor to get there. */
+static void note_hot(Server *s, uint64_t fp)
+{
+    if (fp >= s->npages || (s->state[fp] & (PG_PLANNED | PG_STATE_MASK)) != PG_PLANNED)
+        return;
+    for (size_t i = 0; i < s->nhot; i++)
+        if (s->hot[i] == fp)
+            return;
+    if (s->nhot == HOT_MAX) { /* keep the newest */
+        memmove(s->hot, s->hot + 1, (HOT_MAX - 1) * sizeof s->hot[0]);
+        s->nhot--;
+    }
+    s->hot[s->nhot++] = fp;
 }
 
 /* Read events until EAGAIN, one 32-byte record per read() so an unread REMOVE stays
@@ -373,12 +412,15 @@ static int drain(Server *s)
                 STORE(s->st[ST_FIRST_FAULT_NS], t);
             STORE(s->st[ST_LAST_FAULT_NS], t);
             uint64_t addr = msg.arg.pagefault.address & ~(s->page_size - 1);
-            int rc = serve_page(s, addr, t, 0);
+            uint64_t fp;
+            int rc = serve_page(s, addr, t, 0, &fp);
             if (rc == 1) {
                 if (defer(s, addr) < 0)
                     return END_ERROR;
             } else if (rc != 0) {
                 return rc;
+            } else {
+                note_hot(s, fp + 1);
             }
         } else if (msg.event == UFFD_EVENT_REMOVE) {
             ADD(s, ST_REMOVES, 1);
@@ -395,7 +437,8 @@ static int retry_deferred(Server *s)
     for (size_t i = 0; i < s->ndef; i++) {
         uint64_t addr = s->deferred[i];
         ADD(s, ST_EAGAIN_RETRIES, 1);
-        int rc = serve_page(s, addr, now_ns(), 1);
+        uint64_t fp;
+        int rc = serve_page(s, addr, now_ns(), 1, &fp);
         if (rc == 1)
             s->deferred[keep++] = addr;
         else if (rc != 0) {
@@ -421,8 +464,97 @@ static void take_pending_plan(Server *s)
         s->plan_cur = s->plan_len ? s->plan[0] : 0;
         s->plan_active = s->plan_len > 0;
         STORE(s->st[ST_PLAN_DONE_NS], 0);
+        s->nhot = 0;
+        for (uint64_t i = 0; i < s->npages; i++)
+            s->state[i] &= (uint8_t)~PG_PLANNED;
+        for (size_t k = 0; k < s->plan_len; k++) {
+            uint64_t a = s->plan[2 * k], n = s->plan[2 * k + 1];
+            for (uint64_t i = a; i < a + n && i < s->npages; i++)
+                s->state[i] |= PG_PLANNED;
+        }
     }
     pthread_mutex_unlock(&s->lock);
+}
+
+/* Copy up to batch_pages contiguous missing pages starting at memory-file page fp, not past
+ * page lim (exclusive) nor the end of fp's region; with `planned`, only pages the plan holds.
+ * *done gets the number of pages installed (or skipped as already there).
+ * Returns 0, 1 (EAGAIN), 2 (VMM gone) or END_ERROR. */
+static int copy_pages(Server *s, uint64_t fp, uint64_t lim, int planned, uint64_t *done_out)
+{
+    *done_out = 0;
+    const region_t *r = region_of_page(s, fp);
+    if (!r) { /* a file page no region maps: nothing to install */
+        *done_out = 1;
+        return 0;
+    }
+    uint64_t rend = (r->file_off + r->size) >> s->page_shift;
+    if (rend < lim)
+        lim = rend;
+    uint64_t n = 1;
+    while (fp + n < lim && n < s->batch_pages && IS_MISSING(s, fp + n) &&
+           (!planned || (s->state[fp + n] & PG_PLANNED)))
+        n++;
+    uint64_t off = fp << s->page_shift;
+    struct uffdio_copy c = {
+        .dst = r->base + (off - r->file_off),
+        .src = (uint64_t)(uintptr_t)(s->map + off),
+        .len = n << s->page_shift,
+        .mode = 0,
+    };
+    uint64_t t0 = now_ns();
+    populate_src(s, off, n << s->page_shift);
+    int rc = ioctl(s->uffd, UFFDIO_COPY, &c);
+    int e = errno;
+    ADD(s, ST_PREFETCH_NS, now_ns() - t0);
+    ADD(s, ST_PREFETCH_BATCHES, 1);
+    uint64_t done = 0;
+    if (rc == 0)
+        done = n;
+    else if (c.copy > 0)
+        done = (uint64_t)c.copy >> s->page_shift;
+    for (uint64_t k = 0; k < done; k++)
+        SET_STATE(s, fp + k, PG_PRESENT);
+    ADD(s, ST_PREFETCH_PAGES, done);
+    *done_out = done;
+    if (rc == 0 || c.copy > 0)
+        return 0;
+    if (e == EAGAIN) {
+        ADD(s, ST_EAGAIN, 1);
+        return 1;
+    }
+    if (e == EEXIST) {
+        SET_STATE(s, fp, PG_PRESENT);
+        ADD(s, ST_EEXIST, 1);
+        *done_out = 1;
+        return 0;
+    }
+    if (e == ESRCH || e == ENOENT)
+        return 2;
+    return fail(s, e, "prefetch UFFDIO_COPY of %llu pages at file offset %llu failed: %s",
+                (unsigned long long)n, (unsigned long long)off, strerror(e));
+}
+
+/* One batch of the pages just after a recent fault (newest first). Returns like copy_pages. */
+static int hot_batch(Server *s)
+{
+    while (s->nhot) {
+        uint64_t fp = s->hot[s->nhot - 1];
+        if (!IS_MISSING(s, fp) || !(s->state[fp] & PG_PLANNED)) {
+            s->nhot--;
+            continue;
+        }
+        uint64_t done;
+        int rc = copy_pages(s, fp, s->npages, 1, &done);
+        if (rc == 0) {
+            ADD(s, ST_HOT_PAGES, done);
+            s->hot[s->nhot - 1] = fp + done; /* continue along the run next time */
+            if (fp + done >= s->npages)
+                s->nhot--;
+        }
+        return rc;
+    }
+    return 0;
 }
 
 /* One prefetch batch: up to batch_pages contiguous missing pages of the current run.
@@ -435,63 +567,20 @@ static int prefetch_batch(Server *s)
         if (end > s->npages)
             end = s->npages;
         uint64_t fp = s->plan_cur;
-        while (fp < end && (s->state[fp] & PG_STATE_MASK) != PG_MISSING) {
+        while (fp < end && !IS_MISSING(s, fp)) {
             fp++;
             ADD(s, ST_PREFETCH_SKIPPED, 1);
         }
+        s->plan_cur = fp;
         if (fp >= end) {
             if (++s->plan_pos < s->plan_len)
                 s->plan_cur = s->plan[2 * s->plan_pos];
             continue;
         }
-        const region_t *r = region_of_page(s, fp);
-        if (!r) { /* a file page no region maps: nothing to install */
-            s->plan_cur = fp + 1;
-            continue;
-        }
-        uint64_t rend = (r->file_off + r->size) >> s->page_shift;
-        uint64_t lim = end < rend ? end : rend;
-        uint64_t n = 1;
-        while (fp + n < lim && n < s->batch_pages && (s->state[fp + n] & PG_STATE_MASK) == PG_MISSING)
-            n++;
-        uint64_t off = fp << s->page_shift;
-        struct uffdio_copy c = {
-            .dst = r->base + (off - r->file_off),
-            .src = (uint64_t)(uintptr_t)(s->map + off),
-            .len = n << s->page_shift,
-            .mode = 0,
-        };
-        uint64_t t0 = now_ns();
-        populate_src(s, off, n << s->page_shift);
-        int rc = ioctl(s->uffd, UFFDIO_COPY, &c);
-        int e = errno;
-        ADD(s, ST_PREFETCH_NS, now_ns() - t0);
-        ADD(s, ST_PREFETCH_BATCHES, 1);
-        uint64_t done = 0;
-        if (rc == 0)
-            done = n;
-        else if (c.copy > 0)
-            done = (uint64_t)c.copy >> s->page_shift;
-        for (uint64_t k = 0; k < done; k++)
-            s->state[fp + k] = (s->state[fp + k] & PG_LOGGED) | PG_PRESENT;
-        ADD(s, ST_PREFETCH_PAGES, done);
+        uint64_t done;
+        int rc = copy_pages(s, fp, end, 0, &done);
         s->plan_cur = fp + done;
-        if (rc == 0 || c.copy > 0)
-            return 0;
-        if (e == EAGAIN) {
-            ADD(s, ST_EAGAIN, 1);
-            return 1;
-        }
-        if (e == EEXIST) {
-            s->state[fp] = (s->state[fp] & PG_LOGGED) | PG_PRESENT;
-            ADD(s, ST_EEXIST, 1);
-            s->plan_cur = fp + 1;
-            return 0;
-        }
-        if (e == ESRCH || e == ENOENT)
-            return 2;
-        return fail(s, e, "prefetch UFFDIO_COPY of %llu pages at file offset %llu failed: %s",
-                    (unsigned long long)n, (unsigned long long)off, strerror(e));
+        return rc;
     }
     s->plan_active = 0;
     STORE(s->st[ST_PLAN_DONE_NS], now_ns());
@@ -517,7 +606,7 @@ static int serve_loop(Server *s)
             ts.tv_sec = 0;
             ts.tv_nsec = (idle_retries > 8 || backoff > 8) ? 1000000 : 20000;
             tsp = &ts;
-        } else if (s->plan_active) {
+        } else if (s->plan_active || s->nhot) {
             ts.tv_sec = 0;
             ts.tv_nsec = 0;
             tsp = &ts;
@@ -566,8 +655,8 @@ static int serve_loop(Server *s)
             continue; /* no prefetch while faults wait */
         }
         idle_retries = 0;
-        if (s->plan_active && !(p[0].revents & POLLIN)) {
-            int rc = prefetch_batch(s);
+        if ((s->nhot || s->plan_active) && !(p[0].revents & POLLIN)) {
+            int rc = s->nhot ? hot_batch(s) : prefetch_batch(s);
             if (rc == 2)
                 return END_PEER_EXITED;
             if (rc < 0)
@@ -620,21 +709,22 @@ static int cmp_off(const void *a, const void *b)
     return x->file_off < y->file_off ? -1 : x->file_off > y->file_off;
 }
 
-/* Server(uffd, mem_fd, regions, page_size, *, conn_fd=-1, pid_fd=-1, record=False, batch_pages=256)
+/* Server(uffd, mem_fd, regions, page_size, *, conn_fd=-1, pid_fd=-1, record=False, batch_pages=256,
+ *        fault_around=16)
  * regions: sequence of (base_host_virt_addr, size, file_offset). The fds stay owned by the caller. */
 static int Server_init(Server *s, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"uffd", "mem_fd", "regions", "page_size", "conn_fd", "pid_fd", "record",
-                             "batch_pages", NULL};
+                             "batch_pages", "fault_around", NULL};
     int uffd, mem_fd, conn_fd = -1, pid_fd = -1, record = 0;
     PyObject *regions;
-    unsigned long long page_size, batch = 256;
+    unsigned long long page_size, batch = 256, around = 16;
     if (s->regions) {
         PyErr_SetString(PyExc_RuntimeError, "Server is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiOK|$iipK", kwlist, &uffd, &mem_fd, &regions, &page_size,
-                                     &conn_fd, &pid_fd, &record, &batch))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiOK|$iipKK", kwlist, &uffd, &mem_fd, &regions, &page_size,
+                                     &conn_fd, &pid_fd, &record, &batch, &around))
         return -1;
     if (page_size != 4096 && page_size != 2097152) {
         PyErr_Format(PyExc_ValueError, "page size %llu is not supported (4096 or 2097152)", page_size);
@@ -645,6 +735,7 @@ static int Server_init(Server *s, PyObject *args, PyObject *kw)
     s->page_size = page_size;
     s->page_shift = page_size == 4096 ? 12 : 21;
     s->batch_pages = batch;
+    s->fault_around = around < batch ? around : batch - 1;
 
     struct stat stbuf;
     if (fstat(mem_fd, &stbuf) < 0) {
@@ -868,7 +959,8 @@ static PyTypeObject ServerType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "banger._uffd.Server",
     .tp_basicsize = sizeof(Server),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Server(uffd, mem_fd, regions, page_size, *, conn_fd=-1, pid_fd=-1, record=False, batch_pages=256)",
+    .tp_doc = "Server(uffd, mem_fd, regions, page_size, *, conn_fd=-1, pid_fd=-1, record=False, batch_pages=256, "
+              "fault_around=16)",
     .tp_new = Server_new,
     .tp_init = (initproc)Server_init,
     .tp_dealloc = (destructor)Server_dealloc,

@@ -396,10 +396,14 @@ def _script(argv=None) -> int:
                          "obey stdin lines 'read REGION OFFSET LENGTH' (answers 'DATA <sha256>') / 'quit'")
     args = ap.parse_args(argv)
     peer = UffdPeer([int(x) for x in args.regions.split(",")], args.page_size)
-    if args.bad:
-        peer.bad_handshake(args.socket, args.bad)
-    else:
-        peer.handshake(args.socket)
+    try:
+        if args.bad:
+            peer.bad_handshake(args.socket, args.bad)
+        else:
+            peer.handshake(args.socket)
+    except (BrokenPipeError, ConnectionResetError):
+        print("EOF", flush=True)  # the handler hung up before we finished sending
+        return 0
     print(f"HANDSHAKE {os.getpid()}", flush=True)
     if args.then in ("touch_all", "touch_first"):
         want = Path(args.mem_file).read_bytes() if args.mem_file else None
