@@ -235,12 +235,12 @@ def parse_regions(data: bytes, mem_size: int) -> tuple[list[Region], int, list[s
         raise HandshakeError(f"the memory file size {mem_size} is not a multiple of the page size {page_size}",
                              "the memory file does not belong to this snapshot; re-create the snapshot")
     by_base = sorted(regions, key=lambda r: r.base)
-    for a, b in zip(by_base, by_base[1:]):
+    for a, b in zip(by_base, by_base[1:], strict=False):
         if a.base + a.size > b.base:
             raise HandshakeError(f"regions overlap in memory: [{a.base:#x}, +{a.size:#x}) and "
                                  f"[{b.base:#x}, +{b.size:#x})")
     by_off = sorted(regions, key=lambda r: r.offset)
-    for a, b in zip(by_off, by_off[1:]):
+    for a, b in zip(by_off, by_off[1:], strict=False):
         if a.offset + a.size > b.offset:
             raise HandshakeError(f"regions overlap in the memory file: offsets {a.offset}+{a.size} and {b.offset}")
     return regions, page_size, sorted(ignored)

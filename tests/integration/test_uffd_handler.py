@@ -223,7 +223,7 @@ def test_multi_region_4k_concurrent_threads_every_byte(udir, start, peers):
         pages = list(range(size // PS))
         rnd.shuffle(pages)
         peer.touch_pages(i, pages, threads=4)
-    for i, (size, off) in enumerate(zip(sizes, offsets(sizes))):
+    for i, (size, off) in enumerate(zip(sizes, offsets(sizes), strict=True)):
         assert peer.read(i, 0, size) == data[off:off + size], f"region {i} differs from the memory file"
     peer.close()
     assert h.wait() == 0
@@ -245,7 +245,7 @@ def test_regions_at_arbitrary_file_offsets(udir, start, peers):
     peer = peers(sizes)
     file_offsets = [3 * MB, 0]
     peer.handshake(h.sock, mem_file_offsets=file_offsets)
-    for i, (size, off) in enumerate(zip(sizes, file_offsets)):
+    for i, (size, off) in enumerate(zip(sizes, file_offsets, strict=True)):
         assert peer.read(i, 0, size) == data[off:off + size]
     peer.close()
     assert h.wait() == 0
@@ -352,7 +352,7 @@ def test_2m_pages_multi_region_threads_and_remove(udir, start, peers):
         peer.handshake(h.sock)
         peer.touch_pages(0, [3, 0, 2, 1], threads=4)
         peer.touch_pages(1, [1, 0], threads=2)
-        for i, (size, off) in enumerate(zip(sizes, offsets(sizes))):
+        for i, (size, off) in enumerate(zip(sizes, offsets(sizes), strict=True)):
             assert peer.read(i, 0, size) == data[off:off + size]
         peer.madvise_remove(0, PAGE_2M, PAGE_2M)
         assert peer.read(0, PAGE_2M, PAGE_2M) == bytes(PAGE_2M)
@@ -376,7 +376,7 @@ def test_2m_prefetch_fill(udir, start, peers):
         h = start(mem, prefetch=True)  # no access log: sequential fill
         peer = peers(sizes, PAGE_2M)
         peer.handshake(h.sock)
-        for i, (size, off) in enumerate(zip(sizes, offsets(sizes))):
+        for i, (size, off) in enumerate(zip(sizes, offsets(sizes), strict=True)):
             assert peer.read(i, 0, size) == data[off:off + size]
         peer.close()
         assert h.wait() == 0
@@ -393,7 +393,7 @@ def test_fill_without_log_while_threads_fault(udir, start, peers):
     peer.handshake(h.sock)
     rnd = random.Random(9)
     peer.touch_pages(0, rnd.sample(range(16 * MB // PS), 500), threads=4)
-    for i, (size, off) in enumerate(zip(sizes, offsets(sizes))):
+    for i, (size, off) in enumerate(zip(sizes, offsets(sizes), strict=True)):
         assert peer.read(i, 0, size) == data[off:off + size]
     peer.close()
     assert h.wait() == 0
@@ -427,7 +427,7 @@ def test_record_then_prefetch_replay(udir, start, peers):
     p1.touch_pages(0, ws, threads=1)
     wait_for(log.exists, 20, "the access log (recording settles once faults stop)")
     assert list(policy.read_log(log, PS, sum(sizes))) == ws  # exactly the first-touch order
-    for i, (size, off) in enumerate(zip(sizes, offsets(sizes))):  # the background fill kept bytes right
+    for i, (size, off) in enumerate(zip(sizes, offsets(sizes), strict=True)):  # the background fill kept bytes right
         assert p1.read(i, 0, size) == data[off:off + size]
     p1.close()
     assert h1.wait() == 0

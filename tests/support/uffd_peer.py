@@ -138,7 +138,7 @@ class UffdPeer:
             if _libc.ioctl(self.uffd, UFFDIO_API, ctypes.byref(api)) < 0:
                 raise _oserror("UFFDIO_API")
             self.features = api.features
-            for base, size in zip(self.bases, self.region_sizes):
+            for base, size in zip(self.bases, self.region_sizes, strict=False):
                 reg = _UffdioRegister(base, size, UFFDIO_REGISTER_MODE_MISSING, 0)
                 if _libc.ioctl(self.uffd, UFFDIO_REGISTER, ctypes.byref(reg)) < 0:
                     raise _oserror("UFFDIO_REGISTER")
@@ -156,7 +156,7 @@ class UffdPeer:
                 mem_file_offsets.append(off)
                 off += size
         doc = []
-        for i, (base, size, off) in enumerate(zip(self.bases, self.region_sizes, mem_file_offsets)):
+        for i, (base, size, off) in enumerate(zip(self.bases, self.region_sizes, mem_file_offsets, strict=True)):
             entry = {"base_host_virt_addr": base, "size": size, "offset": off,
                      "page_size": self.page_size, "page_size_kib": self.page_size}
             extra = extra_fields[i] if isinstance(extra_fields, list) else (extra_fields or {})
@@ -322,7 +322,7 @@ class UffdPeer:
             t.join(5)
         if any(t.is_alive() for t in self._stuck):
             return  # never unmap under a running thread
-        for base, size in zip(self.bases, self.region_sizes):
+        for base, size in zip(self.bases, self.region_sizes, strict=False):
             _libc.munmap(base, size)
         self.bases = []
 

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from banger.uffd import enabled, prefetch_enabled, policy
+from banger.uffd import enabled, policy, prefetch_enabled
 from banger.uffd.handshake import HandshakeError, Region, parse_regions
 from banger.uffd.spawn import handler_argv
 
