@@ -10,6 +10,8 @@ own hostname, while the source keeps running with its later state.
 
 from __future__ import annotations
 
+import os
+
 from tests.support.e2e import default_image, default_kernel, netns, pulled_default_kernel, vmenv  # noqa: F401  (fixtures)
 
 
@@ -46,6 +48,15 @@ def test_snapshot_restore_keeps_disk_root_and_memory_state(vmenv):  # noqa: F811
     # the source is unaffected by the clone
     assert _exec(env, "snap-src", "cat /root/f.txt /tmp/mem.txt; hostname").stdout.split() == \
         ["disk-after", "mem-after", "snap-src"]
+
+    # a restore that fails (a truncated migration stream) reports it and leaves nothing behind
+    bad = env.banger_json("snapshot", "create", "snap-src", "snap-bad", timeout=600)["data"]
+    state = os.path.join(bad["dir"], "vmstate.bin")
+    os.truncate(state, os.path.getsize(state) // 3)
+    r = env.banger_json("vm", "restore", "snap-bad", "--name", "bad-clone", check=False, timeout=600)
+    assert not r["ok"] and r["_exit"] in (7, 8), r
+    assert sorted(v["name"] for v in env.banger_json("vm", "list")["data"]) == ["snap-clone", "snap-src"]
+    env.banger_json("snapshot", "rm", "snap-bad")
 
     env.banger_json("vm", "delete", "-f", "snap-clone")
     env.banger_json("vm", "delete", "-f", "snap-src")

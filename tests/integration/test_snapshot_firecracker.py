@@ -190,3 +190,39 @@ def test_snapshot_of_a_restored_clone(fcns):
     assert wait_event(ns.rec, h2["pid"], "guest_net")["hostname"] == "gen2-clone"
     assert wait_event(ns.rec, h2["pid"], "memory_verified", timeout=120)["mismatched_vs_pattern"] == 0
     assert c1["ip"] != src["ip"] and c2["ip"] != c1["ip"]  # (src-4 was deleted: its slot may be reused)
+
+
+def test_parallel_restores_and_a_racing_rm(fcns):
+    """Three clones restored at once from one snapshot (separate processes) get distinct names, addresses and
+    TAPs; an `rm` started meanwhile queues on snapshot/<name>: each restore either completes with every byte
+    of memory right, or (if rm won the lock first) fails cleanly as not_found. Never anything in between."""
+    from tests.support.netns import banger_argv
+
+    ns = fcns
+    running_fc_vm(ns, "src-5", ns.shared)
+    ns.banger_json("snapshot", "create", "src-5", "fan")
+    restores = [ns.spawn(banger_argv("snapshot", "restore", "fan", "--no-wait", "--json")) for _ in range(3)]
+    rm = ns.spawn(banger_argv("snapshot", "rm", "fan", "--json"))
+    ok, gone = [], 0
+    for p in restores:
+        out, err = p.communicate(timeout=300)
+        doc = json.loads(out)
+        if doc["ok"]:
+            ok.append(doc["data"])
+        else:
+            assert doc["error"]["code"] == "not_found", doc
+            gone += 1
+    out, err = rm.communicate(timeout=300)
+    assert json.loads(out)["ok"], err
+    assert len(ok) + gone == 3
+    assert len({o["name"] for o in ok}) == len(ok) and len({o["ip"] for o in ok}) == len(ok)
+    assert len({_handles(ns, o["id"])["tap"] for o in ok}) == len(ok)
+    for o in ok:
+        h = _handles(ns, o["id"])
+        assert wait_event(ns.rec, h["pid"], "guest_net")["ip"] == f"{o['ip']}/24"
+        assert wait_event(ns.rec, h["pid"], "memory_verified", timeout=180)["mismatched_vs_pattern"] == 0
+        assert ns.banger_json("vm", "show", o["name"])["data"]["state"] == "running"
+    # the failed ones left no row behind; only the source and the successful clones exist
+    assert len(ns.banger_json("vm", "list")["data"]) == 1 + len(ok)
+    assert not (ns.home / "snapshots" / "fan").exists()
+    print(f"parallel restores: {len(ok)} completed, {gone} found the snapshot removed")

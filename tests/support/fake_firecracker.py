@@ -337,6 +337,7 @@ class Vmm:
         self.exit_reason = ""
         self.guest_thread = None
         self.net_config = None
+        self.compare_mem = None        # the snapshot's memory file, mapped at load (Uffd), to compare with
 
     # ---- dispatch ----
     def route(self, method: str, path: str, body):
@@ -858,6 +859,9 @@ class Vmm:
             else:
                 self.peer = self._uffd_handshake(backend["backend_path"], regions)
                 self.mem_backend = {"type": "Uffd", "path": backend["backend_path"]}
+                self.regions = regions
+                self.restored_from = cfg["snapshot_path"]
+                self.compare_mem = self._memfile_for_uffd()  # opened now: it may be unlinked later
         except BaseException:
             for fd in opened:
                 os.close(fd)
@@ -930,7 +934,7 @@ class Vmm:
             mem_path = self.mem_backend["path"] if self.mem_backend["type"] == "File" else None
             file_mem = None
             if self.mem_backend["type"] == "Uffd":
-                file_mem = self._memfile_for_uffd()
+                file_mem = self.compare_mem
             mismatch_file = mismatch_pattern = 0
             first_bad = None
             checked = 0
