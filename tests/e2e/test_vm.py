@@ -116,3 +116,20 @@ def test_parallel_creates_overlap_and_duplicate_fails_fast(vmenv):  # noqa: F811
     for n in ("par-a", "par-b"):
         assert env.banger("vm", "exec", n, "--", "hostname").stdout.strip() == n
     env.banger_json("vm", "delete", "-f", "par-a", "par-b")
+
+
+def test_ssh_timeout_names_the_step_shows_the_console_and_keeps_the_vm(vmenv):  # noqa: F811
+    env = vmenv
+    (env.home / "config.toml").write_text("ssh_timeout_s = 1.0\n")
+    doc = env.banger_json("vm", "create", "--name", "slow-1", check=False, timeout=120)
+    (env.home / "config.toml").unlink()
+    assert doc["_exit"] == 7 and doc["error"]["code"] == "timeout", doc
+    msg = doc["error"]["message"]
+    assert msg.startswith("[step guest.ssh]") and "Serial console (last lines):" in msg
+    # (what the tail holds depends on how far the guest got in 1 s; `vm logs` shows the same file)
+    assert "banger vm delete -f slow-1" in doc["error"]["hint"]
+    kept = env.banger_json("vm", "show", "slow-1")["data"]
+    assert kept["state"] == "running" and kept["pid"]  # kept for inspection
+    assert [s["stage"] for s in kept["stages"]][-1] == "guest.ssh" and kept["stages"][-1]["ok"] is False
+    wait_for(lambda: "banger-initramfs" in env.banger("vm", "logs", "slow-1").stdout, 120, "console output")
+    env.banger_json("vm", "delete", "-f", "slow-1")

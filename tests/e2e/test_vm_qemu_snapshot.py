@@ -44,7 +44,7 @@ def test_qemu_snapshot_restore_keeps_memory_and_console_control(vmenv, tmp_path)
     env = vmenv
     v = env.banger_json("vm", "create", "--name", "snap-1", timeout=300)["data"]
     r = env.py(SNIPPET, "snap-1", tmp_path / "snap")
-    assert r["paused"] == "paused" and r["meta"]["state_bytes"] > (1 << 20)
+    assert r["paused"] in ("paused", "postmigrate") and r["meta"]["state_bytes"] > (1 << 20)  # not running
     assert (tmp_path / "snap" / "vmstate.bin").stat().st_size == r["meta"]["state_bytes"]
     assert r["new_pid"] != r["old_pid"] and r["status"] == "running"
     assert (r["rc"], r["marker"]) == (0, "in-memory\n")  # a tmpfs file survives only in RAM
