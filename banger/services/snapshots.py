@@ -115,12 +115,16 @@ def create(ctx, vm_ref: str, name: str | None = None) -> dict:
                                "run `banger gc` to remove orphaned directories, or pick another name")
             staging = ctx.cfg.staging_dir / f"snapshot-{name}-{secrets.token_hex(4)}"
             staging.mkdir(parents=True)
+            from .gc import OWNER_FILE, write_owner
+
+            write_owner(staging)  # a killed create leaves a staging dir `banger gc` can reclaim
             published = False
             try:
                 meta = _capture(ctx, vm, h, staging)
                 meta["create_ms"] = round((time.monotonic() - t0) * 1000, 1)
                 meta["size_bytes"] = _dir_size(staging)
                 atomic_write_json(staging / META, meta)
+                (staging / OWNER_FILE).unlink()
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(staging, final)
                 published = True
