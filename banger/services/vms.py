@@ -50,9 +50,9 @@ def save_handles(ctx, vm, handles: dict) -> None:
 
 
 def _serial_tail(ctx, vm, n: int = 25) -> str:
-    from banger.vmm.qemu import _tail
+    from banger.vmm.qemu import log_tail
 
-    return _tail(vm_dir(ctx, vm) / SERIAL, n)
+    return log_tail(vm_dir(ctx, vm) / SERIAL, n)
 
 
 # ---------------------------------------------------------------- reconciliation
@@ -102,30 +102,30 @@ def view(ctx, vm, *, stages: bool = False) -> dict:
     return d
 
 
+BOOT_OPS = ("create", "start", "restore")
+
+
 def summarize_stages(stages: list[dict]) -> dict:
-    """For the latest create/start: seconds from its first step to VMM-ready and to SSH-ready."""
-    last_op_start = None
-    for i, s in enumerate(stages):
-        if s["op"] in ("create", "start") and (i == 0 or stages[i - 1]["op"] != s["op"] or
-                                                 stages[i - 1]["stage"] == "guest.ssh"):
-            last_op_start = i
-    if last_op_start is None:
+    """For the latest create/start/restore: seconds from its first step to VMM-ready and to SSH-ready,
+    and the host-side milliseconds (every step but the guest's boot to SSH)."""
+    runs: list[list[dict]] = []
+    for s in stages:  # a run ends where the op changes or a step repeats
+        if not runs or s["op"] != runs[-1][0]["op"] or s["stage"] in {x["stage"] for x in runs[-1]}:
+            runs.append([])
+        runs[-1].append(s)
+    boots = [r for r in runs if r[0]["op"] in BOOT_OPS]
+    if not boots:
         return {}
-    run = stages[last_op_start:]
+    run = [s for s in boots[-1] if not s["stage"].startswith("undo:")]
     t0 = run[0]["started_at"]
     out = {"op": run[0]["op"]}
-    host_ms = 0.0
     for s in run:
-        if s["stage"].startswith("undo:") or s["op"] != out["op"]:
-            break
         end = s["started_at"] + (s["duration_ms"] or 0) / 1000
         if s["stage"] == "vmm.launch" and s["ok"]:
             out["vmm_ready_s"] = round(end - t0, 3)
         if s["stage"] == "guest.ssh" and s["ok"]:
             out["ssh_ready_s"] = round(end - t0, 3)
-        if s["stage"] != "guest.ssh":
-            host_ms += s["duration_ms"] or 0
-    out["host_side_ms"] = round(host_ms, 1)
+    out["host_side_ms"] = round(sum(s["duration_ms"] or 0 for s in run if s["stage"] != "guest.ssh"), 1)
     return out
 
 

@@ -66,7 +66,8 @@ def build_argv(spec: VmSpec, *, qemu_bin: str, accel: str, incoming: bool = Fals
     return argv
 
 
-def _tail(path: Path, n: int = 20) -> str:
+def log_tail(path: Path, n: int = 20) -> str:
+    """The last ``n`` lines of a (serial / VMM) log, without reading all of a large file."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -111,7 +112,7 @@ class QemuDriver:
         deadline = time.monotonic() + timeout
         while True:
             if not self.is_running(handles):
-                raise ExternalError(f"QEMU exited during start-up:\n{_tail(Path(handles['vmm_log']))}",
+                raise ExternalError(f"QEMU exited during start-up:\n{log_tail(Path(handles['vmm_log']))}",
                                     "check the kernel/image paths and `banger doctor`")
             try:
                 return Qmp(handles["qmp"]).connect(deadline=min(deadline, time.monotonic() + 0.5))

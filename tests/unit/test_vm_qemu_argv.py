@@ -94,3 +94,19 @@ def test_summarize_stages_separates_vmm_and_ssh_ready():
     s = summarize_stages(st)
     assert s["op"] == "create" and s["vmm_ready_s"] == pytest.approx(0.3, abs=1e-3)
     assert s["ssh_ready_s"] == pytest.approx(5.0, abs=1e-3) and s["host_side_ms"] == 300
+
+
+def test_summarize_stages_takes_the_latest_boot_only():
+    from banger.services.vms import summarize_stages
+
+    def ev(op, stage, t, d, ok=True):
+        return {"op": op, "stage": stage, "started_at": t, "duration_ms": d, "ok": ok, "error": None}
+
+    st = [ev("create", "prepare", 1.0, 1), ev("create", "net.tap", 1.1, 5), ev("create", "vmm.launch", 1.2, 100),
+          ev("create", "guest.ssh", 1.3, 5000), ev("stop", "guest.shutdown", 50.0, 900), ev("stop", "teardown", 51, 5),
+          ev("start", "net.tap", 60.0, 10), ev("start", "vmm.launch", 60.01, 90),
+          ev("start", "guest.ssh", 60.1, 900, ok=False), ev("start", "undo:vmm.launch", 61.0, 5),
+          ev("start", "net.tap", 70.0, 10), ev("start", "vmm.launch", 70.01, 190), ev("start", "guest.ssh", 70.2, 4800)]
+    s = summarize_stages(st)
+    assert s == {"op": "start", "vmm_ready_s": 0.2, "ssh_ready_s": 5.0, "host_side_ms": 200.0}
+    assert summarize_stages(st[4:6]) == {}
