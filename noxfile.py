@@ -43,6 +43,6 @@ def lint(session):
 def bench(session):
     """Benchmarks with their targets (bench/README.md). Pass a name to run one: nox -s bench -- startup"""
     _install(session)
-    which = session.posargs or ["startup", "uffd", "create"]
+    which = session.posargs or ["startup", "uffd", "restore", "create"]
     for name in which:
         session.run("python", f"bench/{name}.py", env={"BENCH_BANGER": os.path.join(session.bin, "banger")})
