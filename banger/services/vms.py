@@ -544,6 +544,8 @@ def _stop_locked(ctx, vm, *, force: bool, timeout: float | None) -> None:
     if vm["state"] in (CREATING,):
         raise InvalidState(f"VM {vm['name']} is being created", "wait for the create to finish, or run banger gc")
     h = load_handles(ctx, vm)
+    if vm["state"] == ERROR and not vmm_alive(ctx, vm, h):
+        return  # a failed create already undid everything; it stays `error` with its reason
     timeout = ctx.cfg.stop_timeout_s if timeout is None else timeout
     steps = Steps(ctx, vm["id"], "stop")
     graceful = None
