@@ -138,6 +138,7 @@ typedef struct {
     void *zero_buf;    /* page_size of zeros, for 2M zero fills */
     uint64_t batch_pages;
     uint64_t fault_around; /* planned pages copied along with a faulting one */
+    uint64_t busy_batch_pages; /* batch size while faults are arriving */
     int no_populate;
 
     /* prefetch plan: pairs (file_page, npages) */
@@ -388,12 +389,17 @@ static void note_hot(Server *s, uint64_t fp)
     s->hot[s->nhot++] = fp;
 }
 
-/* Read events until EAGAIN, one 32-byte record per read() so an unread REMOVE stays
- * queued behind the faults (the kernel hands out faults first) exactly as it would
- * for a slower reader. Returns 0, 2 (VMM gone) or END_ERROR. */
-static int drain(Server *s)
+/* Read events until EAGAIN (or max_faults page faults: *more = 1), one 32-byte record per
+ * read() so an unread REMOVE stays queued behind the faults (the kernel hands out faults
+ * first) exactly as it would for a slower reader. Returns 0, 2 (VMM gone) or END_ERROR. */
+static int drain(Server *s, int max_faults, int *more)
 {
-    for (;;) {
+    *more = 0;
+    for (int faults = 0;;) {
+        if (faults >= max_faults && !s->ndef) { /* a deferred fault waits for the events: read them all */
+            *more = 1; /* leave the rest for after a prefetch batch */
+            return 0;
+        }
         struct uffd_msg msg;
         ssize_t n = read(s->uffd, &msg, sizeof msg);
         if (n < 0) {
@@ -407,6 +413,7 @@ static int drain(Server *s)
             return fail(s, EIO, "short read from the userfaultfd (%zd bytes)", n);
         uint64_t t = now_ns();
         if (msg.event == UFFD_EVENT_PAGEFAULT) {
+            faults++;
             ADD(s, ST_FAULTS, 1);
             if (!LOAD(s->st[ST_FIRST_FAULT_NS]))
                 STORE(s->st[ST_FIRST_FAULT_NS], t);
@@ -476,11 +483,11 @@ static void take_pending_plan(Server *s)
     pthread_mutex_unlock(&s->lock);
 }
 
-/* Copy up to batch_pages contiguous missing pages starting at memory-file page fp, not past
+/* Copy up to max contiguous missing pages starting at memory-file page fp, not past
  * page lim (exclusive) nor the end of fp's region; with `planned`, only pages the plan holds.
  * *done gets the number of pages installed (or skipped as already there).
  * Returns 0, 1 (EAGAIN), 2 (VMM gone) or END_ERROR. */
-static int copy_pages(Server *s, uint64_t fp, uint64_t lim, int planned, uint64_t *done_out)
+static int copy_pages(Server *s, uint64_t fp, uint64_t lim, int planned, uint64_t max, uint64_t *done_out)
 {
     *done_out = 0;
     const region_t *r = region_of_page(s, fp);
@@ -492,7 +499,7 @@ static int copy_pages(Server *s, uint64_t fp, uint64_t lim, int planned, uint64_
     if (rend < lim)
         lim = rend;
     uint64_t n = 1;
-    while (fp + n < lim && n < s->batch_pages && IS_MISSING(s, fp + n) &&
+    while (fp + n < lim && n < max && IS_MISSING(s, fp + n) &&
            (!planned || (s->state[fp + n] & PG_PLANNED)))
         n++;
     uint64_t off = fp << s->page_shift;
@@ -536,7 +543,7 @@ static int copy_pages(Server *s, uint64_t fp, uint64_t lim, int planned, uint64_
 }
 
 /* One batch of the pages just after a recent fault (newest first). Returns like copy_pages. */
-static int hot_batch(Server *s)
+static int hot_batch(Server *s, uint64_t max)
 {
     while (s->nhot) {
         uint64_t fp = s->hot[s->nhot - 1];
@@ -545,7 +552,7 @@ static int hot_batch(Server *s)
             continue;
         }
         uint64_t done;
-        int rc = copy_pages(s, fp, s->npages, 1, &done);
+        int rc = copy_pages(s, fp, s->npages, 1, max, &done);
         if (rc == 0) {
             ADD(s, ST_HOT_PAGES, done);
             s->hot[s->nhot - 1] = fp + done; /* continue along the run next time */
@@ -559,7 +566,7 @@ static int hot_batch(Server *s)
 
 /* One prefetch batch: up to batch_pages contiguous missing pages of the current run.
  * Returns 0, 1 (EAGAIN: cursor left where it was), 2 (VMM gone) or END_ERROR. */
-static int prefetch_batch(Server *s)
+static int prefetch_batch(Server *s, uint64_t max)
 {
     while (s->plan_pos < s->plan_len) {
         uint64_t start = s->plan[2 * s->plan_pos], count = s->plan[2 * s->plan_pos + 1];
@@ -578,7 +585,7 @@ static int prefetch_batch(Server *s)
             continue;
         }
         uint64_t done;
-        int rc = copy_pages(s, fp, end, 0, &done);
+        int rc = copy_pages(s, fp, end, 0, max, &done);
         s->plan_cur = fp + done;
         return rc;
     }
@@ -595,7 +602,7 @@ static int serve_loop(Server *s)
         {.fd = s->pid_fd, .events = POLLIN},
         {.fd = s->wake_fd, .events = POLLIN},
     };
-    int idle_retries = 0, backoff = 0;
+    int idle_retries = 0, backoff = 0, turn = 0, more = 0;
     take_pending_plan(s);
     for (;;) {
         if (LOAD(s->stop))
@@ -638,7 +645,9 @@ static int serve_loop(Server *s)
         if (p[0].revents & (POLLERR | POLLNVAL))
             return fail(s, EIO, "the userfaultfd reported an error (POLLERR)");
         if ((p[0].revents & POLLIN) || s->ndef) {
-            int rc = drain(s);
+            /* with a prefetch pending, serve a few faults then give it a turn: a guest that
+             * faults nonstop would otherwise keep the queue from ever emptying */
+            int rc = drain(s, (s->nhot || s->plan_active) ? 4 : 1 << 30, &more);
             if (rc == 2)
                 return END_PEER_EXITED;
             if (rc < 0)
@@ -655,8 +664,14 @@ static int serve_loop(Server *s)
             continue; /* no prefetch while faults wait */
         }
         idle_retries = 0;
-        if ((s->nhot || s->plan_active) && !(p[0].revents & POLLIN)) {
-            int rc = s->nhot ? hot_batch(s) : prefetch_batch(s);
+        if (s->nhot || s->plan_active) {
+            /* One batch per turn, even while faults keep coming (or the plan would starve exactly
+             * when the guest needs it most); it is small then, so a fault waits little behind it.
+             * Pages after recent faults and the plan cursor take turns. */
+            uint64_t max = (p[0].revents & POLLIN) || more ? s->busy_batch_pages : s->batch_pages;
+            turn = !turn;
+            int hot = s->nhot && (turn || !s->plan_active);
+            int rc = hot ? hot_batch(s, max) : prefetch_batch(s, max);
             if (rc == 2)
                 return END_PEER_EXITED;
             if (rc < 0)
@@ -710,21 +725,21 @@ static int cmp_off(const void *a, const void *b)
 }
 
 /* Server(uffd, mem_fd, regions, page_size, *, conn_fd=-1, pid_fd=-1, record=False, batch_pages=256,
- *        fault_around=16)
+ *        fault_around=16, busy_batch_pages=64)
  * regions: sequence of (base_host_virt_addr, size, file_offset). The fds stay owned by the caller. */
 static int Server_init(Server *s, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"uffd", "mem_fd", "regions", "page_size", "conn_fd", "pid_fd", "record",
-                             "batch_pages", "fault_around", NULL};
+                             "batch_pages", "fault_around", "busy_batch_pages", NULL};
     int uffd, mem_fd, conn_fd = -1, pid_fd = -1, record = 0;
     PyObject *regions;
-    unsigned long long page_size, batch = 256, around = 16;
+    unsigned long long page_size, batch = 256, around = 16, busy = 64;
     if (s->regions) {
         PyErr_SetString(PyExc_RuntimeError, "Server is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiOK|$iipKK", kwlist, &uffd, &mem_fd, &regions, &page_size,
-                                     &conn_fd, &pid_fd, &record, &batch, &around))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiOK|$iipKKK", kwlist, &uffd, &mem_fd, &regions, &page_size,
+                                     &conn_fd, &pid_fd, &record, &batch, &around, &busy))
         return -1;
     if (page_size != 4096 && page_size != 2097152) {
         PyErr_Format(PyExc_ValueError, "page size %llu is not supported (4096 or 2097152)", page_size);
@@ -736,6 +751,7 @@ static int Server_init(Server *s, PyObject *args, PyObject *kw)
     s->page_shift = page_size == 4096 ? 12 : 21;
     s->batch_pages = batch;
     s->fault_around = around < batch ? around : batch - 1;
+    s->busy_batch_pages = busy < 1 ? 1 : busy < batch ? busy : batch;
 
     struct stat stbuf;
     if (fstat(mem_fd, &stbuf) < 0) {
@@ -960,7 +976,7 @@ static PyTypeObject ServerType = {
     .tp_basicsize = sizeof(Server),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Server(uffd, mem_fd, regions, page_size, *, conn_fd=-1, pid_fd=-1, record=False, batch_pages=256, "
-              "fault_around=16)",
+              "fault_around=16, busy_batch_pages=64)",
     .tp_new = Server_new,
     .tp_init = (initproc)Server_init,
     .tp_dealloc = (destructor)Server_dealloc,

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds to wait for the handshake message once connected")
     ap.add_argument("--vmm-pid", type=int, help="only this pid may connect (SO_PEERCRED)")
     ap.add_argument("--batch-bytes", type=int, default=1 << 20, help="largest prefetch copy per UFFDIO_COPY")
+    ap.add_argument("--busy-batch-bytes", type=int, default=256 << 10,
+                    help="largest prefetch copy while faults are arriving (what a fault may wait behind)")
+    ap.add_argument("--fault-around-bytes", type=int, default=64 << 10,
+                    help="planned, missing memory copied along with a faulting page")
     ap.add_argument("--settle-interval", type=float, default=0.25, help="recording: seconds per fault-rate sample")
     ap.add_argument("--settle-faults", type=int, default=16,
                     help="recording: an interval with fewer new pages than this is quiet")
@@ -269,7 +273,9 @@ class Handler:
         try:
             server = _uffd.Server(uffd, mem_fd, [(r.base, r.size, r.offset) for r in regions], page_size,
                                   conn_fd=self.conn.fileno(), pid_fd=pid_fd, record=record,
-                                  batch_pages=max(1, a.batch_bytes // page_size))
+                                  batch_pages=max(1, a.batch_bytes // page_size),
+                                  busy_batch_pages=max(1, a.busy_batch_bytes // page_size),
+                                  fault_around=a.fault_around_bytes // page_size)
         except (ValueError, OSError) as e:
             raise hs.HandlerFailed(f"cannot serve this memory layout: {e}",
                                    "the snapshot's memory file does not match its regions; re-create it") from None

@@ -84,7 +84,7 @@ def write_log(path: Path | str, pages: array.array, page_size: int, file_size: i
     atomic_write_bytes(path, encode_log(pages, page_size, file_size), 0o600)
 
 
-def plan_from_log(pages, npages: int, *, first_chunk: int = 256, max_chunk: int = 16384) -> array.array:
+def plan_from_log(pages, npages: int, *, first_chunk: int = 64, max_chunk: int = 512) -> array.array:
     """Turn a first-touch order into prefetch runs.
 
     The log is cut into chunks that double in size (the earliest-touched pages
