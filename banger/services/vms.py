@@ -259,11 +259,8 @@ def _spec(ctx, vm, tap: str):
             raise NotFound(f"the {k} this VM was created from is gone: {o.get(k)}",
                            f"re-pull image {vm['image']!r} / kernel {vm['kernel']!r}, or delete this VM")
     dns = ctx.cfg.extra.get("dns") or ("1.1.1.1" if vm["nat"] else None)
-    # QEMU's microvm has no i8042: the common `reboot=k` makes every guest reboot (= VM exit under
-    # -no-reboot) spin ~3 s in the kernel's keyboard-controller loop first; the last reboot= wins.
-    extra = ["reboot=a"] if vm["backend"] == "qemu" else []
     cmdline = guest_cmdline(ip=vm["ip"], prefixlen=subnet.prefixlen, gateway=subnet.gateway, hostname=vm["name"],
-                            init=o.get("init"), dns=dns, backend=vm["backend"], extra=extra)
+                            init=o.get("init"), dns=dns, backend=vm["backend"])
     d = vm_dir(ctx, vm)
     return VmSpec(vm_id=vm["id"], name=vm["name"], vcpu=vm["vcpu"], memory_mib=vm["memory_mib"],
                   vmlinux=Path(o["vmlinux"]) if o.get("vmlinux") else None,
