@@ -236,11 +236,13 @@ def _nat_off(ctx, vm):
 
 
 def _neighbour(ctx, vm, *, add: bool) -> None:
+    if add:
+        from banger.adapters import fastnet  # one rtnetlink request, no pyroute2 import on create
+
+        fastnet.set_neighbour(ctx.cfg.bridge, vm["ip"], vm["mac"])
+        return
     from banger.adapters import netlink
 
-    if add:
-        netlink.set_neighbour(ctx.cfg.bridge, vm["ip"], vm["mac"])
-        return
     try:
         netlink.del_neighbour(ctx.cfg.bridge, vm["ip"])
     except NotFound:
