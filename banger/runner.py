@@ -43,7 +43,7 @@ def run(argv: list[str], *, check: bool = True, input: bytes | str | None = None
                             stdout=subprocess.PIPE if capture else None,
                             stderr=subprocess.PIPE if capture else None)
     except FileNotFoundError:
-        raise HostError(f"{argv[0]} is not installed", f"install it (banger doctor --fix lists what is missing)") from None
+        raise HostError(f"{argv[0]} is not installed", "install it (banger doctor --fix lists what is missing)") from None
     except subprocess.TimeoutExpired as e:
         err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
         raise CommandFailed(argv, -9, f"timed out after {timeout}s\n{err}", hint) from None

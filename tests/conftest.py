@@ -6,11 +6,8 @@ test modules that need them (keeps one conftest, owned by nobody in particular).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Annotated, Any, Callable
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
@@ -84,14 +85,18 @@ def _escape(s: str) -> str:
 
 
 def print_table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:
-    from rich.table import Table
-
-    t = Table(title=title, box=None, header_style="bold", pad_edge=False)
-    for c in columns:
-        t.add_column(c)
-    for r in rows:
-        t.add_row(*["" if v is None else str(v) for v in r])
-    _stdout_console().print(t)
+    """A plain aligned table. Deliberately not rich: list commands are the hot path of scripts and
+    prompts, and rich's import + layout cost more than the rest of `banger vm list` (bench/startup.py)."""
+    cells = [["" if v is None else str(v) for v in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    tty = sys.stdout.isatty()
+    out = []
+    if title:
+        out.append(f"\033[1m{title}\033[0m" if tty else title)
+    head = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()
+    out.append(f"\033[1m{head}\033[0m" if tty else head)
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    sys.stdout.write("\n".join(out) + "\n")
 
 
 def print_kv(d: dict, title: str | None = None) -> None:

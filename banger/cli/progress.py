@@ -43,8 +43,8 @@ class CliProgress(Progress):
             self.step(description)
             yield Task()
             return
-        from rich.progress import (BarColumn, DownloadColumn, Progress as RProgress, SpinnerColumn,
-                                   TextColumn, TimeElapsedColumn)
+        from rich.progress import BarColumn, DownloadColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as RProgress
 
         cols = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn()]
         if total and total > 1 << 20:

@@ -151,7 +151,7 @@ def fix(checks: list[Check], progress) -> list[str]:
     if not pkgs:
         return []
     if os.geteuid() != 0:
-        raise HostError("doctor --fix must run as root to install packages", f"sudo banger doctor --fix")
+        raise HostError("doctor --fix must run as root to install packages", "sudo banger doctor --fix")
     if not which("apt-get"):
         raise HostError("doctor --fix needs apt-get (a Debian-like host)", f"install by hand: {' '.join(pkgs)}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")

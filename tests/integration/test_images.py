@@ -173,7 +173,9 @@ def test_failed_publish_leaves_nothing(banger_env, cfg, tmp_path):
     st = cfg.staging_dir / "image-broken"
     st.mkdir()
     (st / "rootfs.ext4").write_bytes(b"\0" * 4096 * 16)  # not a filesystem: e2fsck fails at publication
-    with pytest.raises(Exception):
+    from banger.errors import CommandFailed
+
+    with pytest.raises(CommandFailed):  # e2fsck's verdict, with argv and stderr tail
         images.publish(ctx, "broken", st, kind="promoted", source="vm:x", digest=None, kernel=None,
                        init="/sbin/banger-init", meta={})
     assert not st.exists() and images.get(ctx, "broken") is None and not (cfg.images_dir / "broken").exists()

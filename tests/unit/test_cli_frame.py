@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.support.cli import banger, banger_json
+from tests.support.cli import banger
 
 GROUPS = ["vm", "image", "kernel", "pool", "snapshot", "workspace", "doctor", "gc"]
 HEAVY = ("paramiko", "pyroute2", "requests", "zstandard", "cryptography")
