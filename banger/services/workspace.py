@@ -225,8 +225,11 @@ class HostRepo:
         return {"files": len(files), "bytes": out.stat().st_size if files else 0}
 
     def verify_bundle(self, bundle: Path) -> None:
-        """``git bundle verify``: well-formed, and this repository has every prerequisite commit."""
-        cp = self.git("bundle", "verify", "-q", bundle, check=False)
+        """``git bundle verify`` (well-formed header, this repository has every prerequisite commit) plus
+        the pack's own checksum trailer, which ``bundle verify`` does not read (a truncated or damaged
+        download passes it); the fetch then re-checks every object (fetch.fsckObjects)."""
+        check_pack_checksum(bundle)
+        cp = self.git("bundle", "verify", bundle, check=False)  # -q would hide the reason
         if cp.returncode != 0:
             err = cp.stderr.strip()
             if "lacks these prerequisite" in err or "requires this ref" in err or "prerequisite" in err:
@@ -256,7 +259,7 @@ class HostRepo:
         previous = {b: self.resolve(targets[b]) for b in branches}
         specs = [f"+refs/heads/{b}:{targets[b]}" for b in branches]
         try:
-            self.git("fetch", "-q", "--no-tags", "--no-write-fetch-head", "--no-recurse-submodules", bundle, *specs)
+            self.git("-c", "fetch.fsckObjects=true", "fetch", "-q", "--no-tags", "--no-write-fetch-head", "--no-recurse-submodules", bundle, *specs)
         except CommandFailed as e:
             raise ExternalError(f"fetching the export into {self.root} failed:\n{e.stderr.strip()[-800:]}",
                                 f"a branch named {REF_NS!r} or {REF_NS}/{vm_name} may clash with "
@@ -272,6 +275,44 @@ class HostRepo:
     def _checked_out_refs(self) -> set[str]:
         cp = self.git("worktree", "list", "--porcelain")
         return {line.split(" ", 1)[1] for line in cp.stdout.splitlines() if line.startswith("branch ")}
+
+
+def check_pack_checksum(bundle: Path) -> None:
+    """The pack inside a bundle ends with a hash of everything before it: check it (streaming)."""
+    import hashlib
+
+    with open(bundle, "rb") as f:
+        first = f.readline()
+        if first not in (b"# v2 git bundle\n", b"# v3 git bundle\n"):
+            raise IntegrityError(f"{bundle} is not a git bundle", "run the command again")
+        algo = "sha1"
+        while True:
+            line = f.readline()
+            if not line:
+                raise IntegrityError(f"{bundle} is truncated (no pack data)", "run the command again")
+            if line == b"\n":
+                break
+            if line.startswith(b"@object-format=sha256"):
+                algo = "sha256"
+        start = f.tell()
+        size = os.fstat(f.fileno()).st_size
+        h = hashlib.new(algo)
+        n = h.digest_size
+        if size - start < 12 + n:
+            raise IntegrityError(f"{bundle} is truncated (pack of {size - start} bytes)", "run the command again")
+        if f.read(4) != b"PACK":
+            raise IntegrityError(f"{bundle} has no pack data after its header", "run the command again")
+        h.update(b"PACK")
+        left = size - start - 4 - n
+        while left > 0:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+        if f.read(n) != h.digest() or left:
+            raise IntegrityError(f"{bundle} is damaged: its pack checksum does not match (truncated or corrupted "
+                                 f"in transit)", "run the command again")
 
 
 def bundle_heads(bundle: Path, repo: HostRepo | None = None) -> dict[str, str]:

@@ -7,6 +7,7 @@ env + one VM created from the default image, removed and leak-checked at module 
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
@@ -62,6 +63,18 @@ def refs(repo: Path, prefix: str = "refs/heads/") -> dict[str, str]:
     return {r: s for s, r in (line.split(" ", 1) for line in out.splitlines() if line)}
 
 
+_PROBE = r"""
+cd "$1" || exit 3
+shift
+git for-each-ref --format='ref %(objectname) %(refname)' refs/heads/
+echo "head $(git symbolic-ref -q HEAD || git rev-parse HEAD)"
+git status --porcelain --untracked-files=all | sed 's/^/status /'
+for x in ../.banger-ws-* .git/banger-export-*; do [ -e "$x" ] && echo "leftover $x"; done
+for f; do if [ -e "$f" ]; then echo "file $f $(base64 -w0 < "$f")"; else echo "file $f -"; fi; done
+true
+"""
+
+
 @dataclass
 class WsVm:
     ns: NetNS
@@ -75,6 +88,26 @@ class WsVm:
         cp = self.exec("git", "-c", "user.name=Guest", "-c", "user.email=guest@example.invalid", "-C", repo,
                        *args, check=check)
         return cp.stdout.rstrip("\n") if check else cp
+
+    def probe(self, repo: str, *files: str) -> dict:
+        """One guest round trip: refs, HEAD, status, leftover temp dirs next to ``repo``, and file contents."""
+        cp = self.exec("sh", "-c", _PROBE, "sh", repo, *files)
+        out = {"refs": {}, "head": None, "status": [], "files": {}, "leftovers": []}
+        for line in cp.stdout.splitlines():
+            kind, _, rest = line.partition(" ")
+            if kind == "ref":
+                sha, ref = rest.split(" ", 1)
+                out["refs"][ref] = sha
+            elif kind == "head":
+                out["head"] = rest
+            elif kind == "status":
+                out["status"].append(rest)
+            elif kind == "leftover":
+                out["leftovers"].append(rest)
+            elif kind == "file":
+                name, _, data = rest.rpartition(" ")
+                out["files"][name] = None if data == "-" else base64.b64decode(data)
+        return out
 
     def ws(self, *args, check: bool = True) -> dict:
         return self.ns.banger_json("workspace", *args, check=check, timeout=600)
