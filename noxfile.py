@@ -16,6 +16,9 @@ nox.options.reuse_existing_virtualenvs = True
 
 def _install(session):
     session.install("-q", ".[test]")
+    # pytest runs from the checkout, so `import banger` resolves to the source tree: build the
+    # C extension there too (the installed copy has its own).
+    session.run("python", "setup.py", "-q", "build_ext", "--inplace", silent=True)
 
 
 @nox.session
