@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
-import secrets
 
 from .errors import InvalidName
+
+# ipaddress and secrets are imported where used: this module is on `banger vm list`'s start-up path.
 
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -33,10 +33,14 @@ def validate_name(name: str, what: str = "VM name") -> str:
 
 
 def generate_name() -> str:
+    import secrets
+
     return f"{secrets.choice(_ADJ)}-{secrets.choice(_NOUN)}-{secrets.token_hex(2)}"
 
 
 def new_vm_id() -> str:
+    import secrets
+
     return secrets.token_hex(6)
 
 
@@ -44,6 +48,8 @@ class Subnet:
     """Guest addressing derived from one slot number: ip = network + slot, gateway = network + 1."""
 
     def __init__(self, cidr: str):
+        import ipaddress
+
         self.net = ipaddress.IPv4Network(cidr, strict=False)
         if self.net.prefixlen > 29:
             raise InvalidName(f"subnet {cidr} is too small", "use a /24 or larger")
@@ -75,5 +81,7 @@ class Subnet:
 
     def mac(self, slot: int) -> str:
         # locally administered unicast (06:...) + the 4 bytes of the guest IP
+        import ipaddress
+
         b = ipaddress.IPv4Address(self.ip(slot)).packed
         return "06:00:" + ":".join(f"{x:02x}" for x in b)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 
 
@@ -35,6 +34,8 @@ def alive(pid: int | None, started: int | None) -> bool:
 def spawn_detached(argv: list[str], *, stdout_path: str | None = None, env: dict | None = None,
                    pass_fds: tuple = (), cwd: str | None = None) -> tuple[int, int]:
     """Start ``argv`` in a new session so it outlives this command; return (pid, start_time)."""
+    import subprocess
+
     out = open(stdout_path, "ab") if stdout_path else subprocess.DEVNULL
     try:
         p = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,

@@ -42,6 +42,25 @@ def _version(value: bool):
         raise typer.Exit()
 
 
+def _prune(sub, argv: list[str]) -> None:
+    """Keep only the subcommand being run (typer converts every registered command to a click
+    command on each start; a process runs exactly one). Help listings keep them all."""
+    if any(a in ("-h", "--help") for a in argv):
+        return
+    words = [a for a in argv if not a.startswith("-")]
+    if len(words) < 2:
+        return
+    keep = [c for c in sub.registered_commands if (c.name or c.callback.__name__.replace("_", "-")) == words[1]]
+    if keep:
+        sub.registered_commands[:] = keep
+        if sub.registered_callback is None:  # stay a group: typer collapses a 1-command app otherwise
+            sub.callback()(_group)
+
+
+def _group() -> None:
+    """(no options of its own)"""
+
+
 def build_app(argv: list[str]):
     import importlib
 
@@ -66,6 +85,7 @@ def build_app(argv: list[str]):
             app.add_typer(typer.Typer(help=help_), name=name, help=help_)
             continue
         sub = importlib.import_module(modname).app
+        _prune(sub, argv)
         if len(sub.registered_commands) == 1 and not sub.registered_groups and sub.registered_callback is None:
             info = sub.registered_commands[0]
             app.command(name=name, help=info.help or help_)(info.callback)
