@@ -99,7 +99,7 @@ def _detach_loop(dev: str) -> None:
 
 def collect(ctx, *, dry_run: bool = False) -> dict:
     report: dict[str, list] = {"rows": [], "processes": [], "taps": [], "sockets": [], "loops": [],
-                               "vm_dirs": [], "staging": [], "errors": []}
+                               "vm_dirs": [], "staging": [], "snapshots": [], "errors": []}
     cfg = ctx.cfg
 
     def err(what, e):
@@ -219,6 +219,19 @@ def collect(ctx, *, dry_run: bool = False) -> dict:
                     shutil.rmtree(d, ignore_errors=True)
                 else:
                     d.unlink(missing_ok=True)
+
+    # 7. snapshot dirs without a row (a publish in progress holds snapshot/<name>)
+    from . import snapshots
+
+    for d in snapshots.orphans(ctx):
+        try:
+            if ctx.locks.is_held(f"snapshot/{d.name}"):
+                continue
+        except BangerError:
+            pass  # a name no lock could have: certainly not being published
+        report["snapshots"].append(str(d))
+        if not dry_run:
+            shutil.rmtree(d, ignore_errors=True)
 
     report["dry_run"] = dry_run
     report["total"] = sum(len(v) for k, v in report.items() if isinstance(v, list) and k != "errors")

@@ -70,6 +70,13 @@ def test_gc_removes_leftovers_and_spares_live_things(netns):  # noqa: F811
     live_stage = cfg.staging_dir / "promote-y-live"
     live_stage.mkdir()
     (live_stage / ".owner").write_text(f"{os.getpid()} {procs.start_time(os.getpid())}\n")
+    # a snapshot dir without a row (a killed `snapshot create` after its rename), and one whose
+    # publish is in progress (its snapshot/<name> lock is held)
+    orphan_snap = cfg.snapshots_dir / "snap-orphan"
+    orphan_snap.mkdir(parents=True)
+    (orphan_snap / "vm.mem").write_bytes(b"\0" * 4096)
+    publishing_snap = cfg.snapshots_dir / "snap-publishing"
+    publishing_snap.mkdir()
     # a create in progress (creator alive, holding its lock) and a running VM with its VMM
     busy = _reserve(cfg, "busy-1", "creating", {"pid": os.getpid(), "start": procs.start_time(os.getpid())})
     cfg.vm_dir(busy["id"]).mkdir(parents=True)
@@ -82,13 +89,14 @@ def test_gc_removes_leftovers_and_spares_live_things(netns):  # noqa: F811
     atomic_write_json(cfg.vm_dir(live["id"]) / "handles.json", {"pid": live_pid, "pid_start": live_start})
     cfg.vm_run_dir(live["id"]).mkdir(parents=True)
     try:
-        with Locks(cfg.locks_dir).hold(f"vm/{busy['id']}"):
+        with Locks(cfg.locks_dir).hold(f"vm/{busy['id']}"), Locks(cfg.locks_dir).hold("snapshot/snap-publishing"):
             dry = banger_json("gc", "--dry-run")["data"]
             assert dry["dry_run"] and {r["name"] for r in dry["rows"]} == {"stuck-1"}
             assert stray_pid in {p["pid"] for p in dry["processes"]}
             assert live_pid not in {p["pid"] for p in dry["processes"]}
             assert loop in {lo["name"] for lo in dry["loops"]}
             assert str(dead_stage) in dry["staging"] and str(live_stage) not in dry["staging"]
+            assert dry["snapshots"] == [str(orphan_snap)]
             # nothing was touched by the dry run
             assert procs.alive(stray_pid, stray_start) and sdir.exists() and loop in _loops_under(home)
 
@@ -98,6 +106,7 @@ def test_gc_removes_leftovers_and_spares_live_things(netns):  # noqa: F811
             assert loop not in _loops_under(home)
             assert not sdir.exists() and not srun.exists() and not dead_stage.exists()
             assert not (home / "vms" / "orphan-dir").exists()
+            assert not orphan_snap.exists() and publishing_snap.exists()
             with Store(cfg.db_path) as st:  # the TAP went back to the pool; no neighbour entry is left
                 assert st.query("SELECT name, state FROM taps") == [{"name": tap, "state": "idle"}]
             assert netns.neighbours(cfg.bridge) == []
