@@ -71,12 +71,28 @@ def create(image: ImageOpt = None, kernel: KernelOpt = None, name: NameOpt = Non
            nat: NatOpt = False, backend: BackendOpt = None, no_work_seed: NoSeedOpt = False,
            no_start: Annotated[bool, typer.Option("--no-start", help="Only build the disks.")] = False,
            no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not wait for SSH.")] = False,
+           from_snapshot: Annotated[str | None, typer.Option(
+               "--from-snapshot", help="Restore this snapshot instead of booting (same as vm restore).")] = None,
            json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
 
     def go():
         from banger.services import vms
 
+        if from_snapshot:
+            given = [f for f, v in (("--image", image), ("--kernel", kernel), ("--vcpu", vcpu), ("--memory", memory),
+                                    ("--overlay-size", overlay_size), ("--work-disk-size", work_disk_size),
+                                    ("--backend", backend), ("--no-work-seed", no_work_seed),
+                                    ("--no-start", no_start), ("--nat", nat)) if v]
+            if given:
+                from banger.errors import UsageError
+
+                raise UsageError(f"{', '.join(given)} cannot be combined with --from-snapshot",
+                                 "a restored VM keeps the snapshot's image, kernel, size and backend; "
+                                 "only --name and --no-wait apply")
+            from banger.services import snapshots
+
+            return snapshots.restore(ctx, from_snapshot, name=name, wait_ssh=not no_wait)
         kw = _create_kwargs(image, kernel, name, vcpu, memory, overlay_size, work_disk_size, nat, backend,
                             no_work_seed)
         return vms.create(ctx, start=not no_start, wait_ssh=not no_wait, **kw)
@@ -310,13 +326,14 @@ def ssh_config(vm: Ref, json_out: JsonOpt = False):
 
 @app.command(help="Create a new running VM from a snapshot.")
 def restore(snapshot: Annotated[str, typer.Argument(help="Snapshot name.")], name: NameOpt = None,
+            no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not wait for SSH.")] = False,
             json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
 
     def go():
         from banger.services import snapshots
 
-        return snapshots.restore(ctx, snapshot, name=name)
+        return snapshots.restore(ctx, snapshot, name=name, wait_ssh=not no_wait)
 
     emit(go, json_out=json_out, render=lambda v: say(f"{v.get('name')} {v.get('state')} {v.get('ip')}"))
 

@@ -180,11 +180,13 @@ def test_snapshot_of_a_restored_clone(fcns):
     src = running_fc_vm(ns, "src-4", ns.shared)
     seed = events(ns.rec, src["pid"], "boot")[0]["seed"]
     ns.banger_json("snapshot", "create", "src-4", "gen-1")
-    c1 = ns.banger_json("snapshot", "restore", "gen-1", "--name", "gen1-clone", "--no-wait")["data"]
+    # the three entry points restore alike: snapshot restore (above), vm restore, vm create --from-snapshot
+    c1 = ns.banger_json("vm", "restore", "gen-1", "--name", "gen1-clone", "--no-wait")["data"]
     ns.banger_json("vm", "delete", "-f", "src-4")
     s2 = ns.banger_json("snapshot", "create", "gen1-clone", "gen-2")["data"]
     assert Path(s2["dir"], "vm.mem").stat().st_size == 128 << 20
-    c2 = ns.banger_json("snapshot", "restore", "gen-2", "--name", "gen2-clone", "--no-wait")["data"]
+    c2 = ns.banger_json("vm", "create", "--from-snapshot", "gen-2", "--name", "gen2-clone", "--no-wait")["data"]
+    assert c2["restored_from"] == "gen-2"
     h2 = _handles(ns, c2["id"])
     assert wait_event(ns.rec, h2["pid"], "snapshot_load")["seed"] == seed
     assert wait_event(ns.rec, h2["pid"], "guest_net")["hostname"] == "gen2-clone"
