@@ -359,6 +359,71 @@ def classify(host: dict[str, str], guest: dict[str, str], is_ancestor) -> list[d
 
 
 # ---------------------------------------------------------------- the guest side
+_PREFLIGHT = r"""
+command -v git >/dev/null 2>&1 || { echo "git missing"; exit 0; }
+echo "git ok"
+d="$1"
+if [ ! -e "$d" ] && [ ! -L "$d" ]; then k=absent
+elif [ -d "$d" ] && [ -e "$d/.git" ]; then k=repo
+elif [ -d "$d" ] && [ -z "$(ls -A "$d")" ]; then k=empty
+else k=other; fi
+echo "kind $k"
+if [ "$2" = import ] && [ "$k" != other ]; then
+  p=$(dirname "$d"); while [ ! -d "$p" ]; do p=$(dirname "$p"); done
+  t="${p%/}/.banger-ws-$3"
+  mkdir -m 700 "$t" && echo "tmp $t"
+elif [ "$2" = export ] && [ "$k" = repo ]; then
+  g=$(git -C "$d" rev-parse --absolute-git-dir) && t="$g/banger-export-$3" && mkdir -m 700 "$t" && echo "tmp $t"
+fi
+exit 0
+"""
+
+
+# commits reachable from each branch ($2, space separated) but not from the bases ($3...)
+_COUNTS = r"""
+set -f
+cd "$1" || exit 3
+bs=$2
+shift 2
+for b in $bs; do
+  n=$(git rev-list --count "refs/heads/$b" --not --ignore-missing "$@") || exit 4
+  echo "$b $n"
+done
+"""
+
+# uncommitted work vs $3 as one binary patch ($2/dirty.patch), through a throwaway index and object dir
+_GUEST_DIRTY = r"""
+set -e
+gd=$(git -C "$1" rev-parse --absolute-git-dir)
+mkdir "$2/objects"
+export GIT_INDEX_FILE="$2/index" GIT_OBJECT_DIRECTORY="$2/objects" GIT_ALTERNATE_OBJECT_DIRECTORIES="$gd/objects"
+git -C "$1" read-tree "$3"
+git -C "$1" add -A
+git -C "$1" diff --cached --binary --full-index --output="$2/dirty.patch" "$3"
+git -C "$1" diff --cached --name-only "$3" | wc -l
+"""
+
+
+# a fresh clone built in a temp dir, then renamed into place (a failure never leaves a half-made dest)
+_FRESH = r"""
+set -e
+work=$1 bundle=$2 how=$3 ref=$4 patch=$5 dest=$6 kind=$7 unborn=$8 remote_spec=$9
+shift 9
+step() { echo "@step $1" >&2; }
+step init
+git init -q --initial-branch="$unborn" "$work"
+step fetch
+git -C "$work" fetch -q --no-tags "$bundle" "$remote_spec" "refs/heads/*:refs/heads/*" "$@"
+step checkout
+if [ "$how" = branch ]; then git -C "$work" checkout -q "$ref" --; else git -C "$work" checkout -q --detach "$ref" --; fi
+if [ -n "$patch" ]; then step apply; git -C "$work" apply --whitespace=nowarn "$patch"; fi
+step publish
+mkdir -p "$(dirname "$dest")"
+if [ "$kind" = empty ]; then rmdir "$dest"; fi
+mv -T -- "$work" "$dest"
+"""
+
+
 class Guest:
     """Commands and file copies in a running VM over banger's SSH adapter (host key pinned)."""
 
@@ -409,6 +474,27 @@ class Guest:
 
     def git_rc(self, repo: str, *args, timeout: float = LIGHT_S) -> tuple[int, str, str]:
         return self.run(["git", "-C", repo, *args], timeout)
+
+    def preflight(self, path: str, mode: str) -> dict:
+        """One round trip: is git there, what is at ``path``, and a private temp dir for this operation
+        (import: next to ``path``, on the same filesystem; export: inside the repository's git dir)."""
+        tag = secrets.token_hex(4)
+        out = self.check(["sh", "-c", _PREFLIGHT, "sh", path, mode, tag])
+        info = {"git": False, "kind": None, "tmp": None}
+        for line in out.splitlines():
+            k, _, v = line.partition(" ")
+            if k == "git":
+                info["git"] = v == "ok"
+            elif k in ("kind", "tmp"):
+                info[k] = v
+        if not info["git"]:
+            raise self._no_git()
+        return info
+
+    def _no_git(self) -> HostError:
+        return HostError(f"git is not installed in VM {self.vm['name']}",
+                         f"install it in the guest (banger vm exec {self.vm['name']} -- apt-get install -y git, "
+                         f"with NAT on), or use an image that has it (the default debian-bookworm does)")
 
     def require_git(self) -> None:
         rc, out, _ = self.run(["sh", "-c", "command -v git"])
@@ -572,15 +658,15 @@ def import_repo(ctx, vm_ref: str, repo_path: str = ".", *, dest: str | None = No
             t = vms.connect(ctx, vm["id"])
             try:
                 guest = Guest(ctx, vm, t, "import")
-                guest.require_git()
-                kind = guest.inspect(dest)
+                pre = guest.preflight(dest, "import")
+                kind, gtmp = pre["kind"], pre["tmp"]
                 if kind == "other":
                     raise Conflict(f"{dest} exists in VM {vm['name']} and is not a git repository",
                                    f"pick another --dest, or move it away in the guest "
                                    f"(banger vm exec {vm['name']} -- mv {dest} {dest}.old)")
-                gtmp = f"{guest.existing_ancestor(dest)}/.banger-ws-{secrets.token_hex(4)}"
-                gtmp = posixpath.normpath(gtmp.replace("//", "/"))
-                guest.check(["mkdir", "-m", "700", gtmp])
+                if not gtmp:
+                    raise ExternalError(f"cannot create a temp dir next to {dest} in VM {vm['name']}",
+                                        "check free space and permissions in the guest")
                 try:
                     gbundle = f"{gtmp}/import.bundle"
                     guest.put(bundle, gbundle, f"bundle ({_size(info['bytes'])})")
@@ -635,21 +721,20 @@ def _fresh_clone(ctx, guest: Guest, dest: str, kind: str, gtmp: str, gbundle: st
     """Build the clone in the guest temp dir, then rename it into place (never a half-made dest)."""
     work = f"{gtmp}/clone"
     ctx.progress.step(f"cloning into {guest.vm['name']}:{dest}")
-    guest.check(["git", "init", "-q", f"--initial-branch=banger-unborn-{secrets.token_hex(4)}", work])
-    guest.git(work, "fetch", "-q", "--no-tags", gbundle, f"+refs/heads/*:refs/remotes/{GUEST_REMOTE}/*",
-              "refs/heads/*:refs/heads/*", *_head_spec(info), timeout=HEAVY_S)
-    if checkout is not None:
-        guest.git(work, "checkout", "-q", checkout, "--", timeout=HEAVY_S)
-    else:
-        guest.git(work, "checkout", "-q", "--detach", info["head"], "--", timeout=HEAVY_S)
-    if gpatch is not None:
-        guest.git(work, "apply", "--whitespace=nowarn", gpatch, timeout=HEAVY_S,
-                  hint="the uncommitted host changes do not apply; commit them on the host, or import without "
-                       "--include-dirty")
-    guest.check(["mkdir", "-p", posixpath.dirname(dest)])
-    if kind == "empty":
-        guest.check(["rmdir", dest])
-    guest.check(["mv", "-T", "--", work, dest], hint=f"{dest} appeared in the guest meanwhile; import again")
+    how, ref = ("branch", checkout) if checkout is not None else ("detach", info["head"])
+    rc, _out, err = guest.run(["sh", "-c", _FRESH, "sh", work, gbundle, how, ref, gpatch or "", dest, kind,
+                               f"banger-unborn-{secrets.token_hex(4)}", f"+refs/heads/*:refs/remotes/{GUEST_REMOTE}/*",
+                               *_head_spec(info)], timeout=HEAVY_S)
+    if rc != 0:
+        steps = [line[7:] for line in err.splitlines() if line.startswith("@step ")]
+        step = steps[-1] if steps else "?"
+        msg = "\n".join(line for line in err.splitlines() if not line.startswith("@step "))[-1500:]
+        hints = {"apply": "the uncommitted host changes do not apply; commit them on the host, or import "
+                          "without --include-dirty",
+                 "publish": f"{dest} appeared in the guest meanwhile, or its parent is not writable; import again"}
+        raise ExternalError(f"cloning into {guest.vm['name']}:{dest} failed at step {step!r}:\n{msg}",
+                            hints.get(step, f"inspect the guest: banger vm ssh {guest.vm['name']}"),
+                            details={"step": step, "exit_status": rc})
     return {"fresh": True, "checkout": checkout or info["head"],
             "branches": [{"branch": b, "host": s, "guest": None, "action": "created"}
                          for b, s in sorted(info["branches"].items())]}
@@ -746,21 +831,27 @@ def export_repo(ctx, vm_ref: str, *, dest_repo: str = ".", path: str | None = No
         bases = dict(rec.get("branches") or {})
         ctx.progress.step(f"connecting to {vm['name']}")
         t = vms.connect(ctx, vm["id"])
-        tmp = None
+        tmp = gtmp = None
+        guest = Guest(ctx, vm, t, "export")
         try:
-            guest = Guest(ctx, vm, t, "export")
-            guest.require_git()
-            if guest.inspect(path) != "repo":
+            pre = guest.preflight(path, "export")
+            gtmp = pre["tmp"]
+            if pre["kind"] != "repo":
                 raise NotFound(f"{path} in VM {vm['name']} is not a git repository",
                                f"check the path (banger workspace list {vm['name']})")
+            if not gtmp:
+                raise ExternalError(f"cannot create a temp dir in {vm['name']}:{path}/.git",
+                                    "check free space in the guest")
             gb = guest.branches(path)
             exclude = sorted(set(bases.values()))
             changed, skipped = [], []
-            for b, g in sorted(gb.items()):
-                if bases.get(b) == g:
-                    continue
-                n = int(guest.git(path, "rev-list", "--count", g,
-                                  *(["--not", "--ignore-missing", *exclude] if exclude else [])).strip())
+            todo = {b: g for b, g in sorted(gb.items()) if bases.get(b) != g}
+            counts = {}
+            if todo:  # one round trip: commits on each moved branch that the host does not have
+                out = guest.check(["sh", "-c", _COUNTS, "sh", path, " ".join(todo), *exclude])
+                counts = {b: int(n) for b, n in (line.split(" ") for line in out.splitlines() if line)}
+            for b, g in todo.items():
+                n = counts[b]
                 if n == 0:
                     skipped.append({"branch": b, "head": g, "reason": "no commits the host lacks"})
                 else:
@@ -776,63 +867,51 @@ def export_repo(ctx, vm_ref: str, *, dest_repo: str = ".", path: str | None = No
                                       " (the guest has uncommitted changes; commit them, or use --include-dirty)"),
                         "seconds": round(time.monotonic() - t0, 2)}
             tmp = repo.private_tmp()
-            gtmp = f"{path}/.git/banger-export-{secrets.token_hex(4)}"
-            guest.check(["mkdir", "-m", "700", gtmp])
             fetched, patch_path, patch_files = [], None, 0
-            try:
-                if changed:
-                    ctx.progress.step(f"bundling {len(changed)} branch(es) in {vm['name']}")
-                    gbundle = f"{gtmp}/export.bundle"
-                    guest.git(path, "bundle", "create", "-q", gbundle, *[f"refs/heads/{c['branch']}" for c in changed],
-                              *(["--not", "--ignore-missing", *exclude] if exclude else []), timeout=HEAVY_S)
-                    local = tmp / "export.bundle"
-                    guest.get(gbundle, local, "bundle")
-                    uid, gid = repo.owner
-                    if os.geteuid() == 0 and uid != 0:
-                        os.chown(local, uid, gid)
-                    ctx.progress.step("verifying the bundle")
-                    repo.verify_bundle(local)
-                    heads = bundle_heads(local, repo)
-                    for c in changed:
-                        if heads.get(f"refs/heads/{c['branch']}") != c["head"]:
-                            raise IntegrityError(f"the bundle's {c['branch']} is not the guest's {c['head'][:12]}",
-                                                 "run the export again")
-                    ctx.progress.step(f"fetching into {repo.root}")
-                    fetched = repo.fetch_exports(local, vm["name"], [c["branch"] for c in changed])
-                    for f, c in zip(fetched, changed, strict=True):
-                        f["commits"] = c["commits"]
-                        f["base"] = c["base"]
-                if want_patch:
-                    ctx.progress.step("collecting uncommitted guest changes")
-                    gidx, gobj = f"{gtmp}/index", f"{gtmp}/objects"
-                    guest.check(["mkdir", gobj])
-                    env = ["env", f"GIT_INDEX_FILE={gidx}", f"GIT_OBJECT_DIRECTORY={gobj}",
-                           f"GIT_ALTERNATE_OBJECT_DIRECTORIES={path}/.git/objects"]
-                    base = cur_head or "HEAD"
-                    guest.check([*env, "git", "-C", path, "read-tree", base])
-                    guest.check([*env, "git", "-C", path, "add", "-A"], timeout=HEAVY_S)
-                    names = guest.check([*env, "git", "-C", path, "diff", "--cached", "--name-only", base])
-                    patch_files = len([n for n in names.splitlines() if n])
-                    gpatch = f"{gtmp}/dirty.patch"
-                    guest.check([*env, "git", "-C", path, "diff", "--cached", "--binary", "--full-index",
-                                 f"--output={gpatch}", base], timeout=HEAVY_S)
-                    out_dir = repo.git_dir / REF_NS / vm["name"]
-                    out_dir.mkdir(parents=True, exist_ok=True)
-                    stamp = time.strftime("%Y%m%dT%H%M%S")
-                    patch_path = out_dir / f"uncommitted-{cur_branch or 'detached'}-{stamp}.patch"
-                    part = tmp / "dirty.patch"
-                    guest.get(gpatch, part, "uncommitted changes")
-                    os.replace(part, patch_path)
-                    uid, gid = repo.owner
-                    if os.geteuid() == 0 and uid != 0:
-                        for p in (repo.git_dir / REF_NS, out_dir, patch_path):
-                            os.chown(p, uid, gid)
-            finally:
+            if changed:
+                ctx.progress.step(f"bundling {len(changed)} branch(es) in {vm['name']}")
+                gbundle = f"{gtmp}/export.bundle"
+                guest.git(path, "bundle", "create", "-q", gbundle, *[f"refs/heads/{c['branch']}" for c in changed],
+                          *(["--not", "--ignore-missing", *exclude] if exclude else []), timeout=HEAVY_S)
+                local = tmp / "export.bundle"
+                guest.get(gbundle, local, "bundle")
+                uid, gid = repo.owner
+                if os.geteuid() == 0 and uid != 0:
+                    os.chown(local, uid, gid)
+                ctx.progress.step("verifying the bundle")
+                repo.verify_bundle(local)
+                heads = bundle_heads(local, repo)
+                for c in changed:
+                    if heads.get(f"refs/heads/{c['branch']}") != c["head"]:
+                        raise IntegrityError(f"the bundle's {c['branch']} is not the guest's {c['head'][:12]}",
+                                             "run the export again")
+                ctx.progress.step(f"fetching into {repo.root}")
+                fetched = repo.fetch_exports(local, vm["name"], [c["branch"] for c in changed])
+                for f, c in zip(fetched, changed, strict=True):
+                    f["commits"] = c["commits"]
+                    f["base"] = c["base"]
+            if want_patch:
+                ctx.progress.step("collecting uncommitted guest changes")
+                out = guest.check(["sh", "-c", _GUEST_DIRTY, "sh", path, gtmp, cur_head or "HEAD"], timeout=HEAVY_S)
+                patch_files = int(out.strip() or 0)
+                gpatch = f"{gtmp}/dirty.patch"
+                out_dir = repo.git_dir / REF_NS / vm["name"]
+                out_dir.mkdir(parents=True, exist_ok=True)
+                stamp = time.strftime("%Y%m%dT%H%M%S")
+                patch_path = out_dir / f"uncommitted-{cur_branch or 'detached'}-{stamp}.patch"
+                part = tmp / "dirty.patch"
+                guest.get(gpatch, part, "uncommitted changes")
+                os.replace(part, patch_path)
+                uid, gid = repo.owner
+                if os.geteuid() == 0 and uid != 0:
+                    for p in (repo.git_dir / REF_NS, out_dir, patch_path):
+                        os.chown(p, uid, gid)
+        finally:
+            if gtmp:
                 try:
                     guest.run(["rm", "-rf", "--", gtmp])
                 except BangerError:
-                    pass
-        finally:
+                    pass  # the guest went away
             t.close()
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
