@@ -496,26 +496,6 @@ class Guest:
                          f"install it in the guest (banger vm exec {self.vm['name']} -- apt-get install -y git, "
                          f"with NAT on), or use an image that has it (the default debian-bookworm does)")
 
-    def require_git(self) -> None:
-        rc, out, _ = self.run(["sh", "-c", "command -v git"])
-        if rc != 0 or not out.strip():
-            raise HostError(f"git is not installed in VM {self.vm['name']}",
-                            f"install it in the guest (banger vm exec {self.vm['name']} -- apt-get install -y git, "
-                            f"with NAT on), or use an image that has it (the default debian-bookworm does)")
-
-    def inspect(self, path: str) -> str:
-        """absent | empty (an empty directory) | repo (a work tree root) | other."""
-        script = ('if [ ! -e "$1" ] && [ ! -L "$1" ]; then echo absent; '
-                  'elif [ -d "$1" ] && [ -e "$1/.git" ]; then echo repo; '
-                  'elif [ -d "$1" ] && [ -z "$(ls -A "$1")" ]; then echo empty; '
-                  'else echo other; fi')
-        return self.check(["sh", "-c", script, "sh", path]).strip()
-
-    def existing_ancestor(self, path: str) -> str:
-        p = posixpath.dirname(path)
-        script = 'p="$1"; while [ ! -d "$p" ]; do p=$(dirname "$p"); done; echo "$p"'
-        return self.check(["sh", "-c", script, "sh", p]).strip() or "/"
-
     def _sftp(self):
         try:
             return self.t.open_sftp_client()
