@@ -99,6 +99,17 @@ def print_table(columns: list[str], rows: list[list[Any]], title: str | None = N
     sys.stdout.write("\n".join(out) + "\n")
 
 
+def human_bytes(n) -> str:
+    if n is None:
+        return ""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 def print_kv(d: dict, title: str | None = None) -> None:
     con = _stdout_console()
     if title:

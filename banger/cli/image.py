@@ -7,19 +7,9 @@ from typing import Annotated
 import typer
 
 from .app import JsonOpt, emit, make_app, make_ctx, print_kv, print_table, say
+from .app import human_bytes as _human
 
 app = make_app("Build, pull, register and manage root filesystem images.")
-
-
-def _human(n) -> str:
-    if n is None:
-        return ""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _summary(row: dict) -> dict:
