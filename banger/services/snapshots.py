@@ -141,7 +141,7 @@ def create(ctx, vm_ref: str, name: str | None = None) -> dict:
 
 def _capture(ctx, vm: dict, h: dict, staging: Path) -> dict:
     """Pause, write the VMM snapshot, copy the per-VM disks while paused, resume (always)."""
-    driver = vms._driver(ctx, vm)
+    driver = vms.vm_driver(ctx, vm)
     d = vms.vm_dir(ctx, vm)
     copies = {}
     ctx.progress.step("pausing the guest and writing its memory")
@@ -223,7 +223,7 @@ def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = Tru
     if name is not None:
         validate_name(name)
         if ctx.store.get_vm(name) is not None:
-            raise vms._name_taken(name)
+            raise vms.name_taken(name)
     o["creator"] = {"pid": os.getpid(), "start": procs.start_time(os.getpid())}
     o["restored_from"] = snapshot
     try:
@@ -233,7 +233,7 @@ def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = Tru
                         work_disk_size_mib=meta["work_disk_size_mib"], nat=bool(meta.get("nat")), options=o)
     except BangerError as e:
         if e.code == "conflict" and name:
-            raise vms._name_taken(name) from None
+            raise vms.name_taken(name) from None
         raise
     t0 = time.monotonic()
     timings = {}
@@ -270,38 +270,38 @@ def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = Tru
                       message="copying disks")
 
             def net():
-                state["tap"] = vms._net_up(ctx, vm)
+                state["tap"] = vms.net_up(ctx, vm)
 
-            steps.run("net.tap", net, lambda: vms._net_down(ctx, vm), message="network")
+            steps.run("net.tap", net, lambda: vms.net_down(ctx, vm), message="network")
 
             def launch():
-                spec = vms._spec(ctx, vm, state["tap"])
+                spec = vms.vm_spec(ctx, vm, state["tap"])
                 vms.run_dir(ctx, vm).mkdir(parents=True, exist_ok=True)
-                h = vms._driver(ctx, vm).restore(spec, sdir, meta["vmm"], ctx.progress)
+                h = vms.vm_driver(ctx, vm).restore(spec, sdir, meta["vmm"], ctx.progress)
                 state["handles"] = h
                 vms.save_handles(ctx, vm, h)
 
             def unlaunch():
                 h = state.get("handles") or vms.load_handles(ctx, vm)
                 if h:
-                    vms._driver(ctx, vm).kill(h)
+                    vms.vm_driver(ctx, vm).kill(h)
                 (d / vms.HANDLES).unlink(missing_ok=True)
                 shutil.rmtree(vms.run_dir(ctx, vm), ignore_errors=True)
 
             steps.run("vmm.restore", launch, unlaunch, message=f"restoring with {snap['backend']}")
             timings["vmm_restored_ms"] = round((time.monotonic() - t0) * 1000, 1)
             snap_lock.close()  # the VMM (or its UFFD handler) holds what it still needs open
-            steps.run("guest.net", lambda: vms._driver(ctx, vm).send_console(state["handles"],
+            steps.run("guest.net", lambda: vms.vm_driver(ctx, vm).send_console(state["handles"],
                                                                                net_line(ctx, vm)),
                       message="giving the guest its new address")
             if wait_ssh:
-                transport = steps.run("guest.ssh", lambda: vms._wait_ssh(ctx, vm, state["handles"]),
+                transport = steps.run("guest.ssh", lambda: vms.wait_for_ssh(ctx, vm, state["handles"]),
                                       message="waiting for SSH")
                 timings["ssh_ready_ms"] = round((time.monotonic() - t0) * 1000, 1)
             ctx.store.update_vm(vm["id"], state=vms.RUNNING, error=None)
             steps.forget()
         except BaseException as e:
-            if vms._booted(ctx, vm, steps, e):
+            if vms.kept_for_inspection(ctx, vm, steps, e):
                 ctx.store.update_vm(vm["id"], state=vms.RUNNING, error=e.message)
                 steps.forget()
                 raise

@@ -199,7 +199,7 @@ def _make_overlay_disk(ctx, vm, size_mib: int) -> None:
 
 
 # ---------------------------------------------------------------- networking
-def _net_up(ctx, vm) -> str:
+def net_up(ctx, vm) -> str:
     from banger.services import hostnet, pool
 
     hostnet.ensure_bridge(ctx)
@@ -212,7 +212,7 @@ def _net_up(ctx, vm) -> str:
     return tap
 
 
-def _net_down(ctx, vm) -> None:
+def net_down(ctx, vm) -> None:
     """Idempotent: forget the neighbour, drop NAT, hand the TAP back to the pool."""
     from banger.services import pool
 
@@ -250,7 +250,7 @@ def _neighbour(ctx, vm, *, add: bool) -> None:
 
 
 # ---------------------------------------------------------------- boot
-def _spec(ctx, vm, tap: str):
+def vm_spec(ctx, vm, tap: str):
     from banger.bootargs import guest_cmdline
     from banger.vmm.base import Drive, VmSpec
 
@@ -273,19 +273,19 @@ def _spec(ctx, vm, tap: str):
                   tap=tap, mac=vm["mac"], run_dir=run_dir(ctx, vm), vm_dir=d, serial_log=d / SERIAL)
 
 
-def _driver(ctx, vm):
+def vm_driver(ctx, vm):
     from banger.vmm.base import get_driver
 
     return get_driver(vm["backend"], ctx.cfg)
 
 
-def _ssh_files(ctx, vm) -> dict:
+def ssh_files(ctx, vm) -> dict:
     from banger.sshkeys import client_key
 
     return {"key_path": client_key(ctx.cfg).private, "known_hosts": vm_dir(ctx, vm) / KNOWN_HOSTS}
 
 
-def _wait_ssh(ctx, vm, handles: dict, timeout: float | None = None):
+def wait_for_ssh(ctx, vm, handles: dict, timeout: float | None = None):
     from banger.adapters import ssh
 
     timeout = ctx.cfg.ssh_timeout_s if timeout is None else timeout
@@ -296,7 +296,7 @@ def _wait_ssh(ctx, vm, handles: dict, timeout: float | None = None):
                                 f"{_serial_tail(ctx, vm)}", "see `banger vm logs` for the whole console")
 
     try:
-        return ssh.wait_ready(vm["ip"], deadline=time.monotonic() + timeout, alive=alive, **_ssh_files(ctx, vm))
+        return ssh.wait_ready(vm["ip"], deadline=time.monotonic() + timeout, alive=alive, **ssh_files(ctx, vm))
     except GuestTimeout as e:
         raise GuestTimeout(f"guest did not answer SSH within {timeout:g}s ({e.message}); the VM is kept for "
                            f"inspection. Serial console (last lines):\n{_serial_tail(ctx, vm)}",
@@ -309,31 +309,31 @@ def _boot_steps(ctx, vm, steps: Steps, *, wait_ssh: bool):
     state = {}
 
     def net():
-        state["tap"] = _net_up(ctx, vm)
+        state["tap"] = net_up(ctx, vm)
 
-    steps.run("net.tap", net, lambda: _net_down(ctx, vm), message="network")
+    steps.run("net.tap", net, lambda: net_down(ctx, vm), message="network")
 
     def launch():
-        spec = _spec(ctx, vm, state["tap"])
+        spec = vm_spec(ctx, vm, state["tap"])
         run_dir(ctx, vm).mkdir(parents=True, exist_ok=True)
-        h = _driver(ctx, vm).launch(spec, ctx.progress)
+        h = vm_driver(ctx, vm).launch(spec, ctx.progress)
         state["handles"] = h
         save_handles(ctx, vm, h)
 
     def unlaunch():
         h = state.get("handles") or load_handles(ctx, vm)
         if h:
-            _driver(ctx, vm).kill(h)
+            vm_driver(ctx, vm).kill(h)
         (vm_dir(ctx, vm) / HANDLES).unlink(missing_ok=True)
         shutil.rmtree(run_dir(ctx, vm), ignore_errors=True)
 
     steps.run("vmm.launch", launch, unlaunch, message=f"starting {vm['backend']}")
     if not wait_ssh:
         return None
-    return steps.run("guest.ssh", lambda: _wait_ssh(ctx, vm, state["handles"]), message="waiting for SSH")
+    return steps.run("guest.ssh", lambda: wait_for_ssh(ctx, vm, state["handles"]), message="waiting for SSH")
 
 
-def _booted(ctx, vm, steps: Steps, exc: BaseException) -> bool:
+def kept_for_inspection(ctx, vm, steps: Steps, exc: BaseException) -> bool:
     """An SSH timeout keeps the booted VM for inspection instead of unwinding it."""
     return isinstance(exc, GuestTimeout) and steps.current == "guest.ssh" and vmm_alive(ctx, vm)
 
@@ -371,7 +371,7 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
 
         validate_name(name)
         if ctx.store.get_vm(name) is not None:  # fail fast; reserve re-checks atomically
-            raise _name_taken(name)
+            raise name_taken(name)
 
     # phase 1: resolve (no lock)
     img, ker, be = resolve(ctx, image=image, kernel=kernel, backend=backend)
@@ -395,7 +395,7 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
                         work_disk_size_mib=work_disk_size_mib, nat=nat, options=options)
     except BangerError as e:
         if e.code == "conflict" and name:
-            raise _name_taken(name) from None
+            raise name_taken(name) from None
         raise
 
     # phase 3: build and boot under vm/<id> only
@@ -423,7 +423,7 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
             ctx.store.update_vm(vm["id"], state=RUNNING if start else STOPPED, error=None)
             steps.forget()
         except BaseException as e:
-            if _booted(ctx, vm, steps, e):
+            if kept_for_inspection(ctx, vm, steps, e):
                 ctx.store.update_vm(vm["id"], state=RUNNING, error=e.message)
                 steps.forget()
                 raise
@@ -442,7 +442,7 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
     return out
 
 
-def _name_taken(name: str):
+def name_taken(name: str):
     from banger.errors import Conflict
 
     return Conflict(f"a VM named {name!r} already exists",
@@ -468,7 +468,7 @@ def start(ctx, ref: str, *, wait_ssh: bool = True, keep_ssh: bool = False):
             ctx.store.update_vm(vm["id"], state=RUNNING, error=None)
             steps.forget()
         except BaseException as e:
-            if _booted(ctx, vm, steps, e):
+            if kept_for_inspection(ctx, vm, steps, e):
                 ctx.store.update_vm(vm["id"], state=RUNNING, error=e.message)
                 raise
             steps.unwind()
@@ -488,7 +488,7 @@ def _teardown_runtime(ctx, vm) -> None:
     h = load_handles(ctx, vm)
     if h:
         try:
-            _driver(ctx, vm).kill(h)
+            vm_driver(ctx, vm).kill(h)
         except BangerError:
             procs.kill(h.get("pid"), h.get("pid_start"))
     for extra in ("uffd_pid",):  # helper processes a driver may have recorded
@@ -496,7 +496,7 @@ def _teardown_runtime(ctx, vm) -> None:
             procs.kill(h.get(extra), h.get(extra + "_start"))
     (vm_dir(ctx, vm) / HANDLES).unlink(missing_ok=True)
     shutil.rmtree(run_dir(ctx, vm), ignore_errors=True)
-    _net_down(ctx, vm)
+    net_down(ctx, vm)
 
 
 def _graceful_shutdown(ctx, vm, h: dict, timeout: float) -> bool:
@@ -508,14 +508,14 @@ def _graceful_shutdown(ctx, vm, h: dict, timeout: float) -> bool:
     """
     deadline = time.monotonic() + timeout
     try:
-        _driver(ctx, vm).request_shutdown(h)
+        vm_driver(ctx, vm).request_shutdown(h)
     except BangerError:
         pass
     t = None
     try:
         from banger.adapters import ssh
 
-        t = ssh.connect(vm["ip"], timeout=min(5.0, timeout), **_ssh_files(ctx, vm))
+        t = ssh.connect(vm["ip"], timeout=min(5.0, timeout), **ssh_files(ctx, vm))
         # no waiting for an exit status: the guest tears sshd down as it powers off
         t.open_session().exec_command("kill -TERM 1")
     except Exception:  # noqa: BLE001 - best effort: paramiko raises its own family as the guest goes away
@@ -644,7 +644,7 @@ def connect(ctx, ref: str):
     from banger.adapters import ssh
 
     vm = running(ctx, ref)
-    return ssh.connect(vm["ip"], **_ssh_files(ctx, vm))
+    return ssh.connect(vm["ip"], **ssh_files(ctx, vm))
 
 
 def serial_log(ctx, ref: str) -> Path:
@@ -654,7 +654,7 @@ def serial_log(ctx, ref: str) -> Path:
 
 def ssh_config(ctx, ref: str) -> str:
     vm = get(ctx, ref)
-    f = _ssh_files(ctx, vm)
+    f = ssh_files(ctx, vm)
     return (f"Host {vm['name']}\n"
             f"    HostName {vm['ip']}\n"
             f"    User root\n"
