@@ -34,6 +34,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -76,13 +77,103 @@ static PyObject *py_probe(PyObject *self, PyObject *args)
     return Py_BuildValue("(Os)", Py_True, buf);
 }
 
+/* touch_order_runs(pages, npages): a page extends the run that ends right before it (whenever
+ * that run began), otherwise it starts a new run; runs come out in the order they began. Two
+ * vCPUs walking two buffers interleave in the log but come out as two runs. Pages past npages
+ * and repeats are dropped. */
+static PyObject *py_touch_order_runs(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    unsigned long long npages;
+    if (!PyArg_ParseTuple(args, "y*K", &view, &npages))
+        return NULL;
+    if (view.len % 4 || npages > UINT32_MAX) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "pages must be uint32 values and npages below 2**32");
+        return NULL;
+    }
+    size_t n = (size_t)view.len / 4;
+    const uint32_t *pages = view.buf;
+    uint32_t *tail = calloc(npages ? npages : 1, sizeof *tail); /* run index + 1 of the run ending at page */
+    uint8_t *seen = calloc(npages ? npages : 1, 1);
+    uint64_t *out = malloc((n ? n : 1) * 2 * sizeof *out);
+    if (!tail || !seen || !out) {
+        free(tail);
+        free(seen);
+        free(out);
+        PyBuffer_Release(&view);
+        return PyErr_NoMemory();
+    }
+    size_t nruns = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t p = pages[i];
+        if (p >= npages || seen[p])
+            continue;
+        seen[p] = 1;
+        if (p > 0 && tail[p - 1]) {
+            uint32_t r = tail[p - 1];
+            tail[p - 1] = 0;
+            tail[p] = r;
+            out[2 * (r - 1) + 1]++;
+        } else {
+            out[2 * nruns] = p;
+            out[2 * nruns + 1] = 1;
+            tail[p] = (uint32_t)++nruns;
+        }
+    }
+    PyBuffer_Release(&view);
+    PyObject *b = PyBytes_FromStringAndSize((const char *)out, (Py_ssize_t)(nruns * 2 * sizeof *out));
+    free(tail);
+    free(seen);
+    free(out);
+    return b;
+}
+
+/* readahead(mem_fd, plan, page_size, sample=64): a restore from a warm page cache should not pay
+ * thousands of fadvise calls, so first look at up to `sample` plan pages spread over the plan
+ * (a one-byte RWF_NOWAIT read fails with EAGAIN when the page is not cached). */
+static PyObject *py_readahead(PyObject *self, PyObject *args)
+{
+    int fd, sample = 64;
+    Py_buffer view;
+    unsigned long long ps;
+    if (!PyArg_ParseTuple(args, "iy*K|i", &fd, &view, &ps, &sample))
+        return NULL;
+    if (view.len % 16 || !ps) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "plan must be uint64 pairs (file_page, npages)");
+        return NULL;
+    }
+    size_t n = (size_t)view.len / 16;
+    const uint64_t *plan = view.buf;
+    long advised = 0;
+    Py_BEGIN_ALLOW_THREADS
+    int cold = 0;
+    size_t step = n / (sample > 0 ? (size_t)sample : 1);
+    for (size_t k = 0; k < n && !cold; k += step ? step : 1) {
+        char b;
+        struct iovec iov = {.iov_base = &b, .iov_len = 1};
+        if (preadv2(fd, &iov, 1, (off_t)(plan[2 * k] * ps), RWF_NOWAIT) < 0)
+            cold = errno == EAGAIN || errno == EOPNOTSUPP;
+    }
+    for (size_t k = 0; cold && k < n; k++) {
+        if (posix_fadvise(fd, (off_t)(plan[2 * k] * ps), (off_t)(plan[2 * k + 1] * ps), POSIX_FADV_WILLNEED))
+            break;
+        advised++;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    return PyLong_FromLong(advised);
+}
+
 /* ------------------------------------------------------------------------- */
 /* Server                                                                     */
 
-enum { PG_MISSING = 0, PG_PRESENT = 1, PG_REMOVED = 2, PG_STATE_MASK = 0x03, PG_PLANNED = 0x40, PG_LOGGED = 0x80 };
+enum { PG_MISSING = 0, PG_PRESENT = 1, PG_REMOVED = 2, PG_STATE_MASK = 0x03, PG_HOLE = 0x20, PG_PLANNED = 0x40,
+       PG_LOGGED = 0x80 };
 #define SET_STATE(s, fp, v) ((s)->state[fp] = (uint8_t)(((s)->state[fp] & ~PG_STATE_MASK) | (v)))
 #define IS_MISSING(s, fp) (((s)->state[fp] & PG_STATE_MASK) == PG_MISSING)
-#define HOT_MAX 64
+#define NSTREAMS 8
 
 enum { END_PEER_CLOSED = 1, END_PEER_EXITED = 2, END_STOPPED = 3, END_ERROR = -1 };
 
@@ -112,7 +203,9 @@ enum {
     ST_LAST_FAULT_NS,
     ST_PLAN_DONE_NS,
     ST_UNKNOWN_EVENTS,
-    ST_HOT_PAGES,       /* prefetch pages copied right behind a fault, along the plan */
+    ST_HOT_PAGES,       /* prefetch pages copied along the plan from where the guest faulted */
+    ST_HOLE_PAGES,      /* pages in holes of a sparse memory file, installed as zero pages */
+    ST_STREAMS,         /* cursors started at a fault inside the plan */
     ST_COUNT
 };
 
@@ -120,7 +213,7 @@ static const char *stat_names[ST_COUNT] = {
     "faults", "fault_pages", "zero_pages", "prefetch_pages", "prefetch_batches", "prefetch_skipped",
     "removes", "removed_pages", "eagain", "eagain_retries", "eexist", "wakes", "recorded",
     "service_ns", "service_max_ns", "prefetch_ns", "first_fault_ns", "last_fault_ns", "plan_done_ns",
-    "unknown_events", "hot_pages",
+    "unknown_events", "hot_pages", "hole_pages", "streams",
 };
 
 typedef struct {
@@ -141,13 +234,18 @@ typedef struct {
     uint64_t busy_batch_pages; /* batch size while faults are arriving */
     int no_populate;
 
-    /* prefetch plan: pairs (file_page, npages) */
+    /* prefetch plan: pairs (file_page, npages), in the order the guest is expected to touch them */
     uint64_t *plan;
-    size_t plan_len, plan_pos;
-    uint64_t plan_cur; /* next page within plan[plan_pos] */
-    int plan_active;
-    uint64_t hot[HOT_MAX]; /* planned pages right after recent faults: copied before the plan cursor */
-    size_t nhot;
+    size_t plan_len;
+    uint64_t *by_start; /* pairs (first page, run index) sorted by first page: the run holding a page */
+    /* Cursors along the plan: [0] is the background pass from the start; the others begin where
+     * the guest faulted inside the plan and follow the plan order from there (the guest will touch
+     * those pages next). The newest goes first; a cursor ends at the end of the plan. */
+    struct {
+        size_t pos;   /* run index */
+        uint64_t cur; /* next page within that run */
+    } cur[NSTREAMS];
+    int ncur;
 
     /* deferred faults (page-aligned addresses) */
     uint64_t *deferred;
@@ -243,8 +341,9 @@ static void populate_src(Server *s, uint64_t off, uint64_t len)
         s->no_populate = 1;
 }
 
-/* 0 = done, 1 = EAGAIN (try later), 2 = the VMM's memory is gone, END_ERROR = failure. */
-static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry, uint64_t *fp_out)
+/* 0 = done, 1 = EAGAIN (try later), 2 = the VMM's memory is gone, END_ERROR = failure.
+ * *fp_out gets the faulting memory-file page, *done_out the pages installed from it on. */
+static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry, uint64_t *fp_out, uint64_t *done_out)
 {
     const region_t *r = region_of_addr(s, addr);
     if (!r)
@@ -254,9 +353,13 @@ static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry, uint
     uint64_t rend = (r->file_off + r->size) >> s->page_shift, extra = 0;
     uint8_t st = s->state[fp];
     *fp_out = fp;
+    *done_out = 0;
     int zero = (st & PG_STATE_MASK) == PG_REMOVED;
+    int hole = !zero && (st & PG_HOLE); /* only ever set for 4 KiB pages */
+    int rec = LOAD(s->record);
 
-    if (!zero && !retry && LOAD(s->record) && !(st & PG_LOGGED)) {
+    /* record 1: every first touch; record 2: only pages the plan lacks (refreshing a replayed log) */
+    if (!zero && !retry && rec && !(st & PG_LOGGED) && (rec == 1 || !(st & PG_PLANNED))) {
         pthread_mutex_lock(&s->lock);
         if (s->log_len == s->log_cap) {
             size_t cap = s->log_cap ? s->log_cap * 2 : 4096;
@@ -276,18 +379,21 @@ static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry, uint
 
     int rc;
     long long result;
-    if (zero && s->page_size == 4096) {
-        struct uffdio_zeropage z = {.range = {.start = addr, .len = s->page_size}, .mode = 0};
+    /* Fault-around along the plan: the planned, missing pages right after this one (of the same
+     * kind: file data or hole) go in the same call (the guest is walking into them; a separate
+     * batch would race its next fault). The faulting page is first, so any progress at all
+     * serves the fault. */
+    if (!zero) {
+        uint8_t want = PG_PLANNED | (st & PG_HOLE);
+        while (extra < s->fault_around && fp + 1 + extra < rend &&
+               (s->state[fp + 1 + extra] & (PG_PLANNED | PG_STATE_MASK | PG_HOLE)) == want)
+            extra++;
+    }
+    if ((zero || hole) && s->page_size == 4096) {
+        struct uffdio_zeropage z = {.range = {.start = addr, .len = (1 + extra) << s->page_shift}, .mode = 0};
         rc = ioctl(s->uffd, UFFDIO_ZEROPAGE, &z);
         result = z.zeropage;
     } else {
-        /* Fault-around along the plan: the planned, missing pages right after this one go in
-         * the same copy (the guest is walking into them; a separate batch would race its next
-         * fault). The faulting page is first, so any progress at all serves the fault. */
-        if (!zero)
-            while (extra < s->fault_around && fp + 1 + extra < rend &&
-                   (s->state[fp + 1 + extra] & (PG_PLANNED | PG_STATE_MASK)) == PG_PLANNED)
-                extra++;
         if (!zero && (s->page_size != 4096 || extra))
             populate_src(s, off, (1 + extra) << s->page_shift);
         struct uffdio_copy c = {
@@ -303,7 +409,10 @@ static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry, uint
         uint64_t done = rc == 0 ? 1 + extra : (uint64_t)result >> s->page_shift;
         for (uint64_t k = 0; k < done; k++)
             SET_STATE(s, fp + k, PG_PRESENT);
+        *done_out = done;
         ADD(s, zero ? ST_ZERO_PAGES : ST_FAULT_PAGES, 1);
+        if (hole)
+            ADD(s, ST_HOLE_PAGES, done);
         if (done > 1) {
             ADD(s, ST_PREFETCH_PAGES, done - 1);
             ADD(s, ST_HOT_PAGES, done - 1);
@@ -317,6 +426,7 @@ static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry, uint
         if (e == EEXIST) {
             /* already populated (another fault on the same page, or a prefetch got there first) */
             SET_STATE(s, fp, PG_PRESENT);
+            *done_out = 1;
             ADD(s, ST_EEXIST, 1);
             struct uffdio_range w = {.start = addr, .len = s->page_size};
             if (ioctl(s->uffd, UFFDIO_WAKE, &w) == 0)
@@ -372,21 +482,49 @@ static void mark_removed(Server *s, uint64_t start, uint64_t end)
     }
 }
 
-/* The guest faulted just before page fp: if the plan holds fp and it is still missing, copy the
- * planned pages from there soon (the guest is walking into them) instead of waiting for the
- * plan cursor to get there. */
-static void note_hot(Server *s, uint64_t fp)
+/* The plan run holding memory-file page fp, or -1. */
+static long run_of(const Server *s, uint64_t fp)
 {
-    if (fp >= s->npages || (s->state[fp] & (PG_PLANNED | PG_STATE_MASK)) != PG_PLANNED)
-        return;
-    for (size_t i = 0; i < s->nhot; i++)
-        if (s->hot[i] == fp)
-            return;
-    if (s->nhot == HOT_MAX) { /* keep the newest */
-        memmove(s->hot, s->hot + 1, (HOT_MAX - 1) * sizeof s->hot[0]);
-        s->nhot--;
+    if (!s->by_start || !(s->state[fp] & PG_PLANNED))
+        return -1;
+    size_t lo = 0, hi = s->plan_len; /* first entry starting after fp */
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (s->by_start[2 * mid] <= fp)
+            lo = mid + 1;
+        else
+            hi = mid;
     }
-    s->hot[s->nhot++] = fp;
+    if (!lo)
+        return -1;
+    size_t r = (size_t)s->by_start[2 * (lo - 1) + 1];
+    return fp < s->plan[2 * r] + s->plan[2 * r + 1] ? (long)r : -1;
+}
+
+static void drop_cursor(Server *s, int k)
+{
+    memmove(&s->cur[k], &s->cur[k + 1], (size_t)(s->ncur - k - 1) * sizeof s->cur[0]);
+    s->ncur--;
+}
+
+/* The guest faulted at planned page fp and pages up to next are in: it will touch what the plan
+ * holds after that next, so start a cursor there (the newest goes first). */
+static void note_fault(Server *s, uint64_t fp, uint64_t next)
+{
+    if (!s->ncur) /* no plan, or all of it is done */
+        return;
+    long r = run_of(s, fp);
+    if (r < 0)
+        return;
+    for (int k = s->ncur - 1; k >= 1; k--)
+        if (s->cur[k].pos == (size_t)r)
+            drop_cursor(s, k);
+    if (s->ncur == NSTREAMS)
+        drop_cursor(s, 1); /* the oldest fault cursor; [0] covers its pages later */
+    s->cur[s->ncur].pos = (size_t)r;
+    s->cur[s->ncur].cur = next;
+    s->ncur++;
+    ADD(s, ST_STREAMS, 1);
 }
 
 /* Read events until EAGAIN (or max_faults page faults: *more = 1), one 32-byte record per
@@ -419,15 +557,15 @@ static int drain(Server *s, int max_faults, int *more)
                 STORE(s->st[ST_FIRST_FAULT_NS], t);
             STORE(s->st[ST_LAST_FAULT_NS], t);
             uint64_t addr = msg.arg.pagefault.address & ~(s->page_size - 1);
-            uint64_t fp;
-            int rc = serve_page(s, addr, t, 0, &fp);
+            uint64_t fp, done;
+            int rc = serve_page(s, addr, t, 0, &fp, &done);
             if (rc == 1) {
                 if (defer(s, addr) < 0)
                     return END_ERROR;
             } else if (rc != 0) {
                 return rc;
-            } else {
-                note_hot(s, fp + 1);
+            } else if (done) {
+                note_fault(s, fp, fp + done);
             }
         } else if (msg.event == UFFD_EVENT_REMOVE) {
             ADD(s, ST_REMOVES, 1);
@@ -444,8 +582,8 @@ static int retry_deferred(Server *s)
     for (size_t i = 0; i < s->ndef; i++) {
         uint64_t addr = s->deferred[i];
         ADD(s, ST_EAGAIN_RETRIES, 1);
-        uint64_t fp;
-        int rc = serve_page(s, addr, now_ns(), 1, &fp);
+        uint64_t fp, done;
+        int rc = serve_page(s, addr, now_ns(), 1, &fp, &done);
         if (rc == 1)
             s->deferred[keep++] = addr;
         else if (rc != 0) {
@@ -457,27 +595,42 @@ static int retry_deferred(Server *s)
     return 0;
 }
 
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
 static void take_pending_plan(Server *s)
 {
     pthread_mutex_lock(&s->lock);
     if (s->pending_set) {
         free(s->plan);
+        free(s->by_start);
         s->plan = s->pending_plan;
         s->plan_len = s->pending_len;
         s->pending_plan = NULL;
         s->pending_len = 0;
         s->pending_set = 0;
-        s->plan_pos = 0;
-        s->plan_cur = s->plan_len ? s->plan[0] : 0;
-        s->plan_active = s->plan_len > 0;
+        s->ncur = s->plan_len > 0;
+        s->cur[0].pos = 0;
+        s->cur[0].cur = s->plan_len ? s->plan[0] : 0;
         STORE(s->st[ST_PLAN_DONE_NS], 0);
-        s->nhot = 0;
         for (uint64_t i = 0; i < s->npages; i++)
             s->state[i] &= (uint8_t)~PG_PLANNED;
         for (size_t k = 0; k < s->plan_len; k++) {
             uint64_t a = s->plan[2 * k], n = s->plan[2 * k + 1];
             for (uint64_t i = a; i < a + n && i < s->npages; i++)
                 s->state[i] |= PG_PLANNED;
+        }
+        /* without this index (out of memory) faults just start no cursors */
+        s->by_start = s->plan_len ? malloc(s->plan_len * 2 * sizeof(uint64_t)) : NULL;
+        if (s->by_start) {
+            for (size_t k = 0; k < s->plan_len; k++) {
+                s->by_start[2 * k] = s->plan[2 * k];
+                s->by_start[2 * k + 1] = k;
+            }
+            qsort(s->by_start, s->plan_len, 2 * sizeof(uint64_t), cmp_u64);
         }
     }
     pthread_mutex_unlock(&s->lock);
@@ -498,33 +651,46 @@ static int copy_pages(Server *s, uint64_t fp, uint64_t lim, int planned, uint64_
     uint64_t rend = (r->file_off + r->size) >> s->page_shift;
     if (rend < lim)
         lim = rend;
+    uint8_t hole = s->state[fp] & PG_HOLE; /* a run of hole pages goes in as zero pages */
     uint64_t n = 1;
-    while (fp + n < lim && n < max && IS_MISSING(s, fp + n) &&
+    while (fp + n < lim && n < max && IS_MISSING(s, fp + n) && (s->state[fp + n] & PG_HOLE) == hole &&
            (!planned || (s->state[fp + n] & PG_PLANNED)))
         n++;
     uint64_t off = fp << s->page_shift;
-    struct uffdio_copy c = {
-        .dst = r->base + (off - r->file_off),
-        .src = (uint64_t)(uintptr_t)(s->map + off),
-        .len = n << s->page_shift,
-        .mode = 0,
-    };
+    uint64_t dst = r->base + (off - r->file_off);
     uint64_t t0 = now_ns();
-    populate_src(s, off, n << s->page_shift);
-    int rc = ioctl(s->uffd, UFFDIO_COPY, &c);
+    int rc;
+    long long result;
+    if (hole) {
+        struct uffdio_zeropage z = {.range = {.start = dst, .len = n << s->page_shift}, .mode = 0};
+        rc = ioctl(s->uffd, UFFDIO_ZEROPAGE, &z);
+        result = z.zeropage;
+    } else {
+        struct uffdio_copy c = {
+            .dst = dst,
+            .src = (uint64_t)(uintptr_t)(s->map + off),
+            .len = n << s->page_shift,
+            .mode = 0,
+        };
+        populate_src(s, off, n << s->page_shift);
+        rc = ioctl(s->uffd, UFFDIO_COPY, &c);
+        result = c.copy;
+    }
     int e = errno;
     ADD(s, ST_PREFETCH_NS, now_ns() - t0);
     ADD(s, ST_PREFETCH_BATCHES, 1);
     uint64_t done = 0;
     if (rc == 0)
         done = n;
-    else if (c.copy > 0)
-        done = (uint64_t)c.copy >> s->page_shift;
+    else if (result > 0)
+        done = (uint64_t)result >> s->page_shift;
     for (uint64_t k = 0; k < done; k++)
         SET_STATE(s, fp + k, PG_PRESENT);
     ADD(s, ST_PREFETCH_PAGES, done);
+    if (hole)
+        ADD(s, ST_HOLE_PAGES, done);
     *done_out = done;
-    if (rc == 0 || c.copy > 0)
+    if (rc == 0 || result > 0)
         return 0;
     if (e == EAGAIN) {
         ADD(s, ST_EAGAIN, 1);
@@ -542,55 +708,63 @@ static int copy_pages(Server *s, uint64_t fp, uint64_t lim, int planned, uint64_
                 (unsigned long long)n, (unsigned long long)off, strerror(e));
 }
 
-/* One batch of the pages just after a recent fault (newest first). Returns like copy_pages. */
-static int hot_batch(Server *s, uint64_t max)
+/* One batch along the plan for cursor k: up to max contiguous missing pages of its current run,
+ * skipping pages already there. Returns 0, 1 (EAGAIN: the cursor stays), 2 (VMM gone), 3 (the
+ * cursor reached the end of the plan) or END_ERROR. */
+static int cursor_batch(Server *s, int k, uint64_t max)
 {
-    while (s->nhot) {
-        uint64_t fp = s->hot[s->nhot - 1];
-        if (!IS_MISSING(s, fp) || !(s->state[fp] & PG_PLANNED)) {
-            s->nhot--;
-            continue;
-        }
-        uint64_t done;
-        int rc = copy_pages(s, fp, s->npages, 1, max, &done);
-        if (rc == 0) {
-            ADD(s, ST_HOT_PAGES, done);
-            s->hot[s->nhot - 1] = fp + done; /* continue along the run next time */
-            if (fp + done >= s->npages)
-                s->nhot--;
-        }
-        return rc;
-    }
-    return 0;
-}
-
-/* One prefetch batch: up to batch_pages contiguous missing pages of the current run.
- * Returns 0, 1 (EAGAIN: cursor left where it was), 2 (VMM gone) or END_ERROR. */
-static int prefetch_batch(Server *s, uint64_t max)
-{
-    while (s->plan_pos < s->plan_len) {
-        uint64_t start = s->plan[2 * s->plan_pos], count = s->plan[2 * s->plan_pos + 1];
-        uint64_t end = start + count;
+    size_t pos = s->cur[k].pos;
+    uint64_t fp = s->cur[k].cur;
+    while (pos < s->plan_len) {
+        uint64_t start = s->plan[2 * pos], end = start + s->plan[2 * pos + 1];
         if (end > s->npages)
             end = s->npages;
-        uint64_t fp = s->plan_cur;
+        if (fp < start)
+            fp = start;
         while (fp < end && !IS_MISSING(s, fp)) {
             fp++;
             ADD(s, ST_PREFETCH_SKIPPED, 1);
         }
-        s->plan_cur = fp;
         if (fp >= end) {
-            if (++s->plan_pos < s->plan_len)
-                s->plan_cur = s->plan[2 * s->plan_pos];
+            if (++pos < s->plan_len)
+                fp = s->plan[2 * pos];
             continue;
         }
         uint64_t done;
         int rc = copy_pages(s, fp, end, 0, max, &done);
-        s->plan_cur = fp + done;
+        s->cur[k].pos = pos;
+        s->cur[k].cur = fp + done;
+        if (k)
+            ADD(s, ST_HOT_PAGES, done);
         return rc;
     }
-    s->plan_active = 0;
-    STORE(s->st[ST_PLAN_DONE_NS], now_ns());
+    s->cur[k].pos = pos;
+    return 3;
+}
+
+/* One prefetch batch for the newest cursor; cursors that meet, or reach the end, go away. */
+static int prefetch_batch(Server *s, uint64_t max)
+{
+    while (s->ncur) {
+        int k = s->ncur - 1;
+        int rc = cursor_batch(s, k, max);
+        if (rc == 3) {
+            if (k == 0) { /* the background pass is through: every planned page is in (or removed) */
+                s->ncur = 0;
+                STORE(s->st[ST_PLAN_DONE_NS], now_ns());
+                return 0;
+            }
+            drop_cursor(s, k);
+            continue;
+        }
+        if (rc == 0)
+            for (int j = k - 1; j >= 1; j--) /* an older cursor this one caught up with */
+                if (s->cur[j].pos == s->cur[k].pos) {
+                    drop_cursor(s, j);
+                    k--;
+                }
+        return rc;
+    }
     return 0;
 }
 
@@ -602,7 +776,7 @@ static int serve_loop(Server *s)
         {.fd = s->pid_fd, .events = POLLIN},
         {.fd = s->wake_fd, .events = POLLIN},
     };
-    int idle_retries = 0, backoff = 0, turn = 0, more = 0;
+    int idle_retries = 0, backoff = 0, more = 0;
     take_pending_plan(s);
     for (;;) {
         if (LOAD(s->stop))
@@ -613,7 +787,7 @@ static int serve_loop(Server *s)
             ts.tv_sec = 0;
             ts.tv_nsec = (idle_retries > 8 || backoff > 8) ? 1000000 : 20000;
             tsp = &ts;
-        } else if (s->plan_active || s->nhot) {
+        } else if (s->ncur) {
             ts.tv_sec = 0;
             ts.tv_nsec = 0;
             tsp = &ts;
@@ -647,7 +821,7 @@ static int serve_loop(Server *s)
         if ((p[0].revents & POLLIN) || s->ndef) {
             /* with a prefetch pending, serve a few faults then give it a turn: a guest that
              * faults nonstop would otherwise keep the queue from ever emptying */
-            int rc = drain(s, (s->nhot || s->plan_active) ? 4 : 1 << 30, &more);
+            int rc = drain(s, s->ncur ? 4 : 1 << 30, &more);
             if (rc == 2)
                 return END_PEER_EXITED;
             if (rc < 0)
@@ -664,14 +838,11 @@ static int serve_loop(Server *s)
             continue; /* no prefetch while faults wait */
         }
         idle_retries = 0;
-        if (s->nhot || s->plan_active) {
+        if (s->ncur) {
             /* One batch per turn, even while faults keep coming (or the plan would starve exactly
-             * when the guest needs it most); it is small then, so a fault waits little behind it.
-             * Pages after recent faults and the plan cursor take turns. */
+             * when the guest needs it most); it is small then, so a fault waits little behind it. */
             uint64_t max = (p[0].revents & POLLIN) || more ? s->busy_batch_pages : s->batch_pages;
-            turn = !turn;
-            int hot = s->nhot && (turn || !s->plan_active);
-            int rc = hot ? hot_batch(s, max) : prefetch_batch(s, max);
+            int rc = prefetch_batch(s, max);
             if (rc == 2)
                 return END_PEER_EXITED;
             if (rc < 0)
@@ -693,6 +864,7 @@ static void Server_dealloc(Server *s)
     free(s->by_file);
     free(s->state);
     free(s->plan);
+    free(s->by_start);
     free(s->pending_plan);
     free(s->deferred);
     free(s->log);
@@ -710,6 +882,28 @@ static PyObject *Server_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     s->zero_buf = MAP_FAILED;
     pthread_mutex_init(&s->lock, NULL);
     return (PyObject *)s;
+}
+
+/* Pages wholly inside a hole of a sparse memory file (a Diff snapshot, or one copied sparse) read
+ * as zeros: they are installed with UFFDIO_ZEROPAGE instead of being copied (4 KiB pages only;
+ * hugetlb has no zero page). Best effort: without SEEK_HOLE support nothing is marked. */
+static void mark_holes(Server *s, int fd, uint64_t fsize)
+{
+    uint64_t mask = s->page_size - 1;
+    off_t pos = 0;
+    while ((uint64_t)pos < fsize) {
+        off_t h = lseek(fd, pos, SEEK_HOLE);
+        if (h < 0 || (uint64_t)h >= fsize)
+            break;
+        off_t d = lseek(fd, h, SEEK_DATA);
+        uint64_t end = d < 0 ? fsize : (uint64_t)d; /* ENXIO: a hole up to the end */
+        uint64_t a = ((uint64_t)h + mask) & ~mask, b = end & ~mask;
+        for (uint64_t fp = a >> s->page_shift; fp < b >> s->page_shift; fp++)
+            s->state[fp] |= PG_HOLE;
+        if (d < 0)
+            break;
+        pos = d;
+    }
 }
 
 static int cmp_base(const void *a, const void *b)
@@ -738,7 +932,7 @@ static int Server_init(Server *s, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_RuntimeError, "Server is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiOK|$iipKKK", kwlist, &uffd, &mem_fd, &regions, &page_size,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiOK|$iiiKKK", kwlist, &uffd, &mem_fd, &regions, &page_size,
                                      &conn_fd, &pid_fd, &record, &batch, &around, &busy))
         return -1;
     if (page_size != 4096 && page_size != 2097152) {
@@ -815,6 +1009,8 @@ static int Server_init(Server *s, PyObject *args, PyObject *kw)
         PyErr_NoMemory();
         return -1;
     }
+    if (page_size == 4096)
+        mark_holes(s, mem_fd, fsize);
     s->map = mmap(NULL, fsize, PROT_READ, MAP_PRIVATE | MAP_NORESERVE, mem_fd, 0);
     if (s->map == MAP_FAILED) {
         PyErr_SetFromErrno(PyExc_OSError);
@@ -830,6 +1026,10 @@ static int Server_init(Server *s, PyObject *args, PyObject *kw)
     s->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (s->wake_fd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    if (record < 0 || record > 2) {
+        PyErr_SetString(PyExc_ValueError, "record must be 0 (off), 1 (every first touch) or 2 (pages outside the plan)");
         return -1;
     }
     s->uffd = uffd;
@@ -924,10 +1124,14 @@ static PyObject *Server_set_plan(Server *s, PyObject *arg)
 
 static PyObject *Server_set_record(Server *s, PyObject *arg)
 {
-    int on = PyObject_IsTrue(arg);
-    if (on < 0)
+    long on = PyLong_AsLong(arg); /* bools are ints */
+    if (on == -1 && PyErr_Occurred())
         return NULL;
-    STORE(s->record, on);
+    if (on < 0 || on > 2) {
+        PyErr_SetString(PyExc_ValueError, "record must be 0 (off), 1 (every first touch) or 2 (pages outside the plan)");
+        return NULL;
+    }
+    STORE(s->record, (int)on);
     Py_RETURN_NONE;
 }
 
@@ -964,7 +1168,7 @@ static PyMethodDef server_methods[] = {
     {"stop", (PyCFunction)Server_stop, METH_NOARGS, "stop(): make run() return 'stopped' (thread-safe)."},
     {"set_plan", (PyCFunction)Server_set_plan, METH_O,
      "set_plan(runs: bytes): prefetch these (file_page, npages) uint64 pairs, in order (thread-safe)."},
-    {"set_record", (PyCFunction)Server_set_record, METH_O, "set_record(on): record first-touch pages or not."},
+    {"set_record", (PyCFunction)Server_set_record, METH_O, "set_record(mode): 0 records nothing, 1 every first touch, 2 first touches of pages outside the plan."},
     {"access_log", (PyCFunction)Server_access_log, METH_NOARGS,
      "access_log() -> bytes of uint32 memory-file page indices in first-touch order."},
     {"stats", (PyCFunction)Server_stats, METH_NOARGS, "stats() -> dict of counters (thread-safe)."},
@@ -985,6 +1189,12 @@ static PyTypeObject ServerType = {
 
 static PyMethodDef methods[] = {
     {"probe", py_probe, METH_NOARGS, "probe() -> (ok, detail): create a userfaultfd and negotiate its API."},
+    {"touch_order_runs", py_touch_order_runs, METH_VARARGS,
+     "touch_order_runs(pages: bytes, npages) -> bytes: uint32 first-touch page indices (native-endian) as "
+     "uint64 pairs (first page, count): contiguous runs in the order their first page was touched."},
+    {"readahead", py_readahead, METH_VARARGS,
+     "readahead(mem_fd, plan: bytes, page_size, sample=64) -> int: unless sampled plan pages are all in the "
+     "page cache, POSIX_FADV_WILLNEED every plan run; returns the runs advised. Releases the GIL."},
     {NULL, NULL, 0, NULL},
 };
 

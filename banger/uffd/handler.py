@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--settle-intervals", type=int, default=8,
                     help="recording: this many quiet intervals in a row settle it")
     ap.add_argument("--no-fill", action="store_true", help="no sequential background fill")
+    ap.add_argument("--plan-order", choices=("touch", "chunked"), default="touch",
+                    help="replay plan: runs in first-touch order (touch) or sorted within growing chunks")
+    ap.add_argument("--refresh-min-pages", type=int, default=64,
+                    help="replay: rewrite the access log when at least this many pages outside it "
+                         "(and 5%% of its size) were touched")
+    ap.add_argument("--no-refresh", action="store_true", help="replay: never rewrite the access log")
     return ap
 
 
@@ -217,7 +223,9 @@ class Handler:
                     _log(f"ignoring access log {a.access_log}: {e}")
                     self.stats["log_ignored"] = str(e)
                 if log_pages is not None:
-                    log_plan = policy.plan_from_log(log_pages, mem_size // log_page_size)
+                    npages = mem_size // log_page_size
+                    log_plan = policy.plan_from_touch_order(log_pages, npages) if a.plan_order == "touch" \
+                        else policy.plan_from_log(log_pages, npages)
                     self._advise(mem_fd, log_plan, log_page_size)
 
         self.conn, self.peer = hs.accept(self.listener, a.connect_timeout)
@@ -247,16 +255,18 @@ class Handler:
         })
         _log(f"handshake: {len(regions)} region(s), page size {page_size}")
 
-        record = False
+        record = 0  # 1: every first touch (no log yet); 2: pages a replayed log lacks
         plan = None
         if a.no_prefetch:
             self.stats["mode"] = "on_demand"
         elif log_plan is not None and log_page_size == page_size:
             plan = log_plan
             self.stats.update(mode="replay", log_pages=len(log_pages), plan_runs=len(plan) // 2,
-                              plan_pages=policy.plan_pages(plan))
+                              plan_pages=policy.plan_pages(plan), plan_order=a.plan_order)
+            if not a.no_refresh:
+                record = 2  # pages the log lacks: merged into it when there are many
         elif a.access_log:
-            record = True
+            record = 1
             self.stats["mode"] = "record"
         elif not a.no_fill:
             plan = policy.fill_plan(regions, page_size)
@@ -287,16 +297,20 @@ class Handler:
             server.stop()
         self._serve(server, record, regions, page_size, mem_size)
 
-    @staticmethod
-    def _advise(mem_fd: int, plan, page_size: int) -> None:
-        """Ask for the logged pages' file data to be read ahead while the VMM is still starting."""
-        for k in range(0, len(plan), 2):
-            try:
-                os.posix_fadvise(mem_fd, plan[k] * page_size, plan[k + 1] * page_size, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                return
+    def _advise(self, mem_fd: int, plan, page_size: int) -> None:
+        """Ask for the logged pages' file data to be read ahead while the VMM is still starting (on a
+        thread: the restore must not wait for it; from a warm page cache it is skipped)."""
+        data = plan.tobytes()
 
-    def _serve(self, server, record: bool, regions, page_size: int, mem_size: int) -> None:
+        def go():
+            try:
+                self.stats["readahead_runs"] = _uffd.readahead(mem_fd, data, page_size)
+            except OSError as e:
+                self.stats["readahead_error"] = str(e)
+
+        threading.Thread(target=go, name="uffd-readahead", daemon=True).start()
+
+    def _serve(self, server, record: int, regions, page_size: int, mem_size: int) -> None:
         a = self.a
         outcome: dict = {}
 
@@ -314,14 +328,19 @@ class Handler:
         while t.is_alive():
             t.join(a.settle_interval if record else 1.0)
             if record and t.is_alive() and settler.observe(server.stats()["recorded"]):
-                log_written = self._write_log(server, page_size, mem_size, "settled")
-                record = False
-                server.set_record(False)
-                if not a.no_fill:
+                if record == 1:
+                    log_written = self._write_log(server, page_size, mem_size, "settled")
+                else:
+                    log_written = self._refresh_log(server, page_size, mem_size, "settled")
+                server.set_record(0)
+                if record == 1 and not a.no_fill:
                     server.set_plan(policy.fill_plan(regions, page_size).tobytes())
+                record = 0
         self.stats["serve"] = self._server_stats(server)
-        if record and not log_written and server.stats()["recorded"]:
+        if record == 1 and not log_written and server.stats()["recorded"]:
             self._write_log(server, page_size, mem_size, "vmm_exit")
+        elif record == 2 and not log_written:
+            self._refresh_log(server, page_size, mem_size, "vmm_exit")
         if "error" in outcome:
             e = outcome["error"]
             raise hs.HandlerFailed(f"serving page faults failed: {e}",
@@ -348,6 +367,31 @@ class Handler:
         self.stats.update(log_written=True, log_pages=len(pages), log_reason=why,
                           settled_ms=self._ms(time.monotonic_ns(), self.t_handshake))
         _log(f"access log written: {len(pages)} pages ({why})")
+        return True
+
+    def _refresh_log(self, server, page_size: int, mem_size: int, why: str) -> bool:
+        """Replay saw the guest touch pages its log lacks: when there are many, append them."""
+        import array
+
+        new = array.array("I")
+        new.frombytes(server.access_log())
+        self.stats["unlogged_pages"] = len(new)
+        if not new or len(new) < max(self.a.refresh_min_pages, self.stats.get("log_pages", 0) // 20):
+            return False
+        try:
+            old = policy.read_log(self.a.access_log, page_size, mem_size)
+        except (OSError, policy.LogInvalid) as e:
+            _log(f"not refreshing the access log {self.a.access_log}: {e}")
+            return False
+        merged = policy.merge_logs(old if old is not None else [], new)
+        try:
+            policy.write_log(self.a.access_log, merged, page_size, mem_size)
+        except OSError as e:
+            _log(f"could not refresh the access log {self.a.access_log}: {e}")
+            self.stats["log_error"] = str(e)
+            return False
+        self.stats.update(log_refreshed=True, log_pages_after=len(merged), log_reason=why)
+        _log(f"access log refreshed: {len(new)} new pages, {len(merged)} in all ({why})")
         return True
 
     def _server_stats(self, server) -> dict:

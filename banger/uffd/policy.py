@@ -6,7 +6,8 @@ page count, then that many little-endian uint32 memory-file page indices in the
 order the guest first touched them.
 
 A plan is what the C loop prefetches: uint64 pairs (first memory-file page,
-page count), copied in order, each run in batches, skipping pages already there.
+page count), copied in order, each run in batches, skipping pages already there;
+a fault inside the plan also starts a copy along the plan from that point.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def decode_log(data: bytes, page_size: int, file_size: int) -> array.array:
     if sys.byteorder != "little":
         pages.byteswap()
     npages = file_size // page_size
-    if any(p >= npages for p in pages):
+    if pages and max(pages) >= npages:
         raise LogInvalid("access log names pages past the end of the memory file")
     return pages
 
@@ -84,12 +85,39 @@ def write_log(path: Path | str, pages: array.array, page_size: int, file_size: i
     atomic_write_bytes(path, encode_log(pages, page_size, file_size), 0o600)
 
 
+def plan_from_touch_order(pages, npages: int) -> array.array:
+    """Turn a first-touch order into prefetch runs that keep that order (the default).
+
+    A page joins the run that ends right before it, whenever that run began, so
+    vCPUs walking different buffers at once (interleaved page by page in the log)
+    come out as one run each, in the order the runs began: the order in which the
+    replaying guest will want them. Duplicates and pages past ``npages`` are dropped.
+    """
+    from banger import _uffd
+
+    if not isinstance(pages, array.array) or pages.typecode != "I":
+        pages = array.array("I", pages)
+    out = array.array("Q")
+    out.frombytes(_uffd.touch_order_runs(pages.tobytes(), npages))
+    return out
+
+
+def merge_logs(old, new) -> array.array:
+    """A refreshed log: the old order, then first touches the old log lacked (in their order)."""
+    out = array.array("I", old)
+    have = set(out)
+    out.extend(p for p in new if p not in have)
+    return out
+
+
 def plan_from_log(pages, npages: int, *, first_chunk: int = 64, max_chunk: int = 512) -> array.array:
     """Turn a first-touch order into prefetch runs.
 
     The log is cut into chunks that double in size (the earliest-touched pages
     go first and soon); each chunk is sorted and coalesced into contiguous runs
     so the C loop can copy many pages per UFFDIO_COPY. Duplicates are dropped.
+    (``--plan-order chunked``; sorting loses the order inside a chunk, which
+    plan_from_touch_order keeps.)
     """
     seen = bytearray(npages)
     out = array.array("Q")

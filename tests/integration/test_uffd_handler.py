@@ -634,3 +634,111 @@ def test_spawn_handler_replaces_a_stale_socket(udir, start, peers):
     assert peer.read(0, 0, MB) == data
     peer.close()
     assert h.wait() == 0
+
+
+# ---------------------------------------------------------------------------- sparse files, log refresh
+
+
+def sparse_memfile(udir: Path, npages: int, data_pages: set[int]) -> tuple[Path, bytes]:
+    """A memory file with file data only in ``data_pages`` (the rest are holes, as in a Diff snapshot)."""
+    full = make_mem_file(udir / "dense", npages * PS)
+    (udir / "dense").unlink()
+    path = udir / "mem"
+    expect = bytearray(npages * PS)
+    with open(path, "wb") as f:
+        f.truncate(npages * PS)
+        for p in sorted(data_pages):
+            f.seek(p * PS)
+            f.write(full[p * PS:(p + 1) * PS])
+            expect[p * PS:(p + 1) * PS] = full[p * PS:(p + 1) * PS]
+    return path, bytes(expect)
+
+
+def hole_pages_of(path: Path, npages: int) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        n, pos = 0, 0
+        while True:
+            try:
+                h = os.lseek(fd, pos, os.SEEK_HOLE)
+            except OSError:
+                break
+            if h >= npages * PS:
+                break
+            try:
+                d = os.lseek(fd, h, os.SEEK_DATA)
+            except OSError:
+                d = npages * PS
+            n += (d - h) // PS
+            pos = d
+            if d >= npages * PS:
+                break
+        return n
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("prefetch", [False, True], ids=["on_demand", "fill"])
+def test_sparse_memory_file_holes_are_zero_pages(udir, start, peers, prefetch):
+    npages = 1024
+    rnd = random.Random(3)
+    data_pages = {p for p in range(npages) if rnd.random() < 0.3} | set(range(100, 164))
+    mem, expect = sparse_memfile(udir, npages, data_pages)
+    holes = hole_pages_of(mem, npages)
+    if holes == 0:
+        pytest.skip("this filesystem does not report holes (SEEK_HOLE)")
+    h = start(mem, prefetch=prefetch)
+    peer = peers([npages * PS])
+    peer.handshake(h.sock)
+    pages = list(range(npages))
+    rnd.shuffle(pages)
+    peer.touch_pages(0, pages, threads=3)
+    assert peer.read(0, 0, npages * PS) == expect
+    # a zero page is copy-on-write: writing to one keeps its neighbours (and the zero page) intact
+    hole = next(p for p in range(npages) if p not in data_pages and expect[p * PS:(p + 1) * PS] == bytes(PS))
+    peer.write(0, hole * PS + 5, b"written")
+    assert peer.read(0, hole * PS, PS) == bytes(5) + b"written" + bytes(PS - 12)
+    other = next(p for p in range(hole + 1, npages) if p not in data_pages)
+    assert peer.read(0, other * PS, PS) == bytes(PS)
+    peer.close()
+    assert h.wait() == 0
+    s = h.stats()["serve"]
+    assert s["hole_pages"] == holes  # every hole page went in as a zero page, nothing else did
+    assert s["fault_pages"] + s["prefetch_pages"] == npages
+
+
+def test_replay_merges_many_new_pages_into_the_log(udir, start, peers):
+    sizes = [16 * MB]
+    mem, data = memfile(udir, sum(sizes))
+    log = udir / "mem.access"
+    ws1 = working_set(sizes[0] // PS, runs=40, run_len=16, seed=2)
+    policy.write_log(log, __import__("array").array("I", ws1), PS, sum(sizes))
+    fresh = [p for p in working_set(sizes[0] // PS, runs=40, run_len=16, seed=9) if p not in set(ws1)]
+    assert len(fresh) >= 64
+
+    # a replay that touches a few pages outside the log leaves the log alone
+    h = start(mem, prefetch=True, access_log=log)
+    peer = peers(sizes)
+    peer.handshake(h.sock)
+    peer.touch_pages(0, ws1 + fresh[:10], threads=2)
+    peer.close()
+    assert h.wait() == 0
+    s = h.stats()
+    assert s["mode"] == "replay" and s["serve"]["recorded"] == 10 and "log_refreshed" not in s
+    assert list(policy.read_log(log, PS, sum(sizes))) == ws1
+
+    # one that touches many: they are appended in first-touch order; planned pages are not recorded again
+    h = start(mem, prefetch=True, access_log=log)
+    peer = peers(sizes)
+    peer.handshake(h.sock)
+    peer.touch_pages(0, ws1, threads=2)
+    peer.touch_pages(0, fresh, threads=1)
+    for k in range(0, len(fresh), 16):
+        p = fresh[k]
+        assert peer.read(0, p * PS, PS) == data[p * PS:(p + 1) * PS]
+    peer.close()
+    assert h.wait() == 0
+    s = h.stats()
+    assert s["log_refreshed"] is True and s["log_pages_after"] == len(ws1) + len(fresh)
+    assert s["serve"]["recorded"] == len(fresh)
+    assert list(policy.read_log(log, PS, sum(sizes))) == ws1 + fresh

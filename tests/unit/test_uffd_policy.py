@@ -190,3 +190,23 @@ def test_server_rejects_bad_layouts(tmp_path):
             _uffd.Server(-1, fd, [(0x200000, 2 * MB, 0)], 2 * MB)
         with pytest.raises(ValueError, match="pairs"):
             _uffd.Server(-1, fd, [(0x10000, PS, 0)], PS).set_plan(b"123")
+
+
+def test_plan_from_touch_order_keeps_interleaved_walkers_apart():
+    # two vCPUs walking 10.. and 50.. interleave page by page; then one page elsewhere, a repeat,
+    # a page past the file, and 13 that extends the first walk long after it began
+    log = [10, 50, 11, 51, 12, 52, 5, 11, 999, 13]
+    plan = policy.plan_from_touch_order(log, 64)
+    assert runs(plan) == [(10, 4), (50, 3), (5, 1)]
+    assert policy.plan_pages(plan) == len({p for p in log if p < 64})
+
+
+def test_plan_from_touch_order_backwards_walk_is_one_page_per_run_in_order():
+    plan = policy.plan_from_touch_order(array.array("I", [7, 6, 5]), 8)
+    assert runs(plan) == [(7, 1), (6, 1), (5, 1)]
+    assert runs(policy.plan_from_touch_order([], 8)) == []
+
+
+def test_merge_logs_appends_only_new_pages_in_order():
+    merged = policy.merge_logs(array.array("I", [4, 2, 9]), array.array("I", [2, 7, 4, 1]))
+    assert list(merged) == [4, 2, 9, 7, 1]
