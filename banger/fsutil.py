@@ -8,13 +8,16 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write_bytes(path: Path | str, data: bytes, mode: int = 0o644) -> None:
+def atomic_write_bytes(path: Path | str, data: bytes, mode: int = 0o644, *, mkdir: bool = True) -> None:
     """Write ``data`` to a sibling temp file, fsync it, then rename over ``path``.
 
-    Readers see either the old or the new content, never a torn one.
+    Readers see either the old or the new content, never a torn one. With ``mkdir=False`` a
+    missing parent is an error (FileNotFoundError) instead of being re-created: for writers
+    that must not resurrect a directory someone else removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if mkdir:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

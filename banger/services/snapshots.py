@@ -187,8 +187,18 @@ def remove(ctx, name: str) -> dict:
     with ctx.locks.hold(f"snapshot/{name}", purpose="rm"):
         row = get(ctx, name)
         ctx.store.execute("DELETE FROM snapshots WHERE name = ?", (name,))
-        # a running clone keeps its memory file mapped (or open in its UFFD handler): unlinking is safe
-        shutil.rmtree(row["dir"], ignore_errors=True)
+        # a running clone keeps its memory file mapped (or open in its UFFD handler): unlinking is safe.
+        # Rename first: a clone's handler may still write its access log into the directory after the
+        # restore released this lock; the log writer never re-creates the directory, and whatever lands
+        # in the renamed one goes with it (or with gc, which reaps ownerless staging dirs).
+        trash = ctx.cfg.staging_dir / f"snapshot-rm-{name}-{os.getpid()}"
+        ctx.cfg.staging_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(row["dir"], trash)
+        except FileNotFoundError:
+            trash = None
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
     return {"name": name, "deleted": True}
 
 

@@ -82,7 +82,9 @@ def peek_log_page_size(path: Path | str) -> int | None:
 
 
 def write_log(path: Path | str, pages: array.array, page_size: int, file_size: int) -> None:
-    atomic_write_bytes(path, encode_log(pages, page_size, file_size), 0o600)
+    # never re-create the snapshot directory: the log is written after restore has released the
+    # snapshot lock, and `snapshot rm` may have removed it meanwhile (FileNotFoundError, logged)
+    atomic_write_bytes(path, encode_log(pages, page_size, file_size), 0o600, mkdir=False)
 
 
 def plan_from_touch_order(pages, npages: int) -> array.array:
