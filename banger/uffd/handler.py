@@ -383,7 +383,9 @@ class Handler:
         except (OSError, policy.LogInvalid) as e:
             _log(f"not refreshing the access log {self.a.access_log}: {e}")
             return False
-        merged = policy.merge_logs(old if old is not None else [], new)
+        if old is None:  # removed meanwhile (snapshot rm): do not bring it back
+            return False
+        merged = policy.merge_logs(old, new)
         try:
             policy.write_log(self.a.access_log, merged, page_size, mem_size)
         except OSError as e:
