@@ -90,7 +90,7 @@ def list_images(ctx) -> list[dict]:
 def show(ctx, name: str) -> dict:
     row = get(ctx, name)
     if row is None:
-        hint = "list images with: banger image ls"
+        hint = "list images with: banger image list"
         cat = catalog(ctx)
         if name in cat:
             hint = f"it is in the catalog: banger image build {name}" if cat[name]["kind"] == "debootstrap" \
@@ -580,16 +580,10 @@ def register(ctx, name: str, rootfs_path: str | Path, kernel: str | None = None)
 
 # ---------------------------------------------------------------- delete
 def delete(ctx, name: str) -> dict:
-    row = show(ctx, name)
+    show(ctx, name)
     with ctx.locks.hold(f"image/{name}", purpose=f"deleting image {name}"):
-        row = get(ctx, name)
-        if row is None:
-            raise NotFound(f"no image named {name!r}", "list images with: banger image ls")
-        users = ctx.store.query("SELECT name FROM vms WHERE image = ? ORDER BY name", (name,))
-        if users:
-            names = ", ".join(u["name"] for u in users)
-            raise Conflict(f"image {name!r} is used by VM(s): {names}", "delete those VMs first (banger vm rm NAME)",
-                           details={"vms": [u["name"] for u in users]})
+        if get(ctx, name) is None:
+            raise NotFound(f"no image named {name!r}", "list images with: banger image list")
         d = ctx.cfg.images_dir / name
         trash = None
         if os.path.lexists(d):
@@ -597,7 +591,14 @@ def delete(ctx, name: str) -> dict:
             trash = ctx.cfg.staging_dir / f"trash-{name}-{uuid.uuid4().hex[:8]}"
             os.rename(d, trash)
         try:
-            ctx.store.execute("DELETE FROM images WHERE name = ?", (name,))
+            # the users check and the delete in one write transaction: a `vm create` reserving this
+            # image (which checks the image row in its own BEGIN IMMEDIATE) is either seen here or fails
+            with ctx.store.immediate() as c:
+                users = [r["name"] for r in c.execute("SELECT name FROM vms WHERE image = ? ORDER BY name", (name,))]
+                if users:
+                    raise Conflict(f"image {name!r} is used by VM(s): {', '.join(users)}",
+                                    "delete those VMs first (banger vm delete NAME)", details={"vms": users})
+                c.execute("DELETE FROM images WHERE name = ?", (name,))
         except BaseException:
             if trash is not None:
                 os.rename(trash, d)
@@ -656,7 +657,7 @@ def resolve(ctx, name: str | None = None, auto_pull: bool = True) -> dict:
     if row is None:
         entry = catalog(ctx).get(name)
         if entry is None or not auto_pull:
-            hint = "list images with: banger image ls"
+            hint = "list images with: banger image list"
             if entry is not None:
                 hint = f"it is in the catalog: banger image build {name}" if entry["kind"] == "debootstrap" \
                     else f"it is in the catalog: banger image pull {entry['ref']} --name {name}"

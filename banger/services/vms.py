@@ -392,7 +392,8 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
     try:
         vm = reserve_vm(ctx.store, Subnet(cfg.subnet), name=name, image=img.get("name"), kernel=ker.get("name"),
                         backend=be, vcpu=vcpu, memory_mib=memory_mib, overlay_size_mib=overlay_size_mib,
-                        work_disk_size_mib=work_disk_size_mib, nat=nat, options=options)
+                        work_disk_size_mib=work_disk_size_mib, nat=nat, options=options,
+                        check_refs=True)  # a concurrent image delete / kernel rm cannot slip in between
     except BangerError as e:
         if e.code == "conflict" and name:
             raise name_taken(name) from None

@@ -90,11 +90,20 @@ def test_lifecycle_keeps_root_data_exec_status_cp_and_crash(vmenv, tmp_path):  #
 def test_parallel_creates_overlap_and_duplicate_fails_fast(vmenv):  # noqa: F811
     env = vmenv
     names = ["par-a", "par-b", "par-a"]
+    import threading
+
     procs = [(n, time.monotonic(), env.spawn(banger_argv("vm", "create", "--name", n, "--json"))) for n in names]
-    results = []
-    for n, t0, p in procs:
+    results = [None] * len(procs)
+
+    def collect(i, n, t0, p):  # each process's own exit time, not the order we happen to reap them in
         out, err = p.communicate(timeout=400)
-        results.append((n, p.returncode, time.monotonic() - t0, json.loads(out), err))
+        results[i] = (n, p.returncode, time.monotonic() - t0, json.loads(out), err)
+
+    threads = [threading.Thread(target=collect, args=(i, *pr)) for i, pr in enumerate(procs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(420)
     ok = [r for r in results if r[1] == 0]
     failed = [r for r in results if r[1] != 0]
     assert len(ok) == 2 and len(failed) == 1, results
