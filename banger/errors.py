@@ -3,7 +3,7 @@
 Each carries a stable ``code`` (for --json), a human ``message``, a ``hint`` that
 says what to do, and the process ``exit_code``.  Adapters translate OSError,
 netlink, HTTP and subprocess errors into these at their edge; the CLI maps them
-to output in one place (banger.cli.app.run_command).
+to output in one place (banger.cli.output.emit).
 """
 
 from __future__ import annotations

@@ -68,8 +68,7 @@ def build_app(argv: list[str]):
 
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                       no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
-                      help="banger: disposable Linux microVMs on your own host, fast.",
-                      epilog="Every command takes --json. Exit codes: see README.md.")
+                      help=ABOUT, epilog=EPILOG)
 
     @app.callback()
     def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for internal errors."),
@@ -94,8 +93,44 @@ def build_app(argv: list[str]):
     return app
 
 
+ABOUT = "banger: disposable Linux microVMs on your own host, fast."
+EPILOG = "Every command takes --json. Exit codes: see README.md."
+ROOT_OPTIONS = [("--debug", "Show tracebacks for internal errors."), ("--version", "Print the version and exit."),
+                ("-h, --help", "Show this message and exit.")]
+
+
+def top_help() -> str:
+    """The top-level help, rendered from the command table (no typer import for `banger --help`)."""
+    def table(rows):
+        w = max(len(k) for k, _ in rows)
+        return "\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows)
+
+    return (f"Usage: banger [OPTIONS] COMMAND [ARGS]...\n\n  {ABOUT}\n\nOptions:\n{table(ROOT_OPTIONS)}\n\n"
+            f"Commands:\n{table([(n, h) for n, (_, h) in COMMANDS.items()])}\n\n  {EPILOG}\n")
+
+
+def _fast_path(argv: list[str]) -> bool:
+    """Typer-free paths for the hottest commands: `banger [--help]` and `banger vm list [-q]
+    [--json]` (same body as the typer command, banger/cli/vm_list.py). Any other argument
+    takes the normal path."""
+    if argv in ([], ["-h"], ["--help"]):
+        sys.stdout.write(top_help())
+        return True
+    if argv[:2] != ["vm", "list"]:
+        return False
+    from .vm_list import FLAGS, run
+
+    rest = argv[2:]
+    if not all(a in FLAGS for a in rest):
+        return False
+    run(**{FLAGS[a]: True for a in rest})
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if _fast_path(argv):
+        return
     app = build_app(argv)
     try:
         rv = app(args=argv, prog_name="banger", standalone_mode=False)

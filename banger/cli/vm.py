@@ -220,20 +220,9 @@ def set_(vm: Ref, vcpu: VcpuOpt = None, memory: MemOpt = None, work_disk_size: W
 @app.command("list", help="List VMs.")
 def list_(quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only ids.")] = False,
           json_out: JsonOpt = False):
-    ctx = make_ctx(json_out)
-    from banger.services import vms
+    from .vm_list import run
 
-    def render(rows):
-        if quiet:
-            for r in rows:
-                sys.stdout.write(r["id"] + "\n")
-            return
-        print_table(["NAME", "ID", "STATE", "IMAGE", "BACKEND", "IP", "VCPU", "MEM"],
-                    [[r["name"], r["id"], r["state"], r["image"], r["backend"], r["ip"], r["vcpu"],
-                      f"{r['memory_mib']}M"] for r in rows])
-
-    emit(lambda: vms.list_vms(ctx) if not (quiet and json_out) else [v["id"] for v in vms.list_vms(ctx)],
-         json_out=json_out, render=render)
+    run(quiet=quiet, json_out=json_out)
 
 
 @app.command(help="Show one VM, with each create/start step's duration.")

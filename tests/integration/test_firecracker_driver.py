@@ -147,12 +147,11 @@ def test_missing_tap_error(driver, fc_cfg, fc_record, tmp_path):
 
 
 def test_missing_binary_is_a_host_error(fc_cfg, tmp_path, tap):
-    import dataclasses
 
     from banger.errors import HostError
     from banger.vmm.firecracker import FirecrackerDriver
 
-    d = FirecrackerDriver(dataclasses.replace(fc_cfg, firecracker_bin="/nonexistent/firecracker"))
+    d = FirecrackerDriver(fc_cfg.replace(firecracker_bin="/nonexistent/firecracker"))
     with pytest.raises(HostError) as ei:
         d.launch(make_spec(fc_cfg, tmp_path, tap))
     assert "--backend qemu" in ei.value.hint

@@ -77,3 +77,44 @@ def test_help_imports_no_command_module(banger_env):
     loaded = sorted(m for m in mods if m.startswith("banger.cli.") and m not in ("banger.cli.main",))
     assert loaded == [], loaded
     assert "banger.store" not in mods and "rich.table" not in mods
+
+
+def _seed_vms(n: int) -> None:
+    from banger.config import load_config
+    from banger.names import Subnet
+    from banger.reservation import reserve_vm
+    from banger.store import Store
+
+    cfg = load_config()
+    with Store(cfg.db_path) as s:
+        for i in range(n):
+            vm = reserve_vm(s, Subnet(cfg.subnet), name=f"fast-{i}", image="img", kernel="k", backend="qemu", vcpu=1,
+                            memory_mib=256, overlay_size_mib=64, work_disk_size_mib=64)
+            s.update_vm(vm["id"], state="stopped")
+
+
+@pytest.mark.parametrize("flags", [[], ["-q"], ["--json"], ["-q", "--json"], ["--quiet"]])
+def test_vm_list_fast_path_matches_the_typer_command(banger_env, flags):
+    _seed_vms(3)
+    fast = banger("vm", "list", *flags)
+    slow = banger("--debug", "vm", "list", *flags)  # a leading option forces the typer path
+    assert fast.stdout == slow.stdout and fast.returncode == slow.returncode == 0
+    if "--json" in flags:
+        assert len(json.loads(fast.stdout)["data"]) == 3
+    else:
+        assert len(fast.stdout.splitlines()) == (3 if flags else 4)  # ids, or header + rows
+
+
+def test_vm_list_fast_path_imports_no_typer(banger_env):
+    _seed_vms(1)
+    mods = _imported_modules(["vm", "list", "--json"], banger_env["env"])
+    assert "typer" not in mods and "rich" not in mods
+    mods = _imported_modules(["vm", "list", "--help"], banger_env["env"])
+    assert "typer" in mods  # anything else takes the typer path
+
+
+def test_top_help_fast_path_matches_typer(banger_env):
+    fast = banger("--help").stdout
+    assert fast == banger("--debug", "--help").stdout  # typer renders the same root help
+    assert banger().stdout == fast
+    assert "typer" not in _imported_modules(["--help"], banger_env["env"])
