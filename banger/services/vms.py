@@ -18,13 +18,15 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from banger import procs
 from banger.errors import BangerError, ExternalError, GuestTimeout, InvalidState, NotFound, UsageError
 from banger.fsutil import atomic_write_json, read_json
 from banger.names import Subnet
 
-from .steps import Steps
+if TYPE_CHECKING:  # the step engine imports dataclasses (~20 ms): only the commands that run steps load it
+    from .steps import Steps
 
 RUNNING, STOPPED, CRASHED, CREATING, ERROR = "running", "stopped", "crashed", "creating", "error"
 
@@ -402,6 +404,8 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
     # phase 3: build and boot under vm/<id> only
     transport = None
     with ctx.locks.hold(f"vm/{vm['id']}", purpose="create"):
+        from .steps import Steps
+
         steps = Steps(ctx, vm["id"], "create")
         try:
             def prepare():
@@ -463,6 +467,8 @@ def start(ctx, ref: str, *, wait_ssh: bool = True, keep_ssh: bool = False):
             raise InvalidState(f"VM {vm['name']} was never built ({vm.get('error') or st})",
                                f"delete it (banger vm delete {vm['name']}) and create it again")
         _teardown_runtime(ctx, vm)  # leftovers of a crash
+        from .steps import Steps
+
         steps = Steps(ctx, vm["id"], "start")
         try:
             transport = _boot_steps(ctx, vm, steps, wait_ssh=wait_ssh)
@@ -547,6 +553,8 @@ def _stop_locked(ctx, vm, *, force: bool, timeout: float | None) -> None:
     if vm["state"] == ERROR and not vmm_alive(ctx, vm, h):
         return  # a failed create already undid everything; it stays `error` with its reason
     timeout = ctx.cfg.stop_timeout_s if timeout is None else timeout
+    from .steps import Steps
+
     steps = Steps(ctx, vm["id"], "stop")
     graceful = None
     if vmm_alive(ctx, vm, h) and not force:
