@@ -142,7 +142,11 @@ class Store:
 
     @contextmanager
     def immediate(self):
-        """A short write transaction that holds the database write lock from the start."""
+        """A short write transaction that holds the database write lock from the start.
+        Nested use joins the enclosing transaction."""
+        if self.conn.in_transaction:
+            yield self.conn
+            return
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
@@ -159,8 +163,14 @@ class Store:
         return self.conn.execute(sql, params).fetchone()
 
     def execute(self, sql: str, params=()) -> int:
-        """Run one statement in its own (autocommit) transaction; returns rowcount."""
-        return self.conn.execute(sql, params).rowcount
+        """Run one write statement in its own BEGIN IMMEDIATE transaction; returns rowcount.
+
+        Not plain autocommit: in WAL mode an implicit transaction that has started reading and then
+        needs the write lock after another process committed fails at once with "database is
+        locked" (SQLITE_BUSY_SNAPSHOT; the busy timeout does not apply). Taking the write lock first
+        makes it wait its turn instead."""
+        with self.immediate() as c:
+            return c.execute(sql, params).rowcount
 
     # ---- vms ----
     def get_vm(self, ref: str) -> dict | None:
