@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -19,13 +20,21 @@ def atomic_write_bytes(path: Path | str, data: bytes, mode: int = 0o644, *, mkdi
     if mkdir:
         path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
+    with publish_by_rename(tmp, path):
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+
+
+@contextmanager
+def publish_by_rename(tmp: Path | str, dest: Path | str):
+    """Fill ``tmp`` (a sibling of ``dest``) inside the block; on success rename it over ``dest``
+    in one step, on any failure remove it. Readers of ``dest`` never see a partial file."""
+    try:
+        yield tmp
+        os.replace(tmp, dest)
     except BaseException:
         try:
             os.unlink(tmp)

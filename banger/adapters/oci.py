@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ExternalError, IntegrityError, NotFound, UsageError
+from ..fsutil import publish_by_rename
 
 MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -273,32 +274,26 @@ class Registry:
         h = hashlib.sha256()
         fd, tmp = tempfile.mkstemp(prefix=f".{uuid.uuid4().hex[:8]}.", suffix=".part", dir=d)
         try:
-            total = size or int(r.headers.get("Content-Length") or 0) or None
-            ctx = self.progress.task(f"blob {digest[7:19]}", total) if self.progress else None
-            task = ctx.__enter__() if ctx else None
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    for chunk in r.iter_content(1 << 20):
-                        h.update(chunk)
-                        f.write(chunk)
-                        if task:
-                            task.advance(len(chunk))
-                    f.flush()
-                    os.fsync(f.fileno())
-            finally:
-                if ctx:
-                    ctx.__exit__(None, None, None)
-            got = "sha256:" + h.hexdigest()
-            if got != digest:
-                raise IntegrityError(f"blob digest mismatch: expected {digest}, got {got}",
-                                     "the registry served corrupt or tampered data; nothing was installed")
-            os.replace(tmp, dest)  # only verified blobs ever appear under their digest
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+            with publish_by_rename(tmp, dest):  # only verified blobs ever appear under their digest
+                total = size or int(r.headers.get("Content-Length") or 0) or None
+                ctx = self.progress.task(f"blob {digest[7:19]}", total) if self.progress else None
+                task = ctx.__enter__() if ctx else None
+                try:
+                    with os.fdopen(fd, "wb") as f:
+                        for chunk in r.iter_content(1 << 20):
+                            h.update(chunk)
+                            f.write(chunk)
+                            if task:
+                                task.advance(len(chunk))
+                        f.flush()
+                        os.fsync(f.fileno())
+                finally:
+                    if ctx:
+                        ctx.__exit__(None, None, None)
+                got = "sha256:" + h.hexdigest()
+                if got != digest:
+                    raise IntegrityError(f"blob digest mismatch: expected {digest}, got {got}",
+                                         "the registry served corrupt or tampered data; nothing was installed")
         finally:
             r.close()
         return dest

@@ -635,18 +635,11 @@ def ensure_seed_key(ctx, row: dict) -> dict:
             return row
         seed = Path(row["work_seed"])
         tmp = seed.parent / f".{SEED_NAME}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
+        with fsutil.publish_by_rename(tmp, seed):  # readers cloning the old seed keep their (whole) inode
             _reseed(seed, tmp, key.public_line)
             ext4.fsck(tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            os.replace(tmp, seed)  # readers cloning the old seed keep their (whole) inode
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
         ctx.store.execute("UPDATE images SET key_fingerprint = ? WHERE name = ?", (fp, name))
     return get(ctx, name)
 

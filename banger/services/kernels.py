@@ -203,6 +203,13 @@ def pull(ctx, name: str, force: bool = False, sha256: str | None = None) -> dict
     return {**info, "downloaded": True}
 
 
+def _refuse_taken(ctx, name: str, force: bool) -> None:
+    """Under kernel/<name>: an import must not silently replace an existing kernel."""
+    if not force and (_row(ctx, name) is not None or _kdir(ctx, name).exists()):
+        raise Conflict(f"kernel {name!r} already exists",
+                       f"pick another --name, pass --force to replace it, or banger kernel rm {name}")
+
+
 def import_kernel(ctx, name: str, kernel_path, initrd=None, modules=None, force: bool = False) -> dict:
     """Register a kernel from local files: a bzImage or ELF vmlinux, optional initrd and module tree."""
     _check_name(name)
@@ -225,9 +232,7 @@ def import_kernel(ctx, name: str, kernel_path, initrd=None, modules=None, force:
         raise NotFound(f"module directory {modules} does not exist",
                        "pass a module tree (lib/modules/<release> or a root containing it), or omit --modules")
     with ctx.locks.hold(f"kernel/{name}", purpose="kernel import"):
-        if not force and (_row(ctx, name) is not None or _kdir(ctx, name).exists()):
-            raise Conflict(f"kernel {name!r} already exists",
-                           f"pick another --name, pass --force to replace it, or banger kernel rm {name}")
+        _refuse_taken(ctx, name, force)
         with _staging(ctx, f"kernel-{name}-") as stage:
             out = stage / "kernel"
             out.mkdir()
@@ -251,9 +256,7 @@ def _adopt_dir(ctx, name: str, src: Path, force: bool) -> dict:
         raise UsageError(f"{src}/{MANIFEST} is not a banger kernel manifest",
                          "pass a directory made by banger kernel pull/import, or a kernel file")
     with ctx.locks.hold(f"kernel/{name}", purpose="kernel import"):
-        if not force and (_row(ctx, name) is not None or _kdir(ctx, name).exists()):
-            raise Conflict(f"kernel {name!r} already exists",
-                           f"pick another --name, pass --force to replace it, or banger kernel rm {name}")
+        _refuse_taken(ctx, name, force)
         with _staging(ctx, f"kernel-{name}-") as stage:
             out = stage / "kernel"
             out.mkdir()
