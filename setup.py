@@ -10,8 +10,8 @@ if os.environ.get("BANGER_DEBUG_BUILD") == "1":
 setup(
     ext_modules=[
         Extension(
-            "banger._uffd",
-            sources=["banger/_uffd.c"],
+            "banger.uffd._uffd",
+            sources=["banger/uffd/_uffd.c"],
             extra_compile_args=extra,
             extra_link_args=["-fsanitize=address,undefined"] if os.environ.get("BANGER_DEBUG_BUILD") == "1" else [],
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import UsageError
+from banger.errors import UsageError
 
 DEFAULT_HOME = "/var/lib/banger"
 DEFAULT_RUN = "/run/banger"

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from .config import Config, load_config
-from .progress import NULL, Progress
+from banger.config import Config, load_config
+from banger.progress import NULL, Progress
 
 
 class Ctx:
@@ -18,13 +18,13 @@ class Ctx:
 
     @cached_property
     def store(self):
-        from .store import Store
+        from banger.state.store import Store
 
         return Store(self.cfg.db_path)
 
     @cached_property
     def locks(self):
-        from .locks import Locks
+        from banger.state.locks import Locks
 
         return Locks(self.cfg.locks_dir, self.cfg.lock_timeout_s)
 

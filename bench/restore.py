@@ -31,8 +31,8 @@ import json, os, sys, tempfile, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from banger.config import load_config
-from banger.fsutil import reflink_or_sparse_copy
-from banger.vmm.firecracker import FirecrackerDriver
+from banger.host.fsutil import reflink_or_sparse_copy
+from banger.vmm.firecracker.driver import FirecrackerDriver
 from tests.support.fc import FAKE_FC, make_spec, make_tap, wait_event
 
 n, mem = int(sys.argv[2]), int(sys.argv[3])

@@ -24,9 +24,9 @@ TARGET_MS = 150.0
 def _seed(home: str, n: int) -> None:
     os.environ["BANGER_HOME"] = home
     from banger.config import load_config
-    from banger.names import Subnet
-    from banger.reservation import reserve_vm
-    from banger.store import Store
+    from banger.guest.names import Subnet
+    from banger.state.reservation import reserve_vm
+    from banger.state.store import Store
 
     cfg = load_config()
     with Store(cfg.db_path) as s:

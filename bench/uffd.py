@@ -48,7 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from banger.runner import run  # noqa: E402
+from banger.host.runner import run  # noqa: E402
 from banger.uffd import spawn_handler  # noqa: E402
 from tests.support.uffd_peer import UffdPeer  # noqa: E402
 
@@ -316,7 +316,7 @@ def main(argv=None) -> int:
         results: dict[str, list[dict]] = {k: [] for k in ("ref", "banger", "prefetch", "file", "memcpy", "fill")}
 
         def spawn_ref():
-            from banger.procs import spawn_detached
+            from banger.host.procs import spawn_detached
 
             pid, _ = spawn_detached([sys.executable, str(Path(__file__).resolve()), "--ref-handler", str(sock),
                                      str(mem), str(stats), str(workdir / "bench_uffd.so")])

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .output import emit, human_bytes, make_ctx, print_kv, print_table, say  # noqa: F401  (re-exports)
+from banger.cli.output import emit, human_bytes, make_ctx, print_kv, print_table, say  # noqa: F401  (re-exports)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON envelope on stdout.")]
 

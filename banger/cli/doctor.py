@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from .app import JsonOpt, emit, make_ctx
+from banger.cli.app import JsonOpt, emit, make_ctx
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
@@ -14,7 +14,7 @@ def doctor(
     fix: Annotated[bool, typer.Option("--fix", help="apt-get install the missing Debian packages (root).")] = False,
     json_out: JsonOpt = False,
 ):
-    from banger.services import doctor as svc
+    from banger.doctor import service as svc
 
     ctx = make_ctx(json_out)
 
@@ -25,7 +25,7 @@ def doctor(
             installed = svc.fix(checks, ctx.progress)
             if installed:
                 checks = svc.run_checks(ctx.cfg)
-        from banger.hostinfo import choose_backend, qemu_accel
+        from banger.host.hostinfo import choose_backend, qemu_accel
 
         backend = choose_backend(ctx.cfg.backend, ctx.cfg.firecracker_bin)
         return {"checks": [c.to_dict() for c in checks], "installed": installed, "backend": backend,

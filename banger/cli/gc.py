@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from .app import JsonOpt, emit, make_ctx, say
+from banger.cli.app import JsonOpt, emit, make_ctx, say
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
@@ -13,7 +13,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_mar
 def gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only report what would be removed.")] = False,
        json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
-    from banger.services import gc as svc
+    from banger.gc import service as svc
 
     def render(r):
         verb = "would remove" if r["dry_run"] else "removed"

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from .app import JsonOpt, emit, make_app, make_ctx, print_kv, print_table, say
-from .app import human_bytes as _human
+from banger.cli.app import JsonOpt, emit, make_app, make_ctx, print_kv, print_table, say
+from banger.cli.app import human_bytes as _human
 
 app = make_app("Build, pull, register and manage root filesystem images.")
 
@@ -31,7 +31,7 @@ def build_cmd(
     package: Annotated[list[str] | None, typer.Option("--package", "-p", help="Extra package (repeatable).")] = None,
     json_out: JsonOpt = False,
 ):
-    from banger.services import images as svc
+    from banger.images import service as svc
 
     ctx = make_ctx(json_out)
     pkgs = None
@@ -48,7 +48,7 @@ def pull_cmd(
     insecure: Annotated[bool, typer.Option("--insecure", help="Plain http (automatic for 127.0.0.1/localhost).")] = False,
     json_out: JsonOpt = False,
 ):
-    from banger.services import images as svc
+    from banger.images import service as svc
 
     ctx = make_ctx(json_out)
     emit(lambda: _summary(svc.pull(ctx, ref, name, insecure=True if insecure else None)), json_out=json_out,
@@ -62,7 +62,7 @@ def register_cmd(
     kernel: Annotated[str | None, typer.Option("--kernel", help="Kernel to boot it with.")] = None,
     json_out: JsonOpt = False,
 ):
-    from banger.services import images as svc
+    from banger.images import service as svc
 
     ctx = make_ctx(json_out)
     emit(lambda: _summary(svc.register(ctx, name, rootfs, kernel=kernel)), json_out=json_out,
@@ -78,7 +78,7 @@ def promote_cmd(
     ctx = make_ctx(json_out)
 
     def go():
-        from banger.services import promote as svc  # written with the VM lifecycle
+        from banger.images.sources import promote as svc
 
         return _summary(svc.promote(ctx, vm, name))
 
@@ -87,7 +87,7 @@ def promote_cmd(
 
 @app.command("list", help="List images.")
 def ls_cmd(json_out: JsonOpt = False):
-    from banger.services import images as svc
+    from banger.images import service as svc
 
     ctx = make_ctx(json_out)
 
@@ -104,7 +104,7 @@ app.command("ls", help="List images (alias of list).", hidden=True)(ls_cmd)
 
 @app.command("show", help="Show one image.")
 def show_cmd(name: Annotated[str, typer.Argument(help="Image name.")], json_out: JsonOpt = False):
-    from banger.services import images as svc
+    from banger.images import service as svc
 
     ctx = make_ctx(json_out)
 
@@ -120,7 +120,7 @@ def show_cmd(name: Annotated[str, typer.Argument(help="Image name.")], json_out:
 
 @app.command("delete", help="Delete an image (refused while a VM uses it).")
 def rm_cmd(name: Annotated[str, typer.Argument(help="Image name.")], json_out: JsonOpt = False):
-    from banger.services import images as svc
+    from banger.images import service as svc
 
     ctx = make_ctx(json_out)
     emit(lambda: svc.delete(ctx, name), json_out=json_out, render=lambda d: say(f"deleted image {d['name']}"))
@@ -131,7 +131,7 @@ app.command("rm", help="Delete an image (alias of delete).", hidden=True)(rm_cmd
 
 @app.command("catalog", help="List the images banger can build or pull by name.")
 def catalog_cmd(json_out: JsonOpt = False):
-    from banger.services import images as svc
+    from banger.images import service as svc
 
     ctx = make_ctx(json_out)
 

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from .app import JsonOpt, emit, make_app, make_ctx, print_kv, print_table, say
-from .app import human_bytes as _human
+from banger.cli.app import JsonOpt, emit, make_app, make_ctx, print_kv, print_table, say
+from banger.cli.app import human_bytes as _human
 
 app = make_app("Pull, import and manage guest kernels.")
 
@@ -44,7 +44,7 @@ def pull_cmd(
     sha256: Annotated[str | None, typer.Option("--sha256", help="Expected sha256 for URL kernels with no pinned digest.")] = None,
     json_out: JsonOpt = False,
 ):
-    from banger.services import kernels as svc
+    from banger.kernels import service as svc
 
     ctx = make_ctx(json_out)
 
@@ -65,7 +65,7 @@ def import_cmd(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing kernel of that name.")] = False,
     json_out: JsonOpt = False,
 ):
-    from banger.services import kernels as svc
+    from banger.kernels import service as svc
 
     ctx = make_ctx(json_out)
     emit(lambda: _summary(svc.import_kernel(ctx, name, kernel_path, initrd=initrd, modules=modules, force=force)),
@@ -78,7 +78,7 @@ def list_cmd(
     all_: Annotated[bool, typer.Option("--all", "-a", help="Include the catalog.")] = False,
     json_out: JsonOpt = False,
 ):
-    from banger.services import kernels as svc
+    from banger.kernels import service as svc
 
     ctx = make_ctx(json_out)
 
@@ -108,7 +108,7 @@ def show_cmd(
     name: Annotated[str, typer.Argument(help="Kernel name.")],
     json_out: JsonOpt = False,
 ):
-    from banger.services import kernels as svc
+    from banger.kernels import service as svc
 
     ctx = make_ctx(json_out)
 
@@ -133,7 +133,7 @@ def rm_cmd(
     name: Annotated[str, typer.Argument(help="Kernel name.")],
     json_out: JsonOpt = False,
 ):
-    from banger.services import kernels as svc
+    from banger.kernels import service as svc
 
     ctx = make_ctx(json_out)
     emit(lambda: svc.remove(ctx, name), json_out=json_out, render=lambda d: say(f"removed kernel {d['name']}"))

@@ -118,7 +118,7 @@ def _fast_path(argv: list[str]) -> bool:
         return True
     if argv[:2] != ["vm", "list"]:
         return False
-    from .vm_list import FLAGS, run
+    from banger.cli.vm_list import FLAGS, run
 
     rest = argv[2:]
     if not all(a in FLAGS for a in rest):

@@ -26,9 +26,8 @@ def _stdout_console():
 
 
 def make_ctx(json_out: bool):
+    from banger.cli.progress import CliProgress
     from banger.context import Ctx
-
-    from .progress import CliProgress
 
     return Ctx(progress=CliProgress(json_out))
 

@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from .app import JsonOpt, emit, make_app, make_ctx, print_kv, print_table, say
+from banger.cli.app import JsonOpt, emit, make_app, make_ctx, print_kv, print_table, say
 
 app = make_app("Warm, inspect and drain the TAP device pool.")
 
@@ -15,7 +15,7 @@ def warm(n: Annotated[int, typer.Argument(help="How many idle TAPs to keep ready
     ctx = make_ctx(json_out)
 
     def go():
-        from banger.services import pool
+        from banger.net import pool
 
         return pool.warm(ctx, n)
 
@@ -36,7 +36,7 @@ def status(json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
 
     def go():
-        from banger.services import pool
+        from banger.net import pool
 
         return pool.status(ctx)
 
@@ -60,7 +60,7 @@ def drain(json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
 
     def go():
-        from banger.services import pool
+        from banger.net import pool
 
         return pool.drain(ctx)
 

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from .app import JsonOpt, emit, make_app, make_ctx, print_kv, print_table, say
+from banger.cli.app import JsonOpt, emit, make_app, make_ctx, print_kv, print_table, say
 
 app = make_app("Snapshot VMs and manage snapshots.")
 
@@ -31,7 +31,7 @@ def create(vm: Annotated[str, typer.Argument(metavar="VM", help="VM name or id."
     ctx = make_ctx(json_out)
 
     def go():
-        from banger.services import snapshots
+        from banger.snapshots import service as snapshots
 
         return snapshots.create(ctx, vm, name)
 
@@ -45,7 +45,7 @@ def list_(json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
 
     def go():
-        from banger.services import snapshots
+        from banger.snapshots import service as snapshots
 
         return snapshots.list_snapshots(ctx)
 
@@ -66,7 +66,7 @@ def show(snapshot: SnapArg, json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
 
     def go():
-        from banger.services import snapshots
+        from banger.snapshots import service as snapshots
 
         return snapshots.show(ctx, snapshot)
 
@@ -80,7 +80,7 @@ def rm(snapshots_: Annotated[list[str], typer.Argument(metavar="SNAPSHOT...", he
     ctx = make_ctx(json_out)
 
     def go():
-        from banger.services import snapshots
+        from banger.snapshots import service as snapshots
 
         return [snapshots.remove(ctx, s) for s in snapshots_]
 
@@ -96,7 +96,7 @@ def restore(snapshot: SnapArg,
     ctx = make_ctx(json_out)
 
     def go():
-        from banger.services import snapshots
+        from banger.snapshots import service as snapshots
 
         return snapshots.restore(ctx, snapshot, name=name, wait_ssh=not no_wait)
 

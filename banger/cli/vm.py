@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .app import JsonOpt, emit, make_app, make_ctx, print_kv, print_table, say
+from banger.cli.app import JsonOpt, emit, make_app, make_ctx, print_kv, print_table, say
 
 app = make_app("Create, run, stop and manage microVMs.")
 
@@ -77,7 +77,7 @@ def create(image: ImageOpt = None, kernel: KernelOpt = None, name: NameOpt = Non
     ctx = make_ctx(json_out)
 
     def go():
-        from banger.services import vms
+        from banger.vms import lifecycle as vms
 
         if from_snapshot:
             given = [f for f, v in (("--image", image), ("--kernel", kernel), ("--vcpu", vcpu), ("--memory", memory),
@@ -90,7 +90,7 @@ def create(image: ImageOpt = None, kernel: KernelOpt = None, name: NameOpt = Non
                 raise UsageError(f"{', '.join(given)} cannot be combined with --from-snapshot",
                                  "a restored VM keeps the snapshot's image, kernel, size and backend; "
                                  "only --name and --no-wait apply")
-            from banger.services import snapshots
+            from banger.snapshots import service as snapshots
 
             return snapshots.restore(ctx, from_snapshot, name=name, wait_ssh=not no_wait)
         kw = _create_kwargs(image, kernel, name, vcpu, memory, overlay_size, work_disk_size, nat, backend,
@@ -103,7 +103,7 @@ def create(image: ImageOpt = None, kernel: KernelOpt = None, name: NameOpt = Non
 
 
 def _run_in_guest(t, cmd: list[str] | None, json_out: bool) -> dict:
-    from banger.adapters import ssh
+    from banger.guest import ssh
 
     if json_out:
         out, err = io.BytesIO(), io.BytesIO()
@@ -125,7 +125,7 @@ def run(cmd: Cmd = None, image: ImageOpt = None, kernel: KernelOpt = None, name:
     ctx = make_ctx(json_out)
 
     def go():
-        from banger.services import vms
+        from banger.vms import lifecycle as vms
 
         kw = _create_kwargs(image, kernel, name, vcpu, memory, overlay_size, work_disk_size, nat, backend,
                             no_work_seed)
@@ -145,7 +145,7 @@ def run(cmd: Cmd = None, image: ImageOpt = None, kernel: KernelOpt = None, name:
 def start(vm: Ref, no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not wait for SSH.")] = False,
           json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
-    from banger.services import vms
+    from banger.vms import lifecycle as vms
 
     emit(lambda: vms.start(ctx, vm, wait_ssh=not no_wait), json_out=json_out,
          render=lambda v: say(f"{v['name']} {v['state']} {v['ip']}"))
@@ -157,7 +157,7 @@ def stop(vm: Ref, force: Annotated[bool, typer.Option("-f", "--force", help="Kil
                                                        "(default: config stop_timeout_s).")] = None,
          json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
-    from banger.services import vms
+    from banger.vms import lifecycle as vms
 
     emit(lambda: vms.stop(ctx, vm, force=force, timeout=timeout), json_out=json_out,
          render=lambda v: say(f"{v['name']} {v['state']}" + (f" ({v['error']})" if v.get("error") else "")))
@@ -166,7 +166,7 @@ def stop(vm: Ref, force: Annotated[bool, typer.Option("-f", "--force", help="Kil
 @app.command(help="Stop then start a VM.")
 def restart(vm: Ref, json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
-    from banger.services import vms
+    from banger.vms import lifecycle as vms
 
     emit(lambda: vms.restart(ctx, vm), json_out=json_out, render=lambda v: say(f"{v['name']} {v['state']}"))
 
@@ -176,7 +176,7 @@ def delete(vms_: Annotated[list[str], typer.Argument(metavar="VM...", help="VM n
            force: Annotated[bool, typer.Option("-f", "--force", help="Kill it if running.")] = False,
            json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
-    from banger.services import vms
+    from banger.vms import lifecycle as vms
 
     emit(lambda: [vms.delete(ctx, r, force=force) for r in vms_], json_out=json_out,
          render=lambda d: [say(f"deleted {x['name']}") for x in d])
@@ -186,7 +186,7 @@ def delete(vms_: Annotated[list[str], typer.Argument(metavar="VM...", help="VM n
 def prune(force: Annotated[bool, typer.Option("-f", "--force", help="Do not ask.")] = False,
           json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
-    from banger.services import vms
+    from banger.vms import lifecycle as vms
 
     def go():
         cands = vms.prunable(ctx)
@@ -210,7 +210,7 @@ def prune(force: Annotated[bool, typer.Option("-f", "--force", help="Do not ask.
 def set_(vm: Ref, vcpu: VcpuOpt = None, memory: MemOpt = None, work_disk_size: WorkOpt = None,
         json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
-    from banger.services import vms
+    from banger.vms import lifecycle as vms
 
     emit(lambda: vms.set_resources(ctx, vm, vcpu=vcpu, memory_mib=parse_mib(memory, "--memory"),
                                    work_disk_size_mib=parse_mib(work_disk_size, "--work-disk-size")),
@@ -220,7 +220,7 @@ def set_(vm: Ref, vcpu: VcpuOpt = None, memory: MemOpt = None, work_disk_size: W
 @app.command("list", help="List VMs.")
 def list_(quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only ids.")] = False,
           json_out: JsonOpt = False):
-    from .vm_list import run
+    from banger.cli.vm_list import run
 
     run(quiet=quiet, json_out=json_out)
 
@@ -228,7 +228,7 @@ def list_(quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only ids.")
 @app.command(help="Show one VM, with each create/start step's duration.")
 def show(vm: Ref, json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
-    from banger.services import vms
+    from banger.vms import lifecycle as vms
 
     emit(lambda: vms.show(ctx, vm), json_out=json_out, render=_render_vm)
 
@@ -237,7 +237,7 @@ def show(vm: Ref, json_out: JsonOpt = False):
 def logs(vm: Ref, follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new output.")] = False,
          json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
-    from banger.services import vms
+    from banger.vms import lifecycle as vms
 
     def go():
         path = vms.serial_log(ctx, vm)
@@ -265,10 +265,10 @@ def logs(vm: Ref, follow: Annotated[bool, typer.Option("-f", "--follow", help="K
 @app.command(help="Open a shell in the VM, or run `-- CMD...` with a terminal.")
 def ssh(vm: Ref, cmd: Cmd = None, json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
-    from banger.services import vms
+    from banger.vms import lifecycle as vms
 
     def go():
-        from banger.adapters import ssh as sshmod
+        from banger.guest import ssh as sshmod
 
         t = vms.connect(ctx, vm)
         try:
@@ -284,7 +284,7 @@ def ssh(vm: Ref, cmd: Cmd = None, json_out: JsonOpt = False):
 @app.command("exec", help="Run `-- CMD...` in the VM and exit with its status.")
 def exec_(vm: Ref, cmd: Annotated[list[str], typer.Argument(help="Command (after --).")], json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
-    from banger.services import vms
+    from banger.vms import lifecycle as vms
 
     def go():
         t = vms.connect(ctx, vm)
@@ -300,7 +300,7 @@ def exec_(vm: Ref, cmd: Annotated[list[str], typer.Argument(help="Command (after
 def cp(src: Annotated[str, typer.Argument(help="Source (local path or VM:path).")],
        dst: Annotated[str, typer.Argument(help="Destination (local path or VM:path).")], json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
-    from banger.services import vms
+    from banger.vms import lifecycle as vms
 
     emit(lambda: vms.copy(ctx, src, dst), json_out=json_out, render=lambda d: say(f"copied {d['files']} files"))
 
@@ -308,7 +308,7 @@ def cp(src: Annotated[str, typer.Argument(help="Source (local path or VM:path)."
 @app.command("ssh-config", help="Print an OpenSSH config stanza for this VM (for IDEs and plain ssh).")
 def ssh_config(vm: Ref, json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
-    from banger.services import vms
+    from banger.vms import lifecycle as vms
 
     emit(lambda: vms.ssh_config(ctx, vm), json_out=json_out, render=lambda s: sys.stdout.write(s))
 
@@ -320,7 +320,7 @@ def restore(snapshot: Annotated[str, typer.Argument(help="Snapshot name.")], nam
     ctx = make_ctx(json_out)
 
     def go():
-        from banger.services import snapshots
+        from banger.snapshots import service as snapshots
 
         return snapshots.restore(ctx, snapshot, name=name, wait_ssh=not no_wait)
 
@@ -333,7 +333,7 @@ def promote(vm: Ref, image_name: Annotated[str, typer.Argument(metavar="IMAGE", 
     ctx = make_ctx(json_out)
 
     def go():
-        from banger.services import promote as svc
+        from banger.images.sources import promote as svc
 
         return svc.promote(ctx, vm, image_name)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from .output import emit, make_ctx, print_table
+from banger.cli.output import emit, make_ctx, print_table
 
 # the only flags `vm list` has: the fast path takes these, anything else goes through typer
 FLAGS = {"-q": "quiet", "--quiet": "quiet", "--json": "json_out"}
@@ -13,7 +13,7 @@ FLAGS = {"-q": "quiet", "--quiet": "quiet", "--json": "json_out"}
 
 def run(*, quiet: bool = False, json_out: bool = False) -> None:
     ctx = make_ctx(json_out)
-    from banger.services import vms
+    from banger.vms import lifecycle as vms
 
     def render(rows):
         if quiet:

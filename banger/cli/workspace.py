@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .app import JsonOpt, emit, make_app, make_ctx, print_table, say
+from banger.cli.app import JsonOpt, emit, make_app, make_ctx, print_table, say
 
 app = make_app("Import a git repository into a VM and export changes back.")
 
@@ -42,7 +42,7 @@ def import_(vm: VmArg,
     ctx = make_ctx(json_out)
 
     def go():
-        from banger.services import workspace
+        from banger.workspace import service as workspace
 
         return workspace.import_repo(ctx, vm, repo, dest=dest, branch=branch, include_dirty=include_dirty)
 
@@ -82,7 +82,7 @@ def export(vm: VmArg,
     ctx = make_ctx(json_out)
 
     def go():
-        from banger.services import workspace
+        from banger.workspace import service as workspace
 
         return workspace.export_repo(ctx, vm, dest_repo=dest_repo, path=path, include_dirty=include_dirty)
 
@@ -114,7 +114,7 @@ def list_(vm: VmArg, json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
 
     def go():
-        from banger.services import workspace
+        from banger.workspace import service as workspace
 
         return workspace.list_workspaces(ctx, vm)
 

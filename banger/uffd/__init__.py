@@ -4,7 +4,7 @@ One handler process per restored VM (``python -m banger.uffd.handler``), started
 before ``PUT /snapshot/load`` and listening on the VM's UFFD socket. The
 handshake and the prefetch/recording policy are Python (handshake.py,
 policy.py, handler.py); the serving loop is C with the GIL released
-(banger._uffd.Server).
+(banger.uffd._uffd.Server).
 
 Switches (environment):
   BANGER_UFFD=0           restore with the File backend instead (read by the
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from .spawn import spawn_handler
+from banger.uffd.spawn import spawn_handler
 
 __all__ = ["enabled", "prefetch_enabled", "spawn_handler"]
 

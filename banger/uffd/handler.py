@@ -23,12 +23,10 @@ import sys
 import threading
 import time
 
-from banger import _uffd
 from banger.errors import BangerError
-from banger.fsutil import atomic_write_json
-
-from . import handshake as hs
-from . import policy
+from banger.host.fsutil import atomic_write_json
+from banger.uffd import _uffd, policy
+from banger.uffd import handshake as hs
 
 
 class _Terminated(Exception):

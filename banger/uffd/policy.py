@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from banger.fsutil import atomic_write_bytes
+from banger.host.fsutil import atomic_write_bytes
 
 MAGIC = b"BGRUFFDL"
 VERSION = 1
@@ -95,7 +95,7 @@ def plan_from_touch_order(pages, npages: int) -> array.array:
     come out as one run each, in the order the runs began: the order in which the
     replaying guest will want them. Duplicates and pages past ``npages`` are dropped.
     """
-    from banger import _uffd
+    from banger.uffd import _uffd
 
     if not isinstance(pages, array.array) or pages.typecode != "I":
         pages = array.array("I", pages)

@@ -9,8 +9,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from banger import procs
 from banger.errors import Conflict, ExternalError, NotFound, UsageError
+from banger.host import procs
 
 
 def handler_argv(socket_path, mem_file, *, access_log=None, stats_path=None, prefetch: bool = True,
@@ -38,7 +38,7 @@ def spawn_handler(socket_path, mem_file, *, access_log=None, stats_path=None, pr
     If the handler dies or is not listening within ``ready_timeout`` seconds, it is killed and an
     ExternalError carrying the tail of its log is raised (nothing is left behind).
     """
-    from . import prefetch_enabled
+    from banger.uffd import prefetch_enabled
 
     socket_path, mem_file = Path(socket_path), Path(mem_file)
     if not mem_file.is_file():

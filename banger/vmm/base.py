@@ -69,11 +69,11 @@ class VmmDriver(Protocol):
 
 def get_driver(name: str, cfg) -> VmmDriver:
     if name == "qemu":
-        from .qemu import QemuDriver
+        from banger.vmm.qemu.driver import QemuDriver
 
         return QemuDriver(cfg)
     if name == "firecracker":
-        from .firecracker import FirecrackerDriver
+        from banger.vmm.firecracker.driver import FirecrackerDriver
 
         return FirecrackerDriver(cfg)
     from banger.errors import UsageError

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from banger import ext4
-from banger.bootargs import guest_cmdline
+from banger.guest.bootargs import guest_cmdline
+from banger.host import ext4
 from tests.support.kernels import pulled_default_kernel  # noqa: F401
 
 MARKER = "banger-initramfs: switching root"

@@ -16,9 +16,9 @@ from tests.support.e2e import (  # noqa: F401  (fixtures)
 SNIPPET = """
 import json, sys, time
 from pathlib import Path
-from banger.adapters import ssh
+from banger.guest import ssh
 from banger.context import Ctx
-from banger.services import vms
+from banger.vms import lifecycle as vms
 ctx = Ctx()
 vm = vms.get(ctx, sys.argv[1])
 h = vms.load_handles(ctx, vm)

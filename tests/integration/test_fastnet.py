@@ -9,7 +9,8 @@ from tests.support.netns import netns  # noqa: F401
 PROBE = """
 import json, sys
 from banger.context import Ctx
-from banger.services import hostnet, pool
+from banger.net import bridge as hostnet
+from banger.net import pool
 ctx = Ctx()
 br = hostnet.ensure_bridge(ctx)
 tap = pool.claim(ctx, sys.argv[1])
@@ -18,7 +19,7 @@ print(json.dumps({"tap": tap, "bridge_changed": br["changed"], "pyroute2": "pyro
 
 NEIGH = """
 import json, sys
-from banger.adapters import fastnet
+from banger.net import fastnet
 from banger.errors import BangerError
 fastnet.set_neighbour(sys.argv[1], sys.argv[2], sys.argv[3])
 fastnet.set_neighbour(sys.argv[1], sys.argv[2], sys.argv[3])  # replace is idempotent

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from banger import procs
 from banger.errors import BangerError, ExternalError
+from banger.host import procs
 from tests.support.fc import (  # noqa: F401
     events,
     fc_cfg,
@@ -32,7 +32,7 @@ from tests.support.fc import (  # noqa: F401
 
 @pytest.fixture
 def driver(fc_cfg):
-    from banger.vmm.firecracker import FirecrackerDriver
+    from banger.vmm.firecracker.driver import FirecrackerDriver
 
     d = FirecrackerDriver(fc_cfg)
     launched = []
@@ -120,7 +120,7 @@ def test_second_launch_after_vmm_died_reuses_paths(driver, fc_cfg, fc_record, tm
 
 # ---------------------------------------------------------------------------- errors
 def test_error_carries_fault_message_and_leaves_nothing(driver, fc_cfg, fc_record, tmp_path, tap):
-    from banger.adapters.fcapi import FirecrackerApiError
+    from banger.vmm.firecracker.api import FirecrackerApiError
 
     spec = make_spec(fc_cfg, tmp_path, tap, vmlinux=write_bzimage(tmp_path / "bzImage"))
     with pytest.raises(FirecrackerApiError) as ei:
@@ -137,7 +137,7 @@ def test_error_carries_fault_message_and_leaves_nothing(driver, fc_cfg, fc_recor
 
 
 def test_missing_tap_error(driver, fc_cfg, fc_record, tmp_path):
-    from banger.adapters.fcapi import FirecrackerApiError
+    from banger.vmm.firecracker.api import FirecrackerApiError
 
     spec = make_spec(fc_cfg, tmp_path, "bfcnosuch0")
     with pytest.raises(FirecrackerApiError) as ei:
@@ -149,7 +149,7 @@ def test_missing_tap_error(driver, fc_cfg, fc_record, tmp_path):
 def test_missing_binary_is_a_host_error(fc_cfg, tmp_path, tap):
 
     from banger.errors import HostError
-    from banger.vmm.firecracker import FirecrackerDriver
+    from banger.vmm.firecracker.driver import FirecrackerDriver
 
     d = FirecrackerDriver(fc_cfg.replace(firecracker_bin="/nonexistent/firecracker"))
     with pytest.raises(HostError) as ei:
@@ -158,7 +158,7 @@ def test_missing_binary_is_a_host_error(fc_cfg, tmp_path, tap):
 
 
 def test_api_client_surfaces_fault_message_for_any_path(driver, fc_cfg, fc_record, tmp_path, tap):
-    from banger.adapters.fcapi import FirecrackerApi, FirecrackerApiError
+    from banger.vmm.firecracker.api import FirecrackerApi, FirecrackerApiError
 
     h = launch(driver, make_spec(fc_cfg, tmp_path, tap))
     with FirecrackerApi(h["api_sock"]) as api:
@@ -217,7 +217,7 @@ def take_snapshot(driver, fc_cfg, tmp_path, tap):
 
 def restore_spec(fc_cfg, tmp_path, tap, meta, src_spec):
     """A new VM dir holding copies of the snapshot's per-VM disks under the recorded names."""
-    from banger.fsutil import reflink_or_sparse_copy
+    from banger.host.fsutil import reflink_or_sparse_copy
 
     spec = make_spec(fc_cfg, tmp_path, tap)
     for d in meta["drives"]:
@@ -292,7 +292,7 @@ def test_handler_and_vmm_die_together(driver, fc_cfg, fc_record, tmp_path, tap, 
 
 
 def test_failed_restore_leaves_nothing(driver, fc_cfg, fc_record, tmp_path, tap, tap2, monkeypatch):
-    from banger.adapters.fcapi import FirecrackerApiError
+    from banger.vmm.firecracker.api import FirecrackerApiError
 
     monkeypatch.setenv("BANGER_UFFD", "0")
     src_spec, h, dest, meta = take_snapshot(driver, fc_cfg, tmp_path, tap)
@@ -323,7 +323,7 @@ def test_load_is_bounded_when_the_handler_does_not_serve(driver, fc_cfg, fc_reco
                                                           monkeypatch):
     """Faults arrive during PUT /snapshot/load; a handler that never serves must not hang banger forever."""
     import banger.uffd as uffd_pkg
-    import banger.vmm.firecracker as fcmod
+    import banger.vmm.firecracker.driver as fcmod
     from banger.errors import GuestTimeout
 
     monkeypatch.setenv("BANGER_UFFD", "1")

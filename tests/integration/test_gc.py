@@ -8,13 +8,13 @@ import os
 import subprocess
 import sys
 
-from banger import procs
 from banger.config import load_config
-from banger.fsutil import atomic_write_json
-from banger.locks import Locks
-from banger.names import Subnet
-from banger.reservation import reserve_vm
-from banger.store import Store
+from banger.guest.names import Subnet
+from banger.host import procs
+from banger.host.fsutil import atomic_write_json
+from banger.state.locks import Locks
+from banger.state.reservation import reserve_vm
+from banger.state.store import Store
 from tests.support.netns import netns  # noqa: F401  (fixture: gc's TAP scan must not see the host's links)
 
 

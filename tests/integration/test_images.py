@@ -14,7 +14,7 @@ import pytest
 
 from banger.context import Ctx
 from banger.errors import Conflict, NotFound
-from banger.services import images
+from banger.images import service as images
 from tests.support.cli import banger_json
 from tests.support.images import ext4_cat, ext4_ls, ext4_stat, fsck_clean
 from tests.support.procs import spawn_py
@@ -37,7 +37,7 @@ def _tiny_rootfs(tmp: Path) -> Path:
 
 
 def _new_client_key(cfg):
-    from banger.sshkeys import client_key
+    from banger.guest.sshkeys import client_key
 
     for f in ("id_ed25519", "id_ed25519.pub"):
         (cfg.ssh_dir / f).unlink(missing_ok=True)
@@ -109,7 +109,7 @@ def test_seed_refresh_races_with_cloners(banger_env, cfg, tmp_path):
     stop = tmp_path / "stop"
     code = """
 import os, subprocess, sys
-from banger.fsutil import reflink_or_sparse_copy
+from banger.host.fsutil import reflink_or_sparse_copy
 seed, out, stop = sys.argv[1], sys.argv[2], sys.argv[3]
 n = bad = 0
 while not os.path.exists(stop) or n < 3:
@@ -151,7 +151,7 @@ def test_resolve_auto_pulls_catalog_entry_once(banger_env, cfg, registry, tmp_pa
         code = """
 import json
 from banger.context import Ctx
-from banger.services import images
+from banger.images import service as images
 r = images.resolve(Ctx(), "loop-tool")
 print(json.dumps({"pull_id": r["meta"]["pull_id"], "kernel": r["kernel"], "seed": r["work_seed"]}))
 """

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from banger.context import Ctx
-from banger.services import images
+from banger.images import service as images
 from tests.support.images import default_image, ext4_cat, ext4_ls, ext4_stat, fsck_clean, install_image  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def test_default_image_installs_and_rekeys(banger_env, cfg, default_image):  # n
     assert row["name"] == "debian-bookworm" and row["has_sshd"]
     ctx = Ctx(cfg)
     r = images.resolve(ctx)  # name None -> cfg.default_image
-    from banger.sshkeys import client_key
+    from banger.guest.sshkeys import client_key
 
     key = client_key(cfg)
     assert r["name"] == cfg.default_image and r["key_fingerprint"] == key.fingerprint

@@ -7,7 +7,7 @@ import re
 import struct
 import time
 
-from banger import initramfs, kernelfmt
+from banger.guest import initramfs, kernelfmt
 from tests.support.cli import banger_json
 from tests.support.kernels import CACHE_ROOT, download_log, newc_entries, pulled_default_kernel  # noqa: F401
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from banger import kernelfmt
+from banger.guest import kernelfmt
 from tests.support.cli import banger_json
 from tests.support.kernels import (
     KernelServer,
@@ -238,7 +238,7 @@ def test_unknown_name_lists_the_catalog(cfg, catalog):
 def test_resolve_auto_pulls_and_honours_auto_pull_false(cfg, catalog, server):
     from banger.context import Ctx
     from banger.errors import NotFound
-    from banger.services import kernels
+    from banger.kernels import service as kernels
 
     ctx = Ctx(cfg)
     try:
@@ -354,7 +354,7 @@ def test_resolve_imported_kernel_and_missing_files(cfg, tmp_path, monkeypatch):
 
     from banger.context import Ctx
     from banger.errors import NotFound
-    from banger.services import kernels
+    from banger.kernels import service as kernels
 
     monkeypatch.delenv("BANGER_KERNEL_CATALOG", raising=False)
     vm = tmp_path / "vmlinux"

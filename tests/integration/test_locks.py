@@ -7,12 +7,12 @@ import time
 import pytest
 
 from banger.errors import LockTimeout
-from banger.locks import Locks
+from banger.state.locks import Locks
 from tests.support.procs import spawn_py
 
 HOLD = """
 import sys, time
-from banger.locks import Locks
+from banger.state.locks import Locks
 locks = Locks(sys.argv[1])
 with locks.hold(sys.argv[2], purpose="test"):
     print("acquired", time.time(), flush=True)

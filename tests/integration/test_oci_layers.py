@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from banger.ocilayers import BadLayer, LayerApplier, UnsafeLayer, apply_layer
+from banger.images.sources.oci.layers import BadLayer, LayerApplier, UnsafeLayer, apply_layer
 from tests.support.registry import layer
 
 

@@ -92,7 +92,7 @@ def test_multilayer_whiteouts_opaque_gzip_zstd(banger_env, cfg, registry):
     assert (s["mode"], s["uid"], s["gid"]) == (0o600, 0, 0)
     pub = (cfg.ssh_dir / "id_ed25519.pub").read_text().split()[:2]
     assert ext4_cat(seed, "/.ssh/authorized_keys").decode().split() == pub
-    from banger.sshkeys import fingerprint
+    from banger.guest.sshkeys import fingerprint
 
     assert d["key_fingerprint"] == fingerprint(" ".join(pub))
     # blobs cached by digest (verified), metadata written, nothing left in staging

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import time
 
-from banger.locks import Locks
-from banger.names import Subnet
-from banger.reservation import reserve_vm
-from banger.store import Store
+from banger.guest.names import Subnet
+from banger.state.locks import Locks
+from banger.state.reservation import reserve_vm
+from banger.state.store import Store
 from tests.support.netns import banger_argv, netns, result  # noqa: F401
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 
-from banger.store import Store
+from banger.state.store import Store
 from tests.support.procs import spawn_py
 
 RESERVE = """
 import json, sys, time
 from banger.config import load_config
-from banger.names import Subnet
-from banger.reservation import reserve_vm
-from banger.store import Store
+from banger.guest.names import Subnet
+from banger.state.reservation import reserve_vm
+from banger.state.store import Store
 from banger.errors import BangerError
 cfg = load_config()
 go_at = float(sys.argv[2])
@@ -74,8 +74,8 @@ def test_check_refs_refuses_a_deleted_kernel(banger_env):
 
     from banger.config import load_config
     from banger.errors import NotFound
-    from banger.names import Subnet
-    from banger.reservation import reserve_vm
+    from banger.guest.names import Subnet
+    from banger.state.reservation import reserve_vm
 
     cfg = load_config()
     with Store(cfg.db_path) as s:

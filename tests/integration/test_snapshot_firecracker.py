@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from banger import procs
+from banger.host import procs
 from tests.support.fc import FAKE_FC, events, records, running_fc_vm, wait_event
 from tests.support.netns import netns  # noqa: F401
 

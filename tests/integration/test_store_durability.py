@@ -7,7 +7,7 @@ import signal
 import sqlite3
 import time
 
-from banger.store import SCHEMA_VERSION, Store
+from banger.state.store import SCHEMA_VERSION, Store
 from tests.support.procs import spawn_py
 
 
@@ -24,7 +24,7 @@ def test_wal_and_schema_version(tmp_path):
 
 WRITER = """
 import sys, time
-from banger.store import Store
+from banger.state.store import Store
 s = Store(sys.argv[1])
 i = 0
 while True:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from banger import procs
+from banger.host import procs
 from banger.uffd import policy, spawn_handler
 from tests.support.uffd_peer import (
     PAGE_2M,
@@ -46,7 +46,7 @@ def _uffd_usable() -> str | None:
         return None
     if os.geteuid() != 0:
         return "needs root"
-    from banger import _uffd  # ImportError = the extension was not built: fail, don't skip
+    from banger.uffd import _uffd  # ImportError = the extension was not built: fail, don't skip
 
     try:
         _uffd.probe()

@@ -7,12 +7,12 @@ import os
 import signal
 import sys
 
-from banger import procs
 from banger.config import load_config
-from banger.fsutil import atomic_write_json
-from banger.names import Subnet
-from banger.reservation import reserve_vm
-from banger.store import Store
+from banger.guest.names import Subnet
+from banger.host import procs
+from banger.host.fsutil import atomic_write_json
+from banger.state.reservation import reserve_vm
+from banger.state.store import Store
 from tests.support.cli import banger, banger_json
 
 

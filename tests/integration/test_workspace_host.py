@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from banger.errors import Conflict, ExternalError, IntegrityError, NotFound, UsageError
-from banger.services.workspace import HostRepo, bundle_heads, classify
+from banger.workspace.service import HostRepo, bundle_heads, classify
 from tests.support.workspace import commit, git, make_repo, refs
 
 

@@ -91,7 +91,7 @@ class Tap:
 
 
 def _ip(*args, check=True):
-    from banger.runner import run
+    from banger.host.runner import run
 
     return run(["ip", *args], check=check)
 
@@ -123,7 +123,7 @@ def tap2():
 def make_spec(cfg, tmp_path: Path, tap: str | None, *, memory_mib: int = 128, vcpu: int = 1, vm_id: str | None = None,
               vmlinux: Path | None = None):
     """A VmSpec laid out like banger's: shared image + kernel outside, overlay/work in the VM dir."""
-    from banger.bootargs import guest_cmdline
+    from banger.guest.bootargs import guest_cmdline
     from banger.vmm.base import Drive, VmSpec
 
     vm_id = vm_id or secrets.token_hex(6)
@@ -238,9 +238,9 @@ _RUNNING_FC_VM = """
 import json, sys
 from pathlib import Path
 from banger.context import Ctx
-from banger.names import Subnet
-from banger.reservation import reserve_vm
-from banger.services import vms
+from banger.guest.names import Subnet
+from banger.state.reservation import reserve_vm
+from banger.vms import lifecycle as vms
 from tests.support.fc import write_fake_vmlinux
 
 name, shared, mem = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])

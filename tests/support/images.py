@@ -84,7 +84,7 @@ def assert_nothing_left(cfg, name: str) -> None:
 
 # ---------------------------------------------------------------- the default image, built once
 def _cache_key() -> str:
-    from banger.services.images import DEFAULT_PACKAGES
+    from banger.images.service import DEFAULT_PACKAGES
 
     h = hashlib.sha256()
     for p in sorted((ROOT / "banger/data/guest").iterdir()):
@@ -132,9 +132,9 @@ def build_default_image_cached() -> Path:
 
 def install_image(cfg, src_dir: Path, name: str = "debian-bookworm", kind: str = "debootstrap") -> dict:
     """Publish a copy of a cached image dir into ``cfg``'s home (its seed is re-keyed on resolve)."""
-    from banger import fsutil
     from banger.context import Ctx
-    from banger.services import images
+    from banger.host import fsutil
+    from banger.images import service as images
 
     ctx = Ctx(cfg)
     try:

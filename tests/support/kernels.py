@@ -53,7 +53,7 @@ def pull_default_kernel_cached() -> dict:
     """Pull (or reuse) the default catalog kernel in the shared cache home; return resolve()'s dict."""
     from banger.config import load_config
     from banger.context import Ctx
-    from banger.services import kernels
+    from banger.kernels import service as kernels
 
     home = CACHE_ROOT / _cache_key() / "home"
     (home / "cache").mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def default_kernel(pulled_default_kernel):
 def install_kernel(cfg, info: dict, name: str | None = None) -> dict:
     """Publish a pulled kernel (``info`` from the fixture) into ``cfg``'s home under ``name``."""
     from banger.context import Ctx
-    from banger.services import kernels
+    from banger.kernels import service as kernels
 
     ctx = Ctx(cfg)
     try:

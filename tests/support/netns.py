@@ -92,10 +92,12 @@ def py_argv(code: str, *args) -> list[str]:
 
 _CALL = """
 import json, sys, time
-from banger.adapters import netlink, nft
+from banger.net import netlink
+from banger.net import nft
 from banger.context import Ctx
 from banger.errors import BangerError
-from banger.services import hostnet, pool
+from banger.net import bridge as hostnet
+from banger.net import pool
 ctx = Ctx()
 if len(sys.argv) > 2 and sys.argv[2]:
     start_at = float(sys.argv[2])

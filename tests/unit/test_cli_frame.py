@@ -76,14 +76,14 @@ def test_help_imports_no_command_module(banger_env):
     mods = _imported_modules(["--help"], banger_env["env"])
     loaded = sorted(m for m in mods if m.startswith("banger.cli.") and m not in ("banger.cli.main",))
     assert loaded == [], loaded
-    assert "banger.store" not in mods and "rich.table" not in mods
+    assert "banger.state.store" not in mods and "rich.table" not in mods
 
 
 def _seed_vms(n: int) -> None:
     from banger.config import load_config
-    from banger.names import Subnet
-    from banger.reservation import reserve_vm
-    from banger.store import Store
+    from banger.guest.names import Subnet
+    from banger.state.reservation import reserve_vm
+    from banger.state.store import Store
 
     cfg = load_config()
     with Store(cfg.db_path) as s:

@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
-from banger import kernelfmt
 from banger.errors import UsageError
+from banger.guest import kernelfmt
 from tests.support.kernels import fake_bzimage, fake_elf_kernel
 
 

@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from banger import initramfs
 from banger.errors import UsageError
+from banger.guest import initramfs
 from tests.support.kernels import fake_module, fake_module_tree, newc_entries
 
 

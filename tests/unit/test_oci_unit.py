@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from banger.adapters.oci import DOCKER_HUB, _parse_challenge, parse_ref
 from banger.errors import HostError, UsageError
-from banger.ocilayers import UnsafeLayer, normalise
-from banger.services.images import default_name, host_mirror, validate_name
+from banger.images.service import default_name, host_mirror, validate_name
+from banger.images.sources.oci.layers import UnsafeLayer, normalise
+from banger.images.sources.oci.registry import DOCKER_HUB, _parse_challenge, parse_ref
 
 INIT = Path(__file__).resolve().parents[2] / "banger" / "data" / "guest" / "banger-init"
 

@@ -172,7 +172,7 @@ def test_handler_argv():
 
 
 def test_server_rejects_bad_layouts(tmp_path):
-    from banger import _uffd
+    from banger.uffd import _uffd
 
     mem = tmp_path / "mem"
     mem.write_bytes(b"\1" * (4 * PS))

@@ -8,7 +8,7 @@ import pytest
 
 from banger.errors import UsageError
 from banger.vmm.base import Drive, VmSpec
-from banger.vmm.qemu import build_argv
+from banger.vmm.qemu.driver import build_argv
 
 
 def _spec(tmp_path, **kw):
@@ -64,7 +64,7 @@ def test_kvm_and_incoming_and_bzimage_fallback(tmp_path):
 
 
 def test_parse_cp_arg():
-    from banger.services.vms import parse_cp_arg
+    from banger.vms.lifecycle import parse_cp_arg
 
     assert parse_cp_arg("dev-1:/root/x") == ("dev-1", "/root/x")
     assert parse_cp_arg("dev-1:") == ("dev-1", ".")
@@ -86,7 +86,7 @@ def test_parse_mib():
 
 
 def test_summarize_stages_separates_vmm_and_ssh_ready():
-    from banger.services.vms import summarize_stages
+    from banger.vms.lifecycle import summarize_stages
 
     st = [{"op": "create", "stage": s, "started_at": t, "duration_ms": d, "ok": True, "error": None}
           for s, t, d in [("prepare", 100.0, 1), ("disk.work", 100.001, 60), ("disk.overlay", 100.061, 80),
@@ -97,7 +97,7 @@ def test_summarize_stages_separates_vmm_and_ssh_ready():
 
 
 def test_summarize_stages_takes_the_latest_boot_only():
-    from banger.services.vms import summarize_stages
+    from banger.vms.lifecycle import summarize_stages
 
     def ev(op, stage, t, d, ok=True):
         return {"op": op, "stage": stage, "started_at": t, "duration_ms": d, "ok": ok, "error": None}

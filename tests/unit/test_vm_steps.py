@@ -6,7 +6,7 @@ import pytest
 
 from banger.context import Ctx
 from banger.errors import BangerError, ExternalError
-from banger.services.steps import StepFailed, Steps
+from banger.vms.plan import StepFailed, Steps
 
 
 @pytest.fixture

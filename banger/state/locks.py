@@ -1,0 +1,105 @@
+"""Cross-process locks over flock (the filelock package).
+
+Lock names are ``vm/<id>``, ``workspace/<id>``, ``image/<name>``,
+``kernel/<name>``, ``pool`` and ``hostnet``; each maps to a file under
+``$BANGER_HOME/locks``.  Lock files are never deleted: unlinking a lock file
+while another process waits on its inode would let two holders in at once.
+
+Lock order (ARCHITECTURE.md): vm and workspace are never held together;
+vm -> image/kernel -> pool -> hostnet; SQLite transactions innermost and short.
+A process records who holds a lock inside the file (pid, command) so a timeout
+can name the holder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from banger.errors import LockTimeout, UsageError
+
+_KINDS = {"vm", "workspace", "image", "kernel", "snapshot"}
+_SINGLETONS = {"pool", "hostnet"}
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def lock_path(locks_dir: Path, name: str) -> Path:
+    if name in _SINGLETONS:
+        return locks_dir / f"{name}.lock"
+    kind, _, key = name.partition("/")
+    if kind not in _KINDS or not _SAFE.match(key):
+        raise UsageError(f"invalid lock name {name!r}")
+    return locks_dir / kind / f"{key}.lock"
+
+
+class Locks:
+    def __init__(self, locks_dir: Path, default_timeout: float = 600.0):
+        self.dir = Path(locks_dir)
+        self.default_timeout = default_timeout
+
+    def path(self, name: str) -> Path:
+        return lock_path(self.dir, name)
+
+    @contextmanager
+    def hold(self, name: str, timeout: float | None = None, purpose: str = ""):
+        """Hold lock ``name``; raise LockTimeout naming the holder if it cannot be had in time."""
+        from filelock import FileLock, Timeout
+
+        p = self.path(name)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        lk = FileLock(str(p), mode=0o644)
+        t = self.default_timeout if timeout is None else timeout
+        try:
+            lk.acquire(timeout=t, poll_interval=0.02)
+        except Timeout:
+            holder = self.holder(name)
+            raise LockTimeout(
+                f"lock {name} is held by another banger process{f' ({holder})' if holder else ''}; "
+                f"waited {t:g}s",
+                "wait for that command to finish, or check it is still alive (banger gc cleans up after dead ones)",
+                details={"lock": name, "holder": holder},
+            ) from None
+        try:
+            self._write_holder(p, purpose)
+            yield p
+        finally:
+            lk.release()
+
+    @staticmethod
+    def _write_holder(p: Path, purpose: str) -> None:
+        # The lock file itself carries the holder; we hold the flock, so nobody else writes it now.
+        info = f"pid={os.getpid()} cmd={' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv[:4]))}"
+        if purpose:
+            info += f" purpose={purpose}"
+        info += f" since={time.strftime('%H:%M:%S')}"
+        try:
+            with open(p, "r+") as f:
+                f.seek(0)
+                f.write(info + "\n")
+                f.truncate()
+        except OSError:
+            pass
+
+    def holder(self, name: str) -> str:
+        try:
+            return self.path(name).read_text().strip()
+        except OSError:
+            return ""
+
+    def is_held(self, name: str) -> bool:
+        from filelock import FileLock, Timeout
+
+        p = self.path(name)
+        if not p.exists():
+            return False
+        lk = FileLock(str(p))
+        try:
+            lk.acquire(timeout=0)
+        except Timeout:
+            return True
+        lk.release()
+        return False
