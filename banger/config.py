@@ -143,6 +143,8 @@ def load_config(env: dict | None = None) -> Config:
         ev = env.get(f"BANGER_{k.upper()}")
         if ev:
             kwargs[k] = ev
-    if kwargs.get("backend", "auto") not in ("auto", "firecracker", "qemu"):
-        raise UsageError(f"unknown backend {kwargs['backend']!r}", "use one of: auto, firecracker, qemu")
+    from banger.vmm.registry import choices  # the registry imports no backend
+
+    if kwargs.get("backend", "auto") not in choices():
+        raise UsageError(f"unknown backend {kwargs['backend']!r}", f"use one of: {', '.join(choices())}")
     return Config(home=home, run=run, extra=extra, **kwargs)

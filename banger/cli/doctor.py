@@ -25,9 +25,10 @@ def doctor(
             installed = svc.fix(checks, ctx.progress)
             if installed:
                 checks = svc.run_checks(ctx.cfg)
-        from banger.host.hostinfo import choose_backend, qemu_accel
+        from banger.host.hostinfo import qemu_accel
+        from banger.vmm import registry
 
-        backend = choose_backend(ctx.cfg.backend, ctx.cfg.firecracker_bin)
+        backend = registry.choose(ctx.cfg.backend, ctx.cfg)
         return {"checks": [c.to_dict() for c in checks], "installed": installed, "backend": backend,
                 "accel": qemu_accel() if backend == "qemu" else "kvm",
                 "ok": all(c.status != "fail" for c in checks)}

@@ -237,10 +237,11 @@ def show(vm: Ref, json_out: JsonOpt = False):
 def logs(vm: Ref, follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new output.")] = False,
          json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
+    from banger.vms import access, runtime
     from banger.vms import lifecycle as vms
 
     def go():
-        path = vms.serial_log(ctx, vm)
+        path = access.serial_log(ctx, vm)
         if json_out:
             return {"path": str(path), "log": path.read_text(errors="replace") if path.exists() else ""}
         out = sys.stdout.buffer
@@ -253,7 +254,7 @@ def logs(vm: Ref, follow: Annotated[bool, typer.Option("-f", "--follow", help="K
                     pos = f.tell()
                 out.write(data)
                 out.flush()
-            if not follow or vms.effective_state(ctx, vms.get(ctx, vm)) != vms.RUNNING:
+            if not follow or runtime.effective_state(ctx, runtime.get(ctx, vm)) != vms.RUNNING:
                 if follow and path.exists() and path.stat().st_size > pos:
                     continue
                 return None
@@ -265,12 +266,12 @@ def logs(vm: Ref, follow: Annotated[bool, typer.Option("-f", "--follow", help="K
 @app.command(help="Open a shell in the VM, or run `-- CMD...` with a terminal.")
 def ssh(vm: Ref, cmd: Cmd = None, json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
-    from banger.vms import lifecycle as vms
+    from banger.vms import access
 
     def go():
         from banger.guest import ssh as sshmod
 
-        t = vms.connect(ctx, vm)
+        t = access.connect(ctx, vm)
         try:
             if json_out:
                 return _run_in_guest(t, cmd, True)
@@ -284,10 +285,10 @@ def ssh(vm: Ref, cmd: Cmd = None, json_out: JsonOpt = False):
 @app.command("exec", help="Run `-- CMD...` in the VM and exit with its status.")
 def exec_(vm: Ref, cmd: Annotated[list[str], typer.Argument(help="Command (after --).")], json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
-    from banger.vms import lifecycle as vms
+    from banger.vms import access
 
     def go():
-        t = vms.connect(ctx, vm)
+        t = access.connect(ctx, vm)
         try:
             return _run_in_guest(t, cmd, json_out)
         finally:
@@ -300,17 +301,17 @@ def exec_(vm: Ref, cmd: Annotated[list[str], typer.Argument(help="Command (after
 def cp(src: Annotated[str, typer.Argument(help="Source (local path or VM:path).")],
        dst: Annotated[str, typer.Argument(help="Destination (local path or VM:path).")], json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
-    from banger.vms import lifecycle as vms
+    from banger.vms import access
 
-    emit(lambda: vms.copy(ctx, src, dst), json_out=json_out, render=lambda d: say(f"copied {d['files']} files"))
+    emit(lambda: access.copy(ctx, src, dst), json_out=json_out, render=lambda d: say(f"copied {d['files']} files"))
 
 
 @app.command("ssh-config", help="Print an OpenSSH config stanza for this VM (for IDEs and plain ssh).")
 def ssh_config(vm: Ref, json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
-    from banger.vms import lifecycle as vms
+    from banger.vms import access
 
-    emit(lambda: vms.ssh_config(ctx, vm), json_out=json_out, render=lambda s: sys.stdout.write(s))
+    emit(lambda: access.ssh_config(ctx, vm), json_out=json_out, render=lambda s: sys.stdout.write(s))
 
 
 @app.command(help="Create a new running VM from a snapshot.")

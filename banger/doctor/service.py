@@ -6,39 +6,12 @@ import os
 import platform
 import shutil
 import sys
-from dataclasses import asdict, dataclass
 
+from banger.host.checks import Check, tool
 from banger.host.hostinfo import kvm_kind
 from banger.host.runner import run, which
 
-
-@dataclass
-class Check:
-    name: str
-    status: str  # ok | warn | fail
-    detail: str
-    hint: str | None = None
-    package: str | None = None  # Debian package that fixes it
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _tool(name: str, tool: str, package: str, required: bool = True, version_args=None) -> Check:
-    path = which(tool)
-    if not path:
-        return Check(name, "fail" if required else "warn", f"{tool} not found",
-                     f"apt-get install {package}", package)
-    detail = path
-    if version_args:
-        try:
-            cp = run([path, *version_args], check=False, timeout=10)
-            first = (cp.stdout or cp.stderr or "").strip().splitlines()
-            if first:
-                detail = f"{path} ({first[0][:80]})"
-        except Exception:  # a broken binary still counts as present; the detail says so
-            detail = f"{path} (version unknown)"
-    return Check(name, "ok", detail)
+_tool = tool
 
 
 def run_checks(cfg) -> list[Check]:
@@ -56,15 +29,12 @@ def run_checks(cfg) -> list[Check]:
     else:
         checks.append(Check("kvm", "warn", "no /dev/kvm: QEMU with TCG (software emulation) will be used",
                             "enable virtualisation in firmware and load kvm_intel/kvm_amd"))
-    fc = _tool("firecracker", cfg.firecracker_bin, "firecracker", required=False, version_args=["--version"])
-    if fc.status != "ok":
-        fc.detail = "firecracker not found: the QEMU backend will be used"
-        fc.hint = "install a Firecracker release binary on PATH (not packaged by Debian) to use it on KVM hosts"
-        fc.package = None
-    checks.append(fc)
-    checks.append(_tool("qemu", cfg.qemu_bin, "qemu-system-x86", version_args=["--version"]))
-    for tool in ("mkfs.ext4", "e2fsck", "resize2fs", "debugfs"):
-        checks.append(_tool(f"e2fsprogs:{tool}", tool, "e2fsprogs"))
+    from banger.vmm import registry
+
+    for name in registry.names():  # each backend says what it needs and whether this host can run it
+        checks.extend(registry.backend(name).doctor_checks(cfg))
+    for t in ("mkfs.ext4", "e2fsck", "resize2fs", "debugfs"):
+        checks.append(_tool(f"e2fsprogs:{t}", t, "e2fsprogs"))
     checks.append(_tool("debootstrap", "debootstrap", "debootstrap"))
     bb = "/bin/busybox" if os.path.exists("/bin/busybox") else which("busybox")
     if bb and _is_static(bb):

@@ -24,23 +24,9 @@ from pathlib import Path
 
 from banger.errors import BangerError, LockTimeout
 from banger.host import procs
-from banger.vms import lifecycle as vms
-
-STAGING_MAX_AGE_S = 3600.0  # staging dirs without an owner file are left alone this long
-OWNER_FILE = ".owner"
-
-
-def write_owner(staging: Path) -> None:
-    """Mark a staging dir as owned by this process (gc removes it once the process is gone)."""
-    (Path(staging) / OWNER_FILE).write_text(f"{os.getpid()} {procs.start_time(os.getpid()) or 0}\n")
-
-
-def _owner_alive(staging: Path) -> bool | None:
-    try:
-        pid, start = (Path(staging) / OWNER_FILE).read_text().split()[:2]
-    except (OSError, ValueError):
-        return None
-    return procs.alive(int(pid), int(start) or None)
+from banger.state.staging import MAX_AGE_S as STAGING_MAX_AGE_S
+from banger.state.staging import owner_alive as _owner_alive
+from banger.vms import runtime as vms
 
 
 def _our_processes(ctx) -> list[dict]:

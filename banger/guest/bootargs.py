@@ -14,23 +14,14 @@ Disk order is command-line order on both backends (vda, vdb, vdc).
 
 from __future__ import annotations
 
-from banger.host.hostinfo import tsc_khz
-
 
 def guest_cmdline(*, ip: str, prefixlen: int, gateway: str, hostname: str, init: str | None = None,
-                  dns: str | None = None, backend: str = "qemu", extra: list[str] | None = None) -> str:
-    # Both VMMs exit when the guest reboots (QEMU runs with -no-reboot). Firecracker needs
-    # reboot=k (its i8042 reset); under QEMU microvm reboot=k hangs when booting a bzImage,
-    # a triple fault (reboot=t) always works.
-    args = ["console=ttyS0", "reboot=k" if backend == "firecracker" else "reboot=t", "panic=1", "quiet", "loglevel=3", "cryptomgr.notests",
+                  dns: str | None = None, extra: list[str] | None = None) -> str:
+    """The command line; ``extra`` carries what the backend's device model needs (vmm Backend.boot_args)."""
+    args = ["console=ttyS0", "panic=1", "quiet", "loglevel=3", "cryptomgr.notests",
             "random.trust_cpu=on", "i8042.noaux", "i8042.nomux", "i8042.dumbkbd",
             "banger.root=/dev/vda", "banger.overlay=/dev/vdb", "banger.work=/dev/vdc",
             f"banger.ip={ip}/{prefixlen}", f"banger.gw={gateway}", f"banger.hostname={hostname}"]
-    if backend == "qemu":
-        khz = tsc_khz()
-        args += ["tsc=reliable"] + ([f"tsc_early_khz={khz}"] if khz else [])
-    else:
-        args += ["pci=off"]
     if dns:
         args.append(f"banger.dns={dns}")
     if init:

@@ -1,4 +1,5 @@
-"""Facts about the host that decide how guests run: KVM kind, TSC rate, backend choice."""
+"""Facts about the host that decide how guests run: KVM kind, TSC rate, QEMU accelerator.
+(Which backend runs is banger.vmm.registry.choose.)"""
 
 from __future__ import annotations
 
@@ -38,17 +39,6 @@ def tsc_khz() -> int | None:
     except (OSError, ValueError):
         pass
     return None
-
-
-def choose_backend(requested: str, firecracker_bin: str = "firecracker") -> str:
-    """auto -> firecracker when hardware KVM and the binary are present, else qemu."""
-    if requested in ("firecracker", "qemu"):
-        return requested
-    from banger.host.runner import which
-
-    if kvm_kind() == "hardware" and which(firecracker_bin):
-        return "firecracker"
-    return "qemu"
 
 
 def qemu_accel() -> str:

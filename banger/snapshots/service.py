@@ -32,8 +32,7 @@ from pathlib import Path
 from banger.errors import BangerError, Conflict, InvalidState, NotFound
 from banger.guest.names import Subnet, validate_name
 from banger.host.fsutil import atomic_write_json, reflink_or_sparse_copy
-from banger.vms import lifecycle as vms
-from banger.vms.plan import Steps
+from banger.vms import runtime as vms
 
 META = "meta.json"
 KNOWN_HOSTS = "known_hosts"
@@ -114,7 +113,7 @@ def create(ctx, vm_ref: str, name: str | None = None) -> dict:
                                "run `banger gc` to remove orphaned directories, or pick another name")
             staging = ctx.cfg.staging_dir / f"snapshot-{name}-{secrets.token_hex(4)}"
             staging.mkdir(parents=True)
-            from banger.gc.service import OWNER_FILE, write_owner
+            from banger.state.staging import OWNER_FILE, write_owner
 
             write_owner(staging)  # a killed create leaves a staging dir `banger gc` can reclaim
             published = False
@@ -207,10 +206,65 @@ def net_line(ctx, vm: dict) -> str:
     return f"@banger net {vm['ip']}/{sn.prefixlen} {sn.gateway} {vm['mac']} {vm['name']}"
 
 
+# the restore plan: the boot plan with the disk steps replaced by a copy of the snapshot's disks,
+# the launch replaced by a VMM restore, and the re-address step inserted after it
+def _copy_disks(run):
+    d = vms.vm_dir(run.ctx, run.vm)
+    for f in run.meta.get("disks", DISKS):
+        reflink_or_sparse_copy(run.sdir / f, d / f)
+    kh = run.sdir / KNOWN_HOSTS
+    if kh.exists():  # same guest, same host key; new address
+        key = kh.read_text().split(None, 1)[1].strip()
+        (d / vms.KNOWN_HOSTS).write_text(f"{run.vm['ip']} {key}\n")
+
+
+def _uncopy_disks(run):
+    d = vms.vm_dir(run.ctx, run.vm)
+    for f in (*DISKS, vms.KNOWN_HOSTS):
+        (d / f).unlink(missing_ok=True)
+
+
+def _vmm_restore(run):
+    spec = vms.vm_spec(run.ctx, run.vm, run.tap)
+    vms.run_dir(run.ctx, run.vm).mkdir(parents=True, exist_ok=True)
+    run.handles = vms.vm_driver(run.ctx, run.vm).restore(spec, run.sdir, run.meta["vmm"], run.ctx.progress)
+    vms.save_handles(run.ctx, run.vm, run.handles)
+    run.timings["vmm_restored_ms"] = round((time.monotonic() - run.t0) * 1000, 1)
+
+
+def _release_snapshot(run):
+    run.snap_lock.close()  # the VMM (or its UFFD handler) holds what it still needs open
+
+
+def _readdress(run):
+    vms.vm_driver(run.ctx, run.vm).send_console(run.handles, net_line(run.ctx, run.vm))
+
+
+def _check_snapshot(run):
+    if _row(run.ctx, run.snapshot) is None:
+        raise NotFound(f"snapshot {run.snapshot!r} was removed meanwhile", "pick another snapshot")
+
+
+def restore_plan(*, wait_ssh: bool = True):
+    from banger.vms import plans
+    from banger.vms.plan import Step
+
+    return (plans.boot_plan("restore", wait_ssh=wait_ssh)
+            .insert_before("prepare", Step("snapshot.check", _check_snapshot))
+            .replace("disk.work", Step("disk.copy", _copy_disks, _uncopy_disks, "copying disks"))
+            .without("disk.overlay")
+            .replace("vmm.launch",
+                     Step("vmm.restore", _vmm_restore, plans.unlaunch,
+                          lambda run: f"restoring with {run.vm['backend']}"),
+                     Step("snapshot.release", _release_snapshot),
+                     Step("guest.net", _readdress, None, "giving the guest its new address")))
+
+
 def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = True) -> dict:
     """Start a new VM from ``snapshot``; returns its view (as `vm show`), plus restore timings."""
     from banger.host import procs
     from banger.state.reservation import reserve_vm
+    from banger.vms import lifecycle, plan
 
     snap = get(ctx, snapshot)
     meta = snap["meta"]
@@ -231,7 +285,7 @@ def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = Tru
                        "re-create the snapshot from a VM running the current image")
     if name is not None:
         validate_name(name)
-        if ctx.store.get_vm(name) is not None:
+        if ctx.store.vm_by_name(name) is not None:
             raise vms.name_taken(name)
     o["creator"] = {"pid": os.getpid(), "start": procs.start_time(os.getpid())}
     o["restored_from"] = snapshot
@@ -244,87 +298,18 @@ def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = Tru
         if e.code == "conflict" and name:
             raise vms.name_taken(name) from None
         raise
-    t0 = time.monotonic()
-    timings = {}
-    transport = None
+    timings: dict = {}
     with ctx.locks.hold(f"vm/{vm['id']}", purpose="restore"), ExitStack() as snap_lock:
         # held while the snapshot's files are read (disk copies, VMM start); released before the guest waits
         snap_lock.enter_context(ctx.locks.hold(f"snapshot/{snapshot}", purpose="restore"))
-        steps = Steps(ctx, vm["id"], "restore")
-        state: dict = {}
-        try:
-            if _row(ctx, snapshot) is None:
-                raise NotFound(f"snapshot {snapshot!r} was removed meanwhile", "pick another snapshot")
-            d = vms.vm_dir(ctx, vm)
-
-            def prepare():
-                d.mkdir(parents=True, exist_ok=False)
-
-            def unprepare():
-                shutil.rmtree(d, ignore_errors=True)
-                shutil.rmtree(vms.run_dir(ctx, vm), ignore_errors=True)
-
-            steps.run("prepare", prepare, unprepare)
-
-            def disks():
-                for f in meta.get("disks", DISKS):
-                    reflink_or_sparse_copy(sdir / f, d / f)
-                kh = sdir / KNOWN_HOSTS
-                if kh.exists():  # same guest, same host key; new address
-                    key = kh.read_text().split(None, 1)[1].strip()
-                    (d / vms.KNOWN_HOSTS).write_text(f"{vm['ip']} {key}\n")
-
-            steps.run("disk.copy", disks, lambda: [(d / f).unlink(missing_ok=True)
-                                                   for f in (*DISKS, vms.KNOWN_HOSTS)],
-                      message="copying disks")
-
-            def net():
-                state["tap"] = vms.net_up(ctx, vm)
-
-            steps.run("net.tap", net, lambda: vms.net_down(ctx, vm), message="network")
-
-            def launch():
-                spec = vms.vm_spec(ctx, vm, state["tap"])
-                vms.run_dir(ctx, vm).mkdir(parents=True, exist_ok=True)
-                h = vms.vm_driver(ctx, vm).restore(spec, sdir, meta["vmm"], ctx.progress)
-                state["handles"] = h
-                vms.save_handles(ctx, vm, h)
-
-            def unlaunch():
-                h = state.get("handles") or vms.load_handles(ctx, vm)
-                if h:
-                    vms.vm_driver(ctx, vm).kill(h)
-                (d / vms.HANDLES).unlink(missing_ok=True)
-                shutil.rmtree(vms.run_dir(ctx, vm), ignore_errors=True)
-
-            steps.run("vmm.restore", launch, unlaunch, message=f"restoring with {snap['backend']}")
-            timings["vmm_restored_ms"] = round((time.monotonic() - t0) * 1000, 1)
-            snap_lock.close()  # the VMM (or its UFFD handler) holds what it still needs open
-            steps.run("guest.net", lambda: vms.vm_driver(ctx, vm).send_console(state["handles"],
-                                                                               net_line(ctx, vm)),
-                      message="giving the guest its new address")
-            if wait_ssh:
-                transport = steps.run("guest.ssh", lambda: vms.wait_for_ssh(ctx, vm, state["handles"]),
-                                      message="waiting for SSH")
-                timings["ssh_ready_ms"] = round((time.monotonic() - t0) * 1000, 1)
-            ctx.store.update_vm(vm["id"], state=vms.RUNNING, error=None)
-            steps.forget()
-        except BaseException as e:
-            if vms.kept_for_inspection(ctx, vm, steps, e):
-                ctx.store.update_vm(vm["id"], state=vms.RUNNING, error=e.message)
-                steps.forget()
-                raise
-            errs = steps.unwind()
-            reason = e.message if isinstance(e, BangerError) else f"{type(e).__name__}: {e}"
-            if errs:  # keep the row in `error` so `banger gc` finds what could not be undone
-                reason += " (clean-up incomplete: " + "; ".join(errs) + "; run banger gc)"
-                ctx.store.update_vm(vm["id"], state=vms.ERROR, error=reason)
-            else:  # nothing is left behind: the reserved row goes too (the name and slot are free again)
-                ctx.store.delete_vm_row(vm["id"])
-            raise
-    if transport is not None:
-        transport.close()
-    out = vms.view(ctx, ctx.store.get_vm(vm["id"]), stages=True)
+        run = plan.execute(ctx, vm, restore_plan(wait_ssh=wait_ssh), delete_on_unwind=True,
+                           snapshot=snapshot, sdir=sdir, meta=meta, snap_lock=snap_lock, timings=timings,
+                           t0=time.monotonic())
+        if wait_ssh:
+            timings["ssh_ready_ms"] = round((time.monotonic() - run.t0) * 1000, 1)
+    if run.transport is not None:
+        run.transport.close()
+    out = lifecycle.view(ctx, ctx.store.vm_by_id(vm["id"]), stages=True)
     h = vms.load_handles(ctx, vm)
     out["restored_from"] = snapshot
     out["restore"] = {**timings, **({"vmm": h.get("restore_timings")} if h.get("restore_timings") else {}),

@@ -15,6 +15,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from banger.state.records import VmRecord
+
 BUSY_TIMEOUT_MS = 30_000
 
 MIGRATIONS: list[str] = [
@@ -173,23 +175,43 @@ class Store:
             return c.execute(sql, params).rowcount
 
     # ---- vms ----
-    def get_vm(self, ref: str) -> dict | None:
-        row = self.one("SELECT * FROM vms WHERE id = ? OR name = ?", (ref, ref))
-        if row is None and len(ref) >= 4:
-            rows = self.query("SELECT * FROM vms WHERE id LIKE ?", (ref + "%",))
-            if len(rows) == 1:
-                row = rows[0]
-        return _decode_vm(row)
+    def get_vm(self, ref: str):
+        """The VM whose name is ``ref``, else whose id is ``ref``, else whose id starts with ``ref``
+        (4+ hex digits, an exact prefix: no LIKE wildcards). An ambiguous prefix is an error."""
+        row = self.one("SELECT * FROM vms WHERE name = ?", (ref,)) or self.one("SELECT * FROM vms WHERE id = ?", (ref,))
+        if row is None and len(ref) >= 4 and all(c in "0123456789abcdef" for c in ref):
+            rows = self.query("SELECT * FROM vms WHERE substr(id, 1, ?) = ? ORDER BY name", (len(ref), ref))
+            if len(rows) > 1:
+                from banger.errors import Conflict
 
-    def list_vms(self) -> list[dict]:
-        return [_decode_vm(r) for r in self.query("SELECT * FROM vms ORDER BY created_at, name")]
+                raise Conflict(f"{ref!r} is the start of {len(rows)} VM ids ({', '.join(r['name'] for r in rows)})",
+                               "give more of the id, or the VM's name")
+            row = rows[0] if rows else None
+        return VmRecord.from_row(row)
+
+    def vm_by_name(self, name: str):
+        """Exactly the VM named ``name`` (for name-taken checks: ids and prefixes never count)."""
+        return VmRecord.from_row(self.one("SELECT * FROM vms WHERE name = ?", (name,)))
+
+    def vm_by_id(self, vm_id: str):
+        return VmRecord.from_row(self.one("SELECT * FROM vms WHERE id = ?", (vm_id,)))
+
+    def list_vms(self) -> list:
+        return [VmRecord.from_row(r) for r in self.query("SELECT * FROM vms ORDER BY created_at, name")]
 
     def update_vm(self, vm_id: str, **fields) -> None:
+        """Update one VM row; a row that vanished meanwhile (deleted under us) is an error, never a no-op."""
         if "options" in fields and not isinstance(fields["options"], str):
             fields["options"] = json.dumps(fields["options"], sort_keys=True)
+        if "nat" in fields:
+            fields["nat"] = int(bool(fields["nat"]))
         fields["updated_at"] = time.time()
         cols = ", ".join(f"{k} = ?" for k in fields)
-        self.execute(f"UPDATE vms SET {cols} WHERE id = ?", (*fields.values(), vm_id))
+        if self.execute(f"UPDATE vms SET {cols} WHERE id = ?", (*fields.values(), vm_id)) == 0:
+            from banger.errors import NotFound
+
+            raise NotFound(f"VM {vm_id} was deleted while this command was working on it",
+                           "see `banger vm list`; run the command again if you still need it")
 
     def delete_vm_row(self, vm_id: str) -> None:
         with self.immediate() as c:
@@ -213,15 +235,6 @@ class Store:
     @staticmethod
     def dumps(obj) -> str:
         return json.dumps(obj, sort_keys=True)
-
-
-def _decode_vm(row: dict | None) -> dict | None:
-    if row is None:
-        return None
-    row = dict(row)
-    row["options"] = json.loads(row.get("options") or "{}")
-    row["nat"] = bool(row["nat"])
-    return row
 
 
 def open_store(cfg) -> Store:

@@ -67,15 +67,30 @@ class VmmDriver(Protocol):
         """Launch a new VMM from a snapshot into ``spec`` (new TAP/MAC/paths). Return handles."""
 
 
-def get_driver(name: str, cfg) -> VmmDriver:
-    if name == "qemu":
-        from banger.vmm.qemu.driver import QemuDriver
+class Backend:
+    """What a VMM backend tells the rest of banger (banger.vmm.registry lists them).
 
-        return QemuDriver(cfg)
-    if name == "firecracker":
-        from banger.vmm.firecracker.driver import FirecrackerDriver
+    Subclasses set ``name`` and override what differs; the defaults describe a VMM with one
+    process and no helpers."""
 
-        return FirecrackerDriver(cfg)
-    from banger.errors import UsageError
+    name = ""
 
-    raise UsageError(f"unknown backend {name!r}", "use --backend qemu or --backend firecracker")
+    def driver(self, cfg) -> VmmDriver:
+        raise NotImplementedError
+
+    def can_run(self, cfg) -> tuple[bool, str]:
+        """Can this host run guests with this backend? (ok, why not / how)."""
+        raise NotImplementedError
+
+    def boot_args(self) -> list[str]:
+        """Kernel command-line arguments this backend's device model needs."""
+        return []
+
+    def helpers(self, handles: dict) -> list[dict]:
+        """Every process recorded in ``handles`` for one VM, VMM first: ``{"role", "pid", "start"}``.
+        Teardown kills exactly these; gc spares exactly these (pid + start time, never argv matching)."""
+        return [p for p in ({"role": "vmm", "pid": handles.get("pid"), "start": handles.get("pid_start")},)
+                if p["pid"]]
+
+    def doctor_checks(self, cfg) -> list:
+        return []

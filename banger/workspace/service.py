@@ -52,7 +52,8 @@ from banger.errors import (
     UsageError,
 )
 from banger.host.fsutil import atomic_write_json, read_json
-from banger.vms import lifecycle as vms
+from banger.vms import access
+from banger.vms import runtime as vms
 
 STATE_FILE = "workspaces.json"
 GUEST_REMOTE = "host"          # the guest sees the host's branches as refs/remotes/host/<branch>
@@ -634,7 +635,7 @@ def import_repo(ctx, vm_ref: str, repo_path: str = ".", *, dest: str | None = No
                                  f"is not the host's checked-out commit",
                                  "drop --branch (or check that branch out on the host) to include dirty work")
             ctx.progress.step(f"connecting to {vm['name']}")
-            t = vms.connect(ctx, vm["id"])
+            t = access.connect(ctx, vm["id"])
             try:
                 guest = Guest(ctx, vm, t, "import")
                 pre = guest.preflight(dest, "import")
@@ -809,7 +810,7 @@ def export_repo(ctx, vm_ref: str, *, dest_repo: str = ".", path: str | None = No
         path, rec = _pick(doc, vm, path)
         bases = dict(rec.get("branches") or {})
         ctx.progress.step(f"connecting to {vm['name']}")
-        t = vms.connect(ctx, vm["id"])
+        t = access.connect(ctx, vm["id"])
         tmp = gtmp = None
         guest = Guest(ctx, vm, t, "export")
         try:

@@ -14,8 +14,10 @@ import pytest
 
 from banger.guest.bootargs import guest_cmdline
 from banger.host import ext4
+from banger.vmm import registry
 from tests.support.kernels import pulled_default_kernel  # noqa: F401
 
+QEMU_ARGS = registry.backend("qemu").boot_args()
 MARKER = "banger-initramfs: switching root"
 
 GUEST_INIT = """#!/bin/sh
@@ -123,7 +125,7 @@ def test_boot_to_marker_with_overlay_root_and_work_disk(pulled_default_kernel, d
     # bzImage's real-mode entry the keyboard-controller reset hangs, so use a triple fault there.
     extra = [] if kind == "vmlinux" else ["reboot=t"]
     cmdline = guest_cmdline(ip="10.0.2.15", prefixlen=24, gateway="10.0.2.2", hostname="kboot-test",
-                            dns="10.0.2.3", init="/sbin/init", backend="qemu", extra=extra)
+                            dns="10.0.2.3", init="/sbin/init", extra=QEMU_ARGS + extra)
     base_sha = _sha(disks["base"])
     serial = tmp_path / "serial.log"
     t0 = time.monotonic()
@@ -160,7 +162,7 @@ def test_boot_to_marker_with_overlay_root_and_work_disk(pulled_default_kernel, d
 def test_missing_root_disk_is_a_clear_error_and_the_vm_stops(pulled_default_kernel, tmp_path):  # noqa: F811
     k = pulled_default_kernel
     cmdline = guest_cmdline(ip="10.0.2.15", prefixlen=24, gateway="10.0.2.2", hostname="kfail",
-                            backend="qemu", extra=["banger.disk_timeout=2"])
+                            extra=QEMU_ARGS + ["banger.disk_timeout=2"])
     serial = tmp_path / "serial.log"
     proc = _qemu(k["vmlinux"], k["initrd"], cmdline, serial, [])
     try:

@@ -18,7 +18,7 @@ import json, sys, time
 from pathlib import Path
 from banger.guest import ssh
 from banger.context import Ctx
-from banger.vms import lifecycle as vms
+from banger.vms import runtime as vms
 ctx = Ctx()
 vm = vms.get(ctx, sys.argv[1])
 h = vms.load_handles(ctx, vm)

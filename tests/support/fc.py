@@ -124,6 +124,7 @@ def make_spec(cfg, tmp_path: Path, tap: str | None, *, memory_mib: int = 128, vc
               vmlinux: Path | None = None):
     """A VmSpec laid out like banger's: shared image + kernel outside, overlay/work in the VM dir."""
     from banger.guest.bootargs import guest_cmdline
+    from banger.vmm import registry
     from banger.vmm.base import Drive, VmSpec
 
     vm_id = vm_id or secrets.token_hex(6)
@@ -144,7 +145,7 @@ def make_spec(cfg, tmp_path: Path, tap: str | None, *, memory_mib: int = 128, vc
             f.write(n.encode() + vm_id.encode())
             f.truncate(4 << 20)
     cmd = guest_cmdline(ip="172.30.0.5", prefixlen=24, gateway="172.30.0.1", hostname="fc-test",
-                        backend="firecracker")
+                        extra=registry.backend("firecracker").boot_args())
     return VmSpec(vm_id=vm_id, name="fc-test", vcpu=vcpu, memory_mib=memory_mib, vmlinux=kern, bzimage=None,
                   initrd=initrd, cmdline=cmd,
                   drives=[Drive("rootfs", rootfs, True), Drive("overlay", vm_dir / "overlay.ext4"),
@@ -240,7 +241,7 @@ from pathlib import Path
 from banger.context import Ctx
 from banger.guest.names import Subnet
 from banger.state.reservation import reserve_vm
-from banger.vms import lifecycle as vms
+from banger.vms import runtime as vms
 from tests.support.fc import write_fake_vmlinux
 
 name, shared, mem = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])

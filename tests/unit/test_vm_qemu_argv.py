@@ -64,7 +64,7 @@ def test_kvm_and_incoming_and_bzimage_fallback(tmp_path):
 
 
 def test_parse_cp_arg():
-    from banger.vms.lifecycle import parse_cp_arg
+    from banger.vms.access import parse_cp_arg
 
     assert parse_cp_arg("dev-1:/root/x") == ("dev-1", "/root/x")
     assert parse_cp_arg("dev-1:") == ("dev-1", ".")

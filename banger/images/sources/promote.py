@@ -22,8 +22,9 @@ from banger.errors import InvalidState
 from banger.host import ext4
 from banger.host.fsutil import reflink_or_sparse_copy
 from banger.host.runner import require, run
-from banger.vms import lifecycle as vms
-from banger.vms.plan import Steps
+from banger.state import staging
+from banger.vms import runtime as vms
+from banger.vms.plan import Runner
 
 PER_VM_FILES = ("etc/ssh/ssh_host_ed25519_key", "etc/ssh/ssh_host_ed25519_key.pub", "etc/hostname")
 
@@ -61,7 +62,6 @@ def _scrub_layer(scrub: Path, lower: Path) -> None:
 
 
 def promote(ctx, ref: str, name: str) -> dict:
-    from banger.gc import service as gc
     from banger.images import service as images
 
     images.validate_name(name)
@@ -76,9 +76,9 @@ def promote(ctx, ref: str, name: str) -> dict:
         rootfs = Path(vm["options"]["rootfs"])
         ctx.cfg.staging_dir.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f"promote-{name}-", dir=ctx.cfg.staging_dir))
-        gc.write_owner(scratch)
+        staging.write_owner(scratch)
         out = Path(tempfile.mkdtemp(prefix=f"image-{name}-", dir=ctx.cfg.staging_dir))
-        steps = Steps(ctx, vm["id"], "promote")
+        steps = Runner(ctx, vm["id"], "promote")
         loops: dict[str, str] = {}
         try:
             # a crashed VM may have left journals to replay; we own the disks under vm/<id>
@@ -118,6 +118,7 @@ def promote(ctx, ref: str, name: str) -> dict:
             shutil.rmtree(out, ignore_errors=True)
             raise
         finally:
+            steps.flush()
             shutil.rmtree(scratch, ignore_errors=True)
     return row
 

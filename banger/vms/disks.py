@@ -1,0 +1,64 @@
+"""A VM's two private disks: the work disk (/root, cloned from the image's work seed) and the
+copy-on-write overlay disk (upper/ + work/, carrying the VM's own SSH host key and hostname)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from banger.vms.runtime import HOST_KEY, KNOWN_HOSTS, OVERLAY, vm_dir
+
+
+def make_work_disk(ctx, path: Path, image, size_mib: int, use_seed: bool) -> str:
+    """Clone the image's work seed (reflink or sparse copy) and grow it; or mkfs a fresh /root holding
+    only banger's authorized key. Returns how ("reflink", "sparse", "mkfs")."""
+    from banger.host import ext4
+    from banger.host.fsutil import reflink_or_sparse_copy
+
+    seed = image.get("work_seed")
+    if use_seed and seed and Path(seed).exists():
+        how = reflink_or_sparse_copy(seed, path)
+        ext4.grow(path, size_mib)
+        return how
+    from banger.guest.sshkeys import client_key
+
+    src = path.parent / ".work-src"
+    shutil.rmtree(src, ignore_errors=True)
+    try:
+        (src / ".ssh").mkdir(parents=True)
+        os.chmod(src, 0o700)
+        os.chmod(src / ".ssh", 0o700)
+        ak = src / ".ssh" / "authorized_keys"
+        ak.write_text(client_key(ctx.cfg).public_line + " banger\n")
+        os.chmod(ak, 0o600)
+        ext4.mkfs(path, size_mib, src_dir=src, label="banger-work")
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+    return "mkfs"
+
+
+def make_overlay_disk(ctx, vm, size_mib: int) -> None:
+    """The per-VM copy-on-write disk: upper/ (with the VM's host key and hostname) + work/; the host
+    key's public half is pinned in the VM's known_hosts before the first boot."""
+    from banger.guest.sshkeys import new_host_key
+    from banger.host import ext4
+
+    d = vm_dir(ctx, vm)
+    src = d / ".overlay-src"
+    shutil.rmtree(src, ignore_errors=True)
+    try:
+        priv, pub = new_host_key()
+        (src / "upper" / "etc" / "ssh").mkdir(parents=True)
+        (src / "work").mkdir()
+        for p in (src / "upper", src / "upper" / "etc", src / "upper" / "etc" / "ssh"):
+            os.chmod(p, 0o755)
+        key = src / "upper" / HOST_KEY
+        key.write_bytes(priv)
+        os.chmod(key, 0o600)
+        (src / "upper" / (HOST_KEY + ".pub")).write_text(pub + f" root@{vm['name']}\n")
+        (src / "upper" / "etc" / "hostname").write_text(vm["name"] + "\n")
+        ext4.mkfs(d / OVERLAY, size_mib, src_dir=src, label="banger-overlay")
+        (d / KNOWN_HOSTS).write_text(f"{vm['ip']} {pub}\n")
+    finally:
+        shutil.rmtree(src, ignore_errors=True)

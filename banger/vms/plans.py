@@ -1,0 +1,106 @@
+"""The steps a VM is built and booted from, and the plans made of them.
+
+The base list is ``boot_plan``: prepare -> disk.work -> disk.overlay -> net.tap -> vmm.launch
+-> guest.ssh.  ``create_plan`` is that list (minus the boot when ``--no-start``), ``start_plan``
+drops the three build steps, and a snapshot restore (banger.snapshots.restore) replaces the disk
+steps with a copy, the launch with a restore, and inserts the re-address step.  Inputs a step needs
+are keyword arguments of ``plan.execute`` (``image``, ``work_size_mib``, ``use_seed``, ...).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from banger.vms import runtime as rt
+from banger.vms.plan import Plan, Step
+
+
+# ---------------------------------------------------------------- build
+def _prepare(run):
+    rt.vm_dir(run.ctx, run.vm).mkdir(parents=True, exist_ok=False)
+
+
+def _unprepare(run):
+    shutil.rmtree(rt.vm_dir(run.ctx, run.vm), ignore_errors=True)
+    shutil.rmtree(rt.run_dir(run.ctx, run.vm), ignore_errors=True)
+
+
+def _work_disk(run):
+    from banger.vms.disks import make_work_disk
+
+    run.work_method = make_work_disk(run.ctx, rt.vm_dir(run.ctx, run.vm) / rt.WORK, run.image,
+                                     run.work_size_mib, run.use_seed)
+
+
+def _unwork_disk(run):
+    (rt.vm_dir(run.ctx, run.vm) / rt.WORK).unlink(missing_ok=True)
+
+
+def _overlay_disk(run):
+    from banger.vms.disks import make_overlay_disk
+
+    make_overlay_disk(run.ctx, run.vm, run.overlay_size_mib)
+
+
+def _unoverlay_disk(run):
+    for f in (rt.OVERLAY, rt.KNOWN_HOSTS):
+        (rt.vm_dir(run.ctx, run.vm) / f).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- boot
+def _net(run):
+    run.tap = rt.net_up(run.ctx, run.vm)
+
+
+def _unnet(run):
+    rt.net_down(run.ctx, run.vm)
+
+
+def _launch(run):
+    spec = rt.vm_spec(run.ctx, run.vm, run.tap)
+    rt.run_dir(run.ctx, run.vm).mkdir(parents=True, exist_ok=True)
+    run.handles = rt.vm_driver(run.ctx, run.vm).launch(spec, run.ctx.progress)
+    rt.save_handles(run.ctx, run.vm, run.handles)
+
+
+def unlaunch(run):
+    """Undo of any step that started a VMM (launch, restore): kill it and its helpers, drop its files."""
+    rt.kill_vmm(run.ctx, run.vm, run.handles or rt.load_handles(run.ctx, run.vm))
+    (rt.vm_dir(run.ctx, run.vm) / rt.HANDLES).unlink(missing_ok=True)
+    shutil.rmtree(rt.run_dir(run.ctx, run.vm), ignore_errors=True)
+
+
+def _ssh(run):
+    run.transport = rt.wait_for_ssh(run.ctx, run.vm, run.handles)
+
+
+def _close_ssh(run):
+    if run.transport is not None:
+        run.transport.close()
+        run.transport = None
+
+
+PREPARE = Step("prepare", _prepare, _unprepare)
+DISK_WORK = Step("disk.work", _work_disk, _unwork_disk, "work disk")
+DISK_OVERLAY = Step("disk.overlay", _overlay_disk, _unoverlay_disk, "overlay disk")
+NET_TAP = Step("net.tap", _net, _unnet, "network")
+VMM_LAUNCH = Step("vmm.launch", _launch, unlaunch, lambda run: f"starting {run.vm['backend']}")
+GUEST_SSH = Step("guest.ssh", _ssh, _close_ssh, "waiting for SSH")
+
+BUILD_STEPS = ("prepare", "disk.work", "disk.overlay")
+BOOT_STEPS = ("net.tap", "vmm.launch", "guest.ssh")
+
+
+def boot_plan(op: str, *, wait_ssh: bool = True) -> Plan:
+    """The base list every VM-making plan is edited from."""
+    plan = Plan(op, [PREPARE, DISK_WORK, DISK_OVERLAY, NET_TAP, VMM_LAUNCH, GUEST_SSH])
+    return plan if wait_ssh else plan.without("guest.ssh")
+
+
+def create_plan(*, start: bool = True, wait_ssh: bool = True) -> Plan:
+    plan = boot_plan("create", wait_ssh=wait_ssh)
+    return plan if start else plan.without(*(n for n in BOOT_STEPS if n in plan.names()))
+
+
+def start_plan(*, wait_ssh: bool = True) -> Plan:
+    return boot_plan("start", wait_ssh=wait_ssh).without(*BUILD_STEPS)

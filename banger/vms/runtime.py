@@ -1,0 +1,236 @@
+"""A VM's runtime: where its files live, its handles, whether its VMM is alive, its network,
+its VMM spec, and tearing it all down.
+
+Everything that snapshots, promote, workspace and gc need to know about a VM sits here, below
+the lifecycle commands (banger.vms.lifecycle), so nothing has to reach into the lifecycle.
+
+Reconciliation is lazy: every read compares the row with the recorded VMM process (pid + start
+time in ``handles.json``), so a VM whose process died shows as ``crashed`` (or ``stopped`` when
+the guest powered itself off), never ``running``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from banger.errors import BangerError, Conflict, ExternalError, GuestTimeout, NotFound
+from banger.guest.names import Subnet
+from banger.host import procs
+from banger.host.fsutil import atomic_write_json, read_json
+
+RUNNING, STOPPED, CRASHED, CREATING, ERROR = "running", "stopped", "crashed", "creating", "error"
+
+OVERLAY, WORK, SERIAL, HANDLES, KNOWN_HOSTS = "overlay.ext4", "work.ext4", "serial.log", "handles.json", "known_hosts"
+HOST_KEY = "etc/ssh/ssh_host_ed25519_key"
+
+
+# ---------------------------------------------------------------- lookups
+def get(ctx, ref: str):
+    vm = ctx.store.get_vm(ref)
+    if vm is None:
+        raise NotFound(f"no VM named {ref!r}", "list VMs with: banger vm list")
+    return vm
+
+
+def name_taken(name: str) -> Conflict:
+    return Conflict(f"a VM named {name!r} already exists",
+                    f"pick another --name, or remove it first: banger vm delete -f {name}")
+
+
+# ---------------------------------------------------------------- paths & handles
+def vm_dir(ctx, vm) -> Path:
+    return ctx.cfg.vm_dir(vm["id"])
+
+
+def run_dir(ctx, vm) -> Path:
+    return ctx.cfg.vm_run_dir(vm["id"])
+
+
+def load_handles(ctx, vm) -> dict:
+    return read_json(vm_dir(ctx, vm) / HANDLES, {}) or {}
+
+
+def save_handles(ctx, vm, handles: dict) -> None:
+    atomic_write_json(vm_dir(ctx, vm) / HANDLES, handles, 0o600)
+
+
+def serial_tail(ctx, vm, n: int = 25) -> str:
+    from banger.vmm.qemu.driver import log_tail
+
+    return log_tail(vm_dir(ctx, vm) / SERIAL, n)
+
+
+# ---------------------------------------------------------------- reconciliation
+def vmm_alive(ctx, vm, handles: dict | None = None) -> bool:
+    h = load_handles(ctx, vm) if handles is None else handles
+    return procs.alive(h.get("pid"), h.get("pid_start"))
+
+
+def creator_alive(vm) -> bool:
+    c = (vm.get("options") or {}).get("creator") or {}
+    return procs.alive(c.get("pid"), c.get("start"))
+
+
+def effective_state(ctx, vm, handles: dict | None = None) -> str:
+    """The state to show: a 'running' row whose VMM is gone is crashed (or stopped if the guest powered off)."""
+    st = vm["state"]
+    if st == RUNNING and not vmm_alive(ctx, vm, handles):
+        tail = serial_tail(ctx, vm, 5)
+        return STOPPED if "reboot: Power down" in tail or "reboot: Restarting" in tail else CRASHED
+    if st == CREATING and not creator_alive(vm):
+        return ERROR
+    return st
+
+
+# ---------------------------------------------------------------- the VMM
+def vm_driver(ctx, vm):
+    from banger.vmm import registry
+
+    return registry.driver(vm["backend"], ctx.cfg)
+
+
+def vm_spec(ctx, vm, tap: str):
+    from banger.guest.bootargs import guest_cmdline
+    from banger.vmm import registry
+    from banger.vmm.base import Drive, VmSpec
+
+    o = vm["options"]
+    subnet = Subnet(ctx.cfg.subnet)
+    for k in ("rootfs", "initrd"):
+        if not o.get(k) or not Path(o[k]).exists():
+            raise NotFound(f"the {k} this VM was created from is gone: {o.get(k)}",
+                           f"re-pull image {vm['image']!r} / kernel {vm['kernel']!r}, or delete this VM")
+    dns = ctx.cfg.extra.get("dns") or ("1.1.1.1" if vm["nat"] else None)
+    cmdline = guest_cmdline(ip=vm["ip"], prefixlen=subnet.prefixlen, gateway=subnet.gateway, hostname=vm["name"],
+                            init=o.get("init"), dns=dns, extra=registry.backend(vm["backend"]).boot_args())
+    d = vm_dir(ctx, vm)
+    return VmSpec(vm_id=vm["id"], name=vm["name"], vcpu=vm["vcpu"], memory_mib=vm["memory_mib"],
+                  vmlinux=Path(o["vmlinux"]) if o.get("vmlinux") else None,
+                  bzimage=Path(o["bzimage"]) if o.get("bzimage") else None,
+                  initrd=Path(o["initrd"]), cmdline=cmdline,
+                  drives=[Drive("rootfs", Path(o["rootfs"]), True), Drive("overlay", d / OVERLAY),
+                          Drive("work", d / WORK)],
+                  tap=tap, mac=vm["mac"], run_dir=run_dir(ctx, vm), vm_dir=d, serial_log=d / SERIAL)
+
+
+def kill_vmm(ctx, vm, handles: dict | None = None) -> None:
+    """Force the VMM and every helper process its driver recorded down (idempotent)."""
+    h = load_handles(ctx, vm) if handles is None else handles
+    if not h:
+        return
+    try:
+        vm_driver(ctx, vm).kill(h)
+    except BangerError:
+        pass
+    for p in helper_processes(h):  # whatever the driver could not take down itself
+        procs.kill(p["pid"], p["start"])
+
+
+def helper_processes(handles: dict) -> list[dict]:
+    """Every process recorded for a VM: ``{"role", "pid", "start"}`` (the VMM first)."""
+    from banger.vmm import registry
+
+    if not handles:
+        return []
+    try:
+        return registry.backend(handles.get("backend") or "qemu").helpers(handles)
+    except BangerError:
+        return [{"role": "vmm", "pid": handles.get("pid"), "start": handles.get("pid_start")}]
+
+
+# ---------------------------------------------------------------- networking
+def net_up(ctx, vm) -> str:
+    from banger.net import bridge, pool
+
+    bridge.ensure_bridge(ctx)
+    tap = pool.claim(ctx, vm["id"])
+    _neighbour(ctx, vm, add=True)
+    if vm["nat"]:
+        from banger.net import nft
+
+        nft.enable_nat(ctx, vm)
+    return tap
+
+
+def net_down(ctx, vm) -> None:
+    """Idempotent: forget the neighbour, drop NAT, hand the TAP back to the pool."""
+    from banger.net import pool
+
+    errors = []
+    undo = [lambda: _neighbour(ctx, vm, add=False), lambda: pool.release(ctx, vm["id"])]
+    if vm["nat"]:
+        undo.insert(1, lambda: _nat_off(ctx, vm))
+    for fn in undo:
+        try:
+            fn()
+        except BangerError as e:
+            errors.append(e.message)
+    if errors:
+        raise ExternalError("; ".join(errors), "run `banger gc` to finish the clean-up")
+
+
+def _nat_off(ctx, vm):
+    from banger.net import nft
+
+    nft.disable_nat(ctx, vm)
+
+
+def _neighbour(ctx, vm, *, add: bool) -> None:
+    if add:
+        from banger.net import fastnet  # one rtnetlink request, no pyroute2 import on create
+
+        fastnet.set_neighbour(ctx.cfg.bridge, vm["ip"], vm["mac"])
+        return
+    from banger.net import netlink
+
+    try:
+        netlink.del_neighbour(ctx.cfg.bridge, vm["ip"])
+    except NotFound:
+        pass  # no bridge, so no entry either
+
+
+# ---------------------------------------------------------------- guest readiness
+def ssh_files(ctx, vm) -> dict:
+    from banger.guest.sshkeys import client_key
+
+    return {"key_path": client_key(ctx.cfg).private, "known_hosts": vm_dir(ctx, vm) / KNOWN_HOSTS}
+
+
+def wait_for_ssh(ctx, vm, handles: dict, timeout: float | None = None):
+    from banger.guest import ssh
+
+    timeout = ctx.cfg.ssh_timeout_s if timeout is None else timeout
+
+    def alive():
+        if not vmm_alive(ctx, vm, handles):
+            raise ExternalError(f"the VMM exited while the guest was booting; serial console:\n"
+                                f"{serial_tail(ctx, vm)}", "see `banger vm logs` for the whole console")
+
+    try:
+        return ssh.wait_ready(vm["ip"], deadline=time.monotonic() + timeout, alive=alive, **ssh_files(ctx, vm))
+    except GuestTimeout as e:
+        raise GuestTimeout(f"guest did not answer SSH within {timeout:g}s ({e.message}); the VM is kept for "
+                           f"inspection. Serial console (last lines):\n{serial_tail(ctx, vm)}",
+                           f"inspect with `banger vm logs {vm['name']}`, remove with "
+                           f"`banger vm delete -f {vm['name']}`") from None
+
+
+# ---------------------------------------------------------------- teardown
+def teardown_runtime(ctx, vm) -> None:
+    """Idempotently remove everything a (possibly dead) running VM holds: VMM + helpers, sockets,
+    TAP, neighbour, NAT."""
+    kill_vmm(ctx, vm)
+    (vm_dir(ctx, vm) / HANDLES).unlink(missing_ok=True)
+    shutil.rmtree(run_dir(ctx, vm), ignore_errors=True)
+    net_down(ctx, vm)
+
+
+def destroy_vm(ctx, vm) -> None:
+    """Remove every trace of ``vm`` (caller holds vm/<id>): VMM, network, files, row."""
+    teardown_runtime(ctx, vm)
+    shutil.rmtree(vm_dir(ctx, vm), ignore_errors=True)
+    shutil.rmtree(run_dir(ctx, vm), ignore_errors=True)
+    (ctx.cfg.run / f"paused-{vm['id']}").unlink(missing_ok=True)
+    ctx.store.delete_vm_row(vm["id"])
