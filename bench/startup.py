@@ -24,7 +24,7 @@ TARGET_MS = 150.0
 def _seed(home: str, n: int) -> None:
     os.environ["BANGER_HOME"] = home
     from banger.config import load_config
-    from banger.guest.names import Subnet
+    from banger.names import Subnet
     from banger.state.reservation import reserve_vm
     from banger.state.store import Store
 

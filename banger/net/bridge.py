@@ -10,7 +10,7 @@ IP forwarding is only switched on when NAT is asked for (banger.net.nft).
 from __future__ import annotations
 
 from banger.errors import Conflict, HostError
-from banger.guest.names import Subnet
+from banger.names import Subnet
 
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
 

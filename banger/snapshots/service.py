@@ -30,8 +30,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from banger.errors import BangerError, Conflict, InvalidState, NotFound
-from banger.guest.names import Subnet, validate_name
 from banger.host.fsutil import atomic_write_json, reflink_or_sparse_copy
+from banger.names import Subnet, validate_name
 from banger.vms import runtime as vms
 
 META = "meta.json"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from banger.errors import Conflict, HostError
-from banger.guest.names import Subnet, generate_name, new_vm_id, validate_name
+from banger.names import Subnet, generate_name, new_vm_id, validate_name
 
 
 def reserve_vm(store, subnet: Subnet, *, name: str | None, image: str | None, kernel: str | None,

@@ -14,25 +14,7 @@ Switches (environment):
 
 from __future__ import annotations
 
-import os
-
+from banger.uffd.flags import enabled, prefetch_enabled
 from banger.uffd.spawn import spawn_handler
 
 __all__ = ["enabled", "prefetch_enabled", "spawn_handler"]
-
-_OFF = {"0", "false", "no", "off"}
-
-
-def _flag(name: str, env: dict | None) -> bool:
-    value = (env if env is not None else os.environ).get(name, "1")
-    return value.strip().lower() not in _OFF
-
-
-def enabled(env: dict | None = None) -> bool:
-    """False when BANGER_UFFD=0: restores should use Firecracker's File backend."""
-    return _flag("BANGER_UFFD", env)
-
-
-def prefetch_enabled(env: dict | None = None) -> bool:
-    """False when BANGER_UFFD_PREFETCH=0: serve faults on demand only, record nothing."""
-    return _flag("BANGER_UFFD_PREFETCH", env)

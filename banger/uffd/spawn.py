@@ -38,7 +38,7 @@ def spawn_handler(socket_path, mem_file, *, access_log=None, stats_path=None, pr
     If the handler dies or is not listening within ``ready_timeout`` seconds, it is killed and an
     ExternalError carrying the tail of its log is raised (nothing is left behind).
     """
-    from banger.uffd import prefetch_enabled
+    from banger.uffd.flags import prefetch_enabled
 
     socket_path, mem_file = Path(socket_path), Path(mem_file)
     if not mem_file.is_file():

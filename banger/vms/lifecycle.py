@@ -14,8 +14,8 @@ import os
 import time
 
 from banger.errors import BangerError, InvalidState, NotFound, UsageError
-from banger.guest.names import Subnet
 from banger.host import procs
+from banger.names import Subnet
 from banger.vms.runtime import (
     CRASHED,
     CREATING,
@@ -129,7 +129,7 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
     if vcpu < 1 or memory_mib < 128 or overlay_size_mib < 64 or work_disk_size_mib < 64:
         raise UsageError("vcpu must be >= 1, memory >= 128 MiB, disks >= 64 MiB", "check the size flags")
     if name is not None:
-        from banger.guest.names import validate_name
+        from banger.names import validate_name
 
         validate_name(name)
         if ctx.store.vm_by_name(name) is not None:  # fail fast; reserve re-checks atomically

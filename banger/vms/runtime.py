@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from banger.errors import BangerError, Conflict, ExternalError, GuestTimeout, NotFound
-from banger.guest.names import Subnet
 from banger.host import procs
 from banger.host.fsutil import atomic_write_json, read_json
+from banger.names import Subnet
 
 RUNNING, STOPPED, CRASHED, CREATING, ERROR = "running", "stopped", "crashed", "creating", "error"
 

@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 from banger.config import load_config
-from banger.guest.names import Subnet
 from banger.host import procs
 from banger.host.fsutil import atomic_write_json
+from banger.names import Subnet
 from banger.state.locks import Locks
 from banger.state.reservation import reserve_vm
 from banger.state.store import Store

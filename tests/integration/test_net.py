@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 
-from banger.guest.names import Subnet
+from banger.names import Subnet
 from banger.state.reservation import reserve_vm
 from banger.state.store import Store
 from tests.support.netns import banger_argv, create_netns, delete_netns, netns, result  # noqa: F401

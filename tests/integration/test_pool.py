@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 
-from banger.guest.names import Subnet
+from banger.names import Subnet
 from banger.state.locks import Locks
 from banger.state.reservation import reserve_vm
 from banger.state.store import Store

@@ -10,7 +10,7 @@ from tests.support.procs import spawn_py
 RESERVE = """
 import json, sys, time
 from banger.config import load_config
-from banger.guest.names import Subnet
+from banger.names import Subnet
 from banger.state.reservation import reserve_vm
 from banger.state.store import Store
 from banger.errors import BangerError
@@ -74,7 +74,7 @@ def test_check_refs_refuses_a_deleted_kernel(banger_env):
 
     from banger.config import load_config
     from banger.errors import NotFound
-    from banger.guest.names import Subnet
+    from banger.names import Subnet
     from banger.state.reservation import reserve_vm
 
     cfg = load_config()

@@ -239,7 +239,7 @@ _RUNNING_FC_VM = """
 import json, sys
 from pathlib import Path
 from banger.context import Ctx
-from banger.guest.names import Subnet
+from banger.names import Subnet
 from banger.state.reservation import reserve_vm
 from banger.vms import runtime as vms
 from tests.support.fc import write_fake_vmlinux

@@ -81,7 +81,7 @@ def test_help_imports_no_command_module(banger_env):
 
 def _seed_vms(n: int) -> None:
     from banger.config import load_config
-    from banger.guest.names import Subnet
+    from banger.names import Subnet
     from banger.state.reservation import reserve_vm
     from banger.state.store import Store
 

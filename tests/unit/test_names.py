@@ -1,7 +1,7 @@
 import pytest
 
 from banger.errors import InvalidName
-from banger.guest.names import Subnet, generate_name, validate_name
+from banger.names import Subnet, generate_name, validate_name
 
 
 @pytest.mark.parametrize("name", ["a", "dev-1", "x" * 63, "0abc", "web01"])

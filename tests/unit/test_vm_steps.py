@@ -114,7 +114,7 @@ def test_vm_plans_are_edits_of_one_boot_plan():
 
 
 def _row(ctx, name):
-    from banger.guest.names import Subnet
+    from banger.names import Subnet
     from banger.state.reservation import reserve_vm
 
     return reserve_vm(ctx.store, Subnet(ctx.cfg.subnet), name=name, image="i", kernel="k", backend="qemu", vcpu=1,
