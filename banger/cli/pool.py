@@ -9,15 +9,21 @@ from banger.cli.app import JsonOpt, emit, make_app, make_ctx, print_kv, print_ta
 app = make_app("Warm, inspect and drain the TAP device pool.")
 
 
-@app.command(help="Make sure at least N idle TAP devices are ready (idempotent; safe to run from cron).")
+@app.command(help="Make sure at least N idle TAP devices and N ready-made disk sets (default image, default "
+                  "sizes) are ready (idempotent; safe to run from cron).")
 def warm(n: Annotated[int, typer.Argument(help="How many idle TAPs to keep ready.", min=0)],
+         disks: Annotated[int | None, typer.Option("--disks", min=0, help="How many disk sets to keep ready "
+                                                   "(default: N).")] = None,
          json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
 
     def go():
         from banger.net import pool
+        from banger.vms import lifecycle
 
-        return pool.warm(ctx, n)
+        out = pool.warm(ctx, n)
+        out["disks"] = lifecycle.warm_disks(ctx, n if disks is None else disks)
+        return out
 
     def render(d):
         if d["noop"]:
@@ -27,6 +33,8 @@ def warm(n: Annotated[int, typer.Argument(help="How many idle TAPs to keep ready
             extra = ", ".join(f"{k.replace('_', ' ')}: {' '.join(v)}" for k, v in rep.items() if v)
             say(f"created {len(d['created'])} TAP(s); {d['idle']} idle, {d['claimed']} claimed "
                 f"({d['elapsed_ms']} ms){'; ' + extra if extra else ''}")
+        dk = d["disks"]
+        say("disk sets: " + (dk.get("skipped") or f"{dk['ready']} ready, {dk['made']} made"))
 
     emit(go, json_out=json_out, render=render)
 
@@ -37,14 +45,15 @@ def status(json_out: JsonOpt = False):
 
     def go():
         from banger.net import pool
+        from banger.vms import diskpool
 
-        return pool.status(ctx)
+        return {**pool.status(ctx), "disks": diskpool.status(ctx.cfg)}
 
     def render(d):
         b = d["bridge"]
         print_kv({"bridge": b["name"], "exists": b["exists"], "up": b["up"],
                   "address": f"{b['gateway']}/{b['prefixlen']}" + ("" if b["has_address"] else " (missing)"),
-                  "idle": d["idle"], "claimed": d["claimed"]})
+                  "idle": d["idle"], "claimed": d["claimed"], "disk sets": d["disks"]["sets"]})
         if d["taps"]:
             print_table(["tap", "state", "vm", "device", "up", "in use"],
                         [[t["name"], t["state"], t["vm_id"] or "", "yes" if t["device"] else "MISSING",
@@ -55,16 +64,18 @@ def status(json_out: JsonOpt = False):
     emit(go, json_out=json_out, render=render)
 
 
-@app.command(help="Delete all idle TAPs (claimed ones stay with their VMs).")
+@app.command(help="Delete all idle TAPs and ready-made disk sets (claimed ones stay with their VMs).")
 def drain(json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
 
     def go():
         from banger.net import pool
+        from banger.vms import diskpool
 
-        return pool.drain(ctx)
+        return {**pool.drain(ctx), "disk_sets_drained": diskpool.drain(ctx)}
 
     def render(d):
-        say(f"drained {len(d['drained'])} idle TAP(s); {d['claimed_kept']} claimed kept")
+        say(f"drained {len(d['drained'])} idle TAP(s) and {d['disk_sets_drained']} disk set(s); "
+            f"{d['claimed_kept']} claimed kept")
 
     emit(go, json_out=json_out, render=render)

@@ -20,12 +20,11 @@ def mkfs(path: Path | str, size_mib: int, *, src_dir: Path | str | None = None, 
     path = Path(path)
     with open(path, "wb") as f:
         f.truncate(size_mib * MiB)
-    argv = [require("mkfs.ext4", "e2fsprogs"), "-q", "-F", "-t", "ext4",
-            "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard", "-m", "0"]
+    # one -E: mke2fs applies only the last -E it is given
+    ext = ["lazy_itable_init=1", "lazy_journal_init=1", "nodiscard"] + ([f"root_owner={root_owner}"] if root_owner else [])
+    argv = [require("mkfs.ext4", "e2fsprogs"), "-q", "-F", "-t", "ext4", "-E", ",".join(ext), "-m", "0"]
     if label:
         argv += ["-L", label[:16]]
-    if root_owner:
-        argv += ["-E", f"root_owner={root_owner}"]
     if src_dir is not None:
         argv += ["-d", str(src_dir)]
     argv += [str(path)]

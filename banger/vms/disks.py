@@ -38,14 +38,13 @@ def make_work_disk(ctx, path: Path, image, size_mib: int, use_seed: bool) -> str
     return "mkfs"
 
 
-def make_overlay_disk(ctx, vm, size_mib: int) -> None:
-    """The per-VM copy-on-write disk: upper/ (with the VM's host key and hostname) + work/; the host
-    key's public half is pinned in the VM's known_hosts before the first boot."""
+def make_overlay_files(path: Path, size_mib: int, *, hostname: str) -> str:
+    """An overlay disk at ``path``: upper/ (a fresh SSH host key, /etc/hostname) + work/.
+    Returns the host key's public line (to pin)."""
     from banger.guest.sshkeys import new_host_key
     from banger.host import ext4
 
-    d = vm_dir(ctx, vm)
-    src = d / ".overlay-src"
+    src = path.parent / f".overlay-src-{path.name}"
     shutil.rmtree(src, ignore_errors=True)
     try:
         priv, pub = new_host_key()
@@ -56,9 +55,17 @@ def make_overlay_disk(ctx, vm, size_mib: int) -> None:
         key = src / "upper" / HOST_KEY
         key.write_bytes(priv)
         os.chmod(key, 0o600)
-        (src / "upper" / (HOST_KEY + ".pub")).write_text(pub + f" root@{vm['name']}\n")
-        (src / "upper" / "etc" / "hostname").write_text(vm["name"] + "\n")
-        ext4.mkfs(d / OVERLAY, size_mib, src_dir=src, label="banger-overlay")
-        (d / KNOWN_HOSTS).write_text(f"{vm['ip']} {pub}\n")
+        (src / "upper" / (HOST_KEY + ".pub")).write_text(pub + "\n")
+        (src / "upper" / "etc" / "hostname").write_text(hostname + "\n")
+        ext4.mkfs(path, size_mib, src_dir=src, label="banger-overlay")
     finally:
         shutil.rmtree(src, ignore_errors=True)
+    return pub
+
+
+def make_overlay_disk(ctx, vm, size_mib: int) -> None:
+    """The VM's copy-on-write disk; its host key's public half is pinned in the VM's known_hosts
+    before the first boot."""
+    d = vm_dir(ctx, vm)
+    pub = make_overlay_files(d / OVERLAY, size_mib, hostname=vm["name"])
+    (d / KNOWN_HOSTS).write_text(f"{vm['ip']} {pub}\n")

@@ -135,6 +135,9 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
         if ctx.store.vm_by_name(name) is not None:  # fail fast; reserve re-checks atomically
             raise name_taken(name)
 
+    if wait_ssh and start:
+        _preload_ssh()  # paramiko's import (~180 ms) overlaps the disks, the network and the guest's boot
+
     # phase 1: resolve (no lock)
     img, ker, be = resolve(ctx, image=image, kernel=kernel, backend=backend)
     seed = img.get("work_seed")
@@ -162,13 +165,16 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
         raise
 
     # phase 3: build and boot under vm/<id> only
-    from banger.vms import plan, plans
+    from banger.vms import diskpool, plan, plans
 
+    dkey = diskpool.key(img, work_size_mib=work_disk_size_mib, overlay_size_mib=overlay_size_mib,
+                        use_seed=work_seed)
     with ctx.locks.hold(f"vm/{vm['id']}", purpose="create"):
-        run = plan.execute(ctx, vm, plans.create_plan(start=start, wait_ssh=wait_ssh),
+        run = plan.execute(ctx, vm, plans.create_plan(start=start, wait_ssh=wait_ssh,
+                                                      ready_disks=bool(diskpool.ready(cfg, dkey))),
                            success_state=RUNNING if start else STOPPED, unwound_state=ERROR,
                            image=img, work_size_mib=work_disk_size_mib, use_seed=work_seed,
-                           overlay_size_mib=overlay_size_mib)
+                           overlay_size_mib=overlay_size_mib, diskset_key=dkey)
     out = view(ctx, ctx.store.vm_by_id(vm["id"]), stages=True)
     out["work_disk_method"] = getattr(run, "work_method", None)
     if keep_ssh:
@@ -176,6 +182,40 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
     if run.transport is not None:
         run.transport.close()
     return out
+
+
+def _preload_ssh() -> None:
+    import sys
+    import threading
+
+    if "paramiko" not in sys.modules:
+        threading.Thread(target=_import_paramiko, name="preload-ssh", daemon=True).start()
+
+
+def _import_paramiko() -> None:
+    try:
+        import paramiko  # noqa: F401
+    except Exception:  # noqa: BLE001 - the real import later reports it
+        pass
+
+
+def warm_disks(ctx, n: int) -> dict:
+    """``n`` sets for the default image at the configured default sizes (what a plain `vm create`
+    asks for). A missing default image is not pulled from here (cron must stay quick): reported."""
+    from banger.errors import NotFound
+    from banger.images import service as images
+
+    try:
+        img = images.resolve(ctx, None, auto_pull=False)
+    except NotFound as e:
+        return {"skipped": e.message, "ready": 0, "made": 0}
+    cfg = ctx.cfg
+    seed = img.get("work_seed")
+    seed_mib = -(-os.path.getsize(seed) // (1 << 20)) if seed and os.path.exists(seed) else 0
+    from banger.vms import diskpool
+
+    return diskpool.fill(ctx, img, n, work_size_mib=max(cfg.work_disk_size_mib, seed_mib),
+                overlay_size_mib=cfg.overlay_size_mib, use_seed=True)
 
 
 # ---------------------------------------------------------------- start / stop / restart
@@ -192,6 +232,8 @@ def start(ctx, ref: str, *, wait_ssh: bool = True, keep_ssh: bool = False):
             raise InvalidState(f"VM {vm['name']} was never built ({vm.get('error') or st})",
                                f"delete it (banger vm delete {vm['name']}) and create it again")
         teardown_runtime(ctx, vm)  # leftovers of a crash
+        if wait_ssh:
+            _preload_ssh()
         run = plan.execute(ctx, vm, plans.start_plan(wait_ssh=wait_ssh), unwound_state=STOPPED)
     out = view(ctx, get(ctx, vm["id"]), stages=True)
     if keep_ssh:

@@ -47,6 +47,23 @@ def _unoverlay_disk(run):
         (rt.vm_dir(run.ctx, run.vm) / f).unlink(missing_ok=True)
 
 
+def _claim_disks(run):
+    """Take a ready-made disk set (banger.vms.diskpool); if another create took the last one
+    meanwhile, build both disks here instead."""
+    from banger.vms import diskpool
+
+    if diskpool.claim(run.ctx, run.vm, run.diskset_key):
+        run.work_method = "pool"
+        return
+    _work_disk(run)
+    _overlay_disk(run)
+
+
+def _unclaim_disks(run):
+    _unwork_disk(run)
+    _unoverlay_disk(run)
+
+
 # ---------------------------------------------------------------- boot
 def _net(run):
     run.tap = rt.net_up(run.ctx, run.vm)
@@ -83,6 +100,7 @@ def _close_ssh(run):
 PREPARE = Step("prepare", _prepare, _unprepare)
 DISK_WORK = Step("disk.work", _work_disk, _unwork_disk, "work disk")
 DISK_OVERLAY = Step("disk.overlay", _overlay_disk, _unoverlay_disk, "overlay disk")
+DISK_CLAIM = Step("disk.claim", _claim_disks, _unclaim_disks, "disks (ready-made)")
 NET_TAP = Step("net.tap", _net, _unnet, "network")
 VMM_LAUNCH = Step("vmm.launch", _launch, unlaunch, lambda run: f"starting {run.vm['backend']}")
 GUEST_SSH = Step("guest.ssh", _ssh, _close_ssh, "waiting for SSH")
@@ -97,8 +115,11 @@ def boot_plan(op: str, *, wait_ssh: bool = True) -> Plan:
     return plan if wait_ssh else plan.without("guest.ssh")
 
 
-def create_plan(*, start: bool = True, wait_ssh: bool = True) -> Plan:
+def create_plan(*, start: bool = True, wait_ssh: bool = True, ready_disks: bool = False) -> Plan:
+    """``ready_disks``: a ready-made disk set exists for this VM's image and sizes (banger.vms.diskpool)."""
     plan = boot_plan("create", wait_ssh=wait_ssh)
+    if ready_disks:
+        plan = plan.replace("disk.work", DISK_CLAIM).without("disk.overlay")
     return plan if start else plan.without(*(n for n in BOOT_STEPS if n in plan.names()))
 
 
