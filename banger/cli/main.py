@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "workspace": ("banger.cli.workspace", "Import a git repository into a VM and export changes back."),
     "doctor": ("banger.cli.doctor", "Check the host and say how to fix what is missing."),
     "gc": ("banger.cli.gc", "Remove leaked TAPs, processes, sockets, loop devices and rows."),
+    "completion": ("banger.cli.completion_cmd", "Print a shell completion script (bash, zsh, fish)."),
 }
 
 
@@ -115,6 +116,11 @@ def _fast_path(argv: list[str]) -> bool:
     takes the normal path."""
     if argv in ([], ["-h"], ["--help"]):
         sys.stdout.write(top_help())
+        return True
+    if argv[:1] == ["__complete"]:  # TAB in a shell: live names only (banger/cli/completion.py)
+        from banger.cli.completion import complete_main
+
+        complete_main(argv[1:])
         return True
     if argv[:2] != ["vm", "list"]:
         return False
