@@ -53,7 +53,7 @@ def tree() -> dict:
     (a noun with a single command has the verb "")."""
     import importlib
 
-    from banger.cli.main import COMMANDS
+    from banger.cli.commands import COMMANDS
 
     out: dict = {}
     for noun, (modname, _help) in COMMANDS.items():

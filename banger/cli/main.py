@@ -11,18 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-# name -> (module, one-line help). Order is the order shown in --help.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "vm": ("banger.cli.vm", "Create, run, stop and manage microVMs."),
-    "image": ("banger.cli.image", "Build, pull, register and manage root filesystem images."),
-    "kernel": ("banger.cli.kernel", "Pull, import and manage guest kernels."),
-    "pool": ("banger.cli.pool", "Warm, inspect and drain the TAP device pool."),
-    "snapshot": ("banger.cli.snapshot", "Snapshot VMs and manage snapshots."),
-    "workspace": ("banger.cli.workspace", "Import a git repository into a VM and export changes back."),
-    "doctor": ("banger.cli.doctor", "Check the host and say how to fix what is missing."),
-    "gc": ("banger.cli.gc", "Remove leaked TAPs, processes, sockets, loop devices and rows."),
-    "completion": ("banger.cli.completion_cmd", "Print a shell completion script (bash, zsh, fish)."),
-}
+from banger.cli.commands import COMMANDS
 
 
 def _invoked(argv: list[str]) -> str | None:
