@@ -546,9 +546,9 @@ def apply(ctx, vm, tap=None, *, ports=None) -> dict:
         return _apply_locked(ctx, vm, tap, ports)
 
 
-def _apply_locked(ctx, vm: VmNet, tap, ports) -> dict:
+def _apply_locked(ctx, vm: VmNet, tap, ports, obs: dict | None = None) -> dict:
     n = _net(ctx)
-    obs = _read(n)
+    obs = obs if obs is not None else _read(n)
     mine = {fam: _vm_objects(obs[fam]).get(vm.id, {"chains": {}, "elems": {}}) for fam in nft.FAMILIES}
     if tap is KEEP:
         tap = next((k for (m, k), v in mine["bridge"]["elems"].items() if m == "guard"), None)
@@ -603,27 +603,27 @@ def _apply_locked(ctx, vm: VmNet, tap, ports) -> dict:
     nft.transact(cmds)
     why = _needs_forwarding(vm, ports)
     fwd = _enable_forwarding(ctx, why) if why else False
-    rl = _sync_route_localnet(ctx, n)
+    rl = _sync_route_localnet(n, obs["ip"], {vm.id}, bool(ports))
     return {"vm_id": vm.id, "mode": vm.mode, "tap": tap, "changed": bool(cmds), "evicted": sorted(evicted),
             "ip_forward_changed": fwd, "route_localnet": rl, "ports": [str(p) for p in ports]}
 
 
-def _sync_route_localnet(ctx, n: _Net) -> bool:
-    """route_localnet on the bridge follows 'is any port published' (read back from nft)."""
-    tbl = nft.read_table("ip", n.table)
-    need = bool(tbl and tbl["maps"].get("ports", {}).get("elems"))
+def _sync_route_localnet(n: _Net, ip_tbl: dict | None, changed_ids: set, changed_have_ports: bool) -> bool:
+    """route_localnet on the bridge follows 'is any port published': the ports of the VMs this call
+    did not touch (from ``ip_tbl``, read before the change) plus whether the changed ones have any."""
+    elems = (((ip_tbl or {}).get("maps") or {}).get("ports") or {}).get("elems", {})
+    need = changed_have_ports or any(_owner(v) not in changed_ids for v in elems.values())
     _set_route_localnet(n.bridge, need)
     return need
 
 
 def _check_ports_free(ctx, vm: VmNet, ports, ip_tbl) -> None:
-    from banger.net.ports import host_port_user
+    from banger.net.ports import host_port_users
 
     active = {k for (m, k) in _vm_objects(ip_tbl).get(vm.id, {"elems": {}})["elems"] if m == "ports"}
-    for p in ports:
-        if (p.proto, p.host_port) in active:
-            continue  # already ours: a host process binding it now is shadowed, not shadowing
-        user = host_port_user(p.proto, p.host_port, p.host_ip)
+    # already ours: a host process binding it now is shadowed, not shadowing
+    new = [p for p in ports if (p.proto, p.host_port) not in active]
+    for p, user in (host_port_users(new) if new else {}).items():
         if user:
             raise Conflict(f"host port {p.host_port}/{p.proto} is in use on the host ({user}); cannot publish {p} "
                            f"for VM {vm.id}", "stop that process or publish on another host port "
@@ -661,7 +661,7 @@ def _remove_locked(ctx, vm_ids: list[str]) -> dict:
             for o in gone:
                 cmds += _delete_vm_cmds(fam, n.table, o)
     nft.transact(cmds)
-    _sync_route_localnet(ctx, n)
+    _sync_route_localnet(n, obs["ip"], set(vm_ids), False)
     return {"vm_ids": vm_ids, "removed": removed, "tables_removed": bool(dropped), "families_removed": dropped}
 
 
@@ -780,3 +780,14 @@ def _foreign_forward_drops(n: _Net) -> list[str]:
         if c and c.get("hook") == "forward" and c.get("policy") == "drop" and c.get("table") != n.table:
             out.append(f"{c['family']} {c['table']} {c['name']}")
     return out
+
+
+def doctor_check(cfg) -> dict:
+    """One doctor line about forwarding: {"name", "status", "detail", "hint"} (doctor.Check(**this))."""
+    from banger.context import Ctx
+
+    rep = forwarding_report(Ctx(cfg))
+    detail = rep["detail"]
+    if rep.get("route_localnet"):
+        detail += f"; route_localnet on {cfg.bridge} ({rep['route_localnet_reason']})"
+    return {"name": "ip_forward", "status": rep["status"], "detail": detail, "hint": rep.get("hint")}

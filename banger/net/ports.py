@@ -129,25 +129,29 @@ def _hex_addr(h: str) -> str:
     return str(a6.ipv4_mapped) if a6.ipv4_mapped else str(a6)
 
 
-def bound_sockets(proto: str, port: int, proc_files=None) -> list[dict]:
-    """Sockets in this network namespace with local ``port``: TCP listeners, any UDP socket."""
-    out = []
+def _sockets(proto: str, proc_files=None) -> list[dict] | None:
+    """Every TCP listener / bound UDP socket in this network namespace (None: /proc unreadable)."""
+    out, readable = [], False
     for path in proc_files or _PROC[proto]:
         try:
             with open(path) as f:
                 lines = f.read().splitlines()[1:]
         except OSError:
             continue
+        readable = True
         for line in lines:
             f = line.split()
-            if len(f) < 10:
+            if len(f) < 10 or (proto == "tcp" and f[3] != TCP_LISTEN):
                 continue
             addr, _, hport = f[1].partition(":")
-            if int(hport, 16) != port or (proto == "tcp" and f[3] != TCP_LISTEN):
-                continue
-            out.append({"address": _hex_addr(addr), "port": port, "inode": int(f[9]), "family":
-                        "ipv6" if len(addr) == 32 else "ipv4"})
-    return out
+            out.append({"address": _hex_addr(addr), "port": int(hport, 16), "inode": int(f[9]),
+                        "family": "ipv6" if len(addr) == 32 else "ipv4"})
+    return out if readable else None
+
+
+def bound_sockets(proto: str, port: int, proc_files=None) -> list[dict]:
+    """Sockets in this network namespace with local ``port``: TCP listeners, any UDP socket."""
+    return [s for s in _sockets(proto, proc_files) or [] if s["port"] == port]
 
 
 def _shadowed(sock_addr: str, host_ip: str | None) -> bool:
@@ -195,16 +199,30 @@ def _probe_bind(proto: str, host_ip: str | None, port: int) -> bool:
         s.close()
 
 
+def host_port_users(specs) -> dict:
+    """{spec: who} for the specs whose host port a host process (this netns) has bound so that
+    publishing it would shadow them ("pid 42 (nginx) on 0.0.0.0:8080/tcp"); free ones are absent.
+    Reads /proc/net once per protocol; only if that is unreadable, tries to bind the port."""
+    out = {}
+    socks: dict[str, list | None] = {}
+    for p in specs:
+        if p.proto not in socks:
+            socks[p.proto] = _sockets(p.proto)
+        if socks[p.proto] is None:
+            if _probe_bind(p.proto, p.host_ip, p.host_port):
+                out[p] = f"a socket on {p.host_ip or '0.0.0.0'}:{p.host_port}/{p.proto}"
+            continue
+        for s in socks[p.proto]:
+            if s["port"] == p.host_port and _shadowed(s["address"], p.host_ip):
+                who = _owner_of(s["inode"])
+                out[p] = f"{who or 'a process'} on {s['address']}:{p.host_port}/{p.proto}"
+                break
+    return out
+
+
 def host_port_user(proto: str, port: int, host_ip: str | None = None) -> str | None:
-    """Who on the host (this netns) has ``port`` bound so that publishing it would shadow them:
-    a description ("pid 42 (nginx) on 0.0.0.0"), or None when it is free."""
-    for s in bound_sockets(proto, port):
-        if _shadowed(s["address"], host_ip):
-            who = _owner_of(s["inode"])
-            return f"{who or 'a process'} on {s['address']}:{port}/{proto}"
-    if _probe_bind(proto, host_ip, port):
-        return f"a socket on {host_ip or '0.0.0.0'}:{port}/{proto}"
-    return None
+    """Who has ``port`` bound on the host so that publishing it would shadow them, or None."""
+    return host_port_users([PortSpec(proto, host_ip, port, port)]).get(PortSpec(proto, host_ip, port, port))
 
 
 def check_host_ip(spec: PortSpec) -> None:
@@ -279,16 +297,17 @@ def publish(ctx, vm, specs) -> dict:
     for p in specs:
         check_host_ip(p)
     with ctx.locks.hold("hostnet", purpose=f"publish ports for {vm_id}"):
-        live = policy._is_live(ctx, vm_id)
-        for p in specs:
-            user = host_port_user(p.proto, p.host_port, p.host_ip)
-            if user:
+        obs = policy._read(policy._net(ctx))
+        live = any(vm_id in policy._vm_objects(obs[fam]) for fam in obs)
+        if not live:  # a live VM's apply below checks the host (once) before any rule goes in
+            for p, user in host_port_users(specs).items():
                 raise Conflict(f"host port {p.host_port}/{p.proto} is in use on the host ({user})",
                                "stop that process or publish on another host port", details={"port": str(p)})
         _insert(ctx, vm_id, specs)
         if live:
             try:
-                policy._apply_locked(ctx, policy.vm_net(vm, require_mac=False), policy.KEEP, claims(ctx, vm_id))
+                policy._apply_locked(ctx, policy.vm_net(vm, require_mac=False), policy.KEEP, claims(ctx, vm_id),
+                                     obs)
             except BaseException:
                 _delete(ctx, vm_id, specs)
                 raise
