@@ -188,3 +188,35 @@ def sync(ctx, pairs, *, path=None, dom: str | None = None, lock_held: bool = Fal
         raise HostError(f"cannot update {path}: {e.strerror}",
                         "run banger as root, or point hosts_file in config.toml at a writable file") from None
     return {"path": str(path), "changed": True, "entries": n, "atomic": atomic}
+
+
+CONTROL_PREFIX = "@banger hosts "
+
+
+def control_line(pairs, dom: str) -> str:
+    """The serial control line that tells a guest the current names, for banger-init to write the
+    same block into the guest's /etc/hosts: ``@banger hosts <domain> [name=ip ...]`` (sorted;
+    no pairs means "remove the block"). Validated exactly as the host block is."""
+    render(list(pairs), dom)  # validates names, addresses, domain; raises on duplicates
+    body = " ".join(f"{name}={ip}" for name, ip in sorted(dict(pairs).items()))
+    return (CONTROL_PREFIX + dom + (" " + body if body else "")).rstrip()
+
+
+def parse_control_line(line: str) -> tuple[str, list[tuple[str, str]]]:
+    """Inverse of control_line, strict (what banger-init must accept and nothing more)."""
+    import ipaddress
+
+    from banger.guest.names import validate_name
+
+    if not line.startswith(CONTROL_PREFIX):
+        raise UsageError(f"not a hosts control line: {line[:40]!r}")
+    words = line[len(CONTROL_PREFIX):].split(" ")
+    dom = validate_domain(words[0])
+    pairs = []
+    for w in words[1:]:
+        name, eq, ip = w.partition("=")
+        if not eq:
+            raise UsageError(f"bad hosts entry {w!r}", "expected name=ip")
+        validate_name(name)
+        pairs.append((name, str(ipaddress.IPv4Address(ip))))
+    return dom, pairs

@@ -577,6 +577,8 @@ def _apply_locked(ctx, vm: VmNet, tap, ports, obs: dict | None = None) -> dict:
         fam_cmds = [] if _base_ok(tbl, base[fam]) else _base_cmds(fam, tbl, n, base[fam])
         held = {key: owner for owner, objs in others.items() for key in objs["elems"]}
         for key in w["elems"]:
+            if key in held and key[0] == "ports":
+                _check_port_owner(ctx, vm, key[1], held[key])
             if key in held:  # IP/TAP/port now belongs to this VM: the other VM's element is stale
                 evicted.add(held[key])
                 fam_cmds.append(cmd("delete", "element", fam, n.table, name=key[0], elem=[_elem_key(key[1])]))
@@ -615,6 +617,15 @@ def _sync_route_localnet(n: _Net, ip_tbl: dict | None, changed_ids: set, changed
     need = changed_have_ports or any(_owner(v) not in changed_ids for v in elems.values())
     _set_route_localnet(n.bridge, need)
     return need
+
+
+def _check_port_owner(ctx, vm: VmNet, key, other: str) -> None:
+    """Another VM's live DNAT for this port is stale unless that VM still holds the durable claim."""
+    proto, port = key
+    row = ctx.store.one("SELECT vm_id FROM published_ports WHERE proto = ? AND host_port = ?", (proto, port))
+    if row and row["vm_id"] == other:
+        raise Conflict(f"host port {port}/{proto} is published by VM {other}; cannot publish it for VM {vm.id}",
+                       f"free it first: banger vm port rm {other} {port}/{proto}", details={"vm_id": other})
 
 
 def _check_ports_free(ctx, vm: VmNet, ports, ip_tbl) -> None:

@@ -497,6 +497,21 @@ def test_a_reused_ip_or_tap_evicts_the_stale_owner(lab):
     assert [s["vm_id"] for s in result(lab.ns.call(f"policy.stale_rules(ctx, [{b['id']!r}])"))] == [a["id"]]
 
 
+def test_a_live_port_of_another_vm_is_evicted_only_without_its_claim(lab):
+    a, b = lab.vms(2)
+    result(lab.ns.call(f"ports.publish(ctx, {lab.row(a)!r}, '8080:80')"))
+    lab.apply(a, "tap-pool-1", "nat")
+    doc = lab.ns.call(f"policy.apply(ctx, {lab.row(b)!r}, 'tap-pool-2', ports=[ports.parse('8080:81')])")
+    assert doc["error"] == "conflict" and f"published by VM {a['id']}" in doc["message"], doc
+    # a's claim gone (its row deleted) but its rules left behind: b takes the port over
+    with Store(lab.ns.home / "state.db") as s:
+        s.execute("DELETE FROM published_ports")
+    r = result(lab.ns.call(f"policy.apply(ctx, {lab.row(b)!r}, 'tap-pool-2', ports=[ports.parse('8080:81')])"))
+    assert r["evicted"] == [a["id"]]
+    act = {v["vm_id"]: v for v in result(lab.ns.call("policy.active(ctx)"))}
+    assert act[b["id"]]["ports"] == ["8080:81/tcp"]
+
+
 def test_a_damaged_base_chain_is_rebuilt(lab):
     (a,) = lab.vms(1)
     lab.apply(a, "tap-pool-1", "isolated")

@@ -117,3 +117,16 @@ def test_config_values_are_checked(tmp_path):
     with pytest.raises(UsageError):
         hosts.domain(_ctx(tmp_path, domain="Not A Domain").cfg)
     assert hosts.fqdn(_ctx(tmp_path).cfg, "web") == "web.banger"
+
+
+def test_the_guest_control_line_round_trips_and_is_strict():
+    pairs = [("web", "172.30.0.3"), ("api", "172.30.0.2")]
+    line = hosts.control_line(pairs, "banger")
+    assert line == "@banger hosts banger api=172.30.0.2 web=172.30.0.3"
+    assert hosts.parse_control_line(line) == ("banger", sorted(pairs))
+    assert hosts.control_line([], "vm.test") == "@banger hosts vm.test"
+    assert hosts.parse_control_line("@banger hosts vm.test") == ("vm.test", [])
+    for bad in ("@banger hosts banger web=1.2.3", "@banger hosts banger web", "@banger hosts Bad",
+                "@banger hosts banger x;rm=1.2.3.4", "@banger net 1.2.3.4/24"):
+        with pytest.raises((UsageError, ValueError)):
+            hosts.parse_control_line(bad)
