@@ -1,16 +1,18 @@
-"""NAT for VMs through nftables: one banger-owned table, per-VM rules tagged by comment.
+"""nftables plumbing: run ``nft`` with JSON, read banger's tables back, build expressions.
 
-Table ``ip banger`` holds two base chains:
+banger keeps everything it does to nftables in its own two tables per bridge, both named
+``banger-<bridge>``: one in the ``bridge`` family (layer 2: anti-spoofing, isolation of
+guests from each other) and one in the ``ip`` family (layer 3: egress policy, NAT, guest to
+host filtering, published ports). What goes in them is decided in banger.net.policy; this
+module only talks to the kernel:
 
-* ``postrouting`` (nat, srcnat): ``ip saddr <vm ip> oifname != <bridge> masquerade``
-* ``forward`` (filter): accept traffic from the VM out of the bridge, and
-  established/related traffic back to it.
+* every change is one atomic ``nft -j -f -`` transaction (JSON in, argv lists only);
+* ``read_table`` parses a table into chains (with rule handles and comments) and map
+  elements normalised to plain Python values, so callers compare state without parsing
+  nft's text output.
 
-Every rule carries the comment ``banger vm=<id> ip=<ip> br=<bridge>``, so a VM's
-rules are found and deleted by handle exactly, leaving other VMs' rules alone.
-The table is removed when its last VM rule goes.  All changes happen under the
-``hostnet`` lock, each as one atomic ``nft -j -f -`` transaction (JSON in, argv
-lists only).  NAT also needs ``net.ipv4.ip_forward=1``, which ``enable_nat`` sets.
+``enable_nat``/``disable_nat``/``list_nat`` are the older NAT-only entry points, kept so
+callers written against them keep working; they go through banger.net.policy.
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ from __future__ import annotations
 import json
 import re
 
-from banger.errors import CommandFailed, HostError, UsageError
+from banger.errors import CommandFailed, HostError
 
-FAMILY = "ip"
-TABLE = "banger"
-_COMMENT = re.compile(r"^banger vm=(?P<vm_id>[A-Za-z0-9._-]+) ip=(?P<ip>[0-9.]+) br=(?P<br>\S+)$")
+TABLE_PREFIX = "banger-"
+FAMILIES = ("bridge", "ip")
+
+
+def table_name(bridge: str) -> str:
+    """banger's table name (in both families) for ``bridge``."""
+    return TABLE_PREFIX + bridge
 
 
 def _nft_bin() -> str:
@@ -31,159 +37,184 @@ def _nft_bin() -> str:
     return require("nft", "nftables")
 
 
-def _run(args: list[str], input: str | None = None):
-    from banger.host.runner import run
+def run(args: list[str], input: str | None = None):
+    from banger.host.runner import run as _run
 
     try:
-        return run([_nft_bin(), *args], input=input, timeout=30)
+        return _run([_nft_bin(), *args], input=input, timeout=30)
     except CommandFailed as e:
         low = e.stderr.lower()
         if "operation not permitted" in low or "permission denied" in low:
             raise HostError("nftables refused the change: permission denied",
-                            "run banger as root (NAT needs CAP_NET_ADMIN)",
+                            "run banger as root (network policy needs CAP_NET_ADMIN)",
                             details=e.details) from None
-        if "protocol not supported" in low:
-            raise HostError(f"nftables is not usable on this host: {e.stderr.strip()[-200:]}",
-                            "load the nf_tables and nft_masq modules: modprobe nf_tables nft_masq nft_chain_nat",
+        if "protocol not supported" in low or "operation not supported" in low:
+            raise HostError(f"nftables is not usable on this host: {e.stderr.strip()[-300:]}",
+                            "the kernel needs nf_tables with the bridge, nat, fib and reject modules: "
+                            "modprobe nf_tables nft_chain_nat nft_fib_ipv4 nft_reject_ipv4 nf_tables_bridge",
                             details=e.details) from None
-        e.hint = e.hint or "check `nft list ruleset`; banger gc removes stale banger NAT rules"
+        e.hint = e.hint or "check `nft list ruleset`; banger gc removes stale banger rules"
         raise
 
 
-def _apply(commands: list[dict]) -> None:
+def transact(commands: list[dict]) -> None:
+    """Apply ``commands`` (nft JSON command objects) as one atomic transaction."""
     if commands:
-        _run(["-j", "-f", "-"], input=json.dumps({"nftables": commands}))
+        run(["-j", "-f", "-"], input=json.dumps({"nftables": commands}))
 
 
-def comment_for(vm_id: str, ip: str, bridge: str) -> str:
-    return f"banger vm={vm_id} ip={ip} br={bridge}"
+# ---------------------------------------------------------------------------- reading
+
+def _norm(v):
+    """An nft JSON value (element key or data) as a hashable Python value."""
+    if isinstance(v, dict):
+        if "elem" in v and isinstance(v["elem"], dict):  # an element carrying a comment/timeout
+            return _norm(v["elem"].get("val"))
+        if "concat" in v:
+            return tuple(_norm(x) for x in v["concat"])
+        if "jump" in v:
+            return ("jump", v["jump"]["target"])
+        if "goto" in v:
+            return ("goto", v["goto"]["target"])
+        if "prefix" in v:
+            return f"{v['prefix']['addr']}/{v['prefix']['len']}"
+        if "range" in v:
+            return ("range", *(_norm(x) for x in v["range"]))
+        if len(v) == 1:
+            k = next(iter(v))
+            if v[k] is None:  # {"accept": null}, {"drop": null}
+                return (k,)
+        return json.dumps(v, sort_keys=True)
+    if isinstance(v, list):
+        return tuple(_norm(x) for x in v)
+    return v
 
 
-def _table_rules() -> list[dict] | None:
-    """All rules of the banger table, or None if the table does not exist."""
+def parse_table(items: list[dict]) -> dict:
+    """{"chains": {name: {"base": bool, "hook", "policy", "rules": [{"handle", "comment", "expr"}]}},
+    "maps": {name: {"type", "elems": {key: value}}}, "sets": {name: {"type", "elems": set}}}."""
+    out: dict = {"chains": {}, "maps": {}, "sets": {}}
+    for item in items:
+        if "chain" in item:
+            c = item["chain"]
+            out["chains"][c["name"]] = {"base": "hook" in c, "hook": c.get("hook"), "prio": c.get("prio"),
+                                        "type": c.get("type"), "policy": c.get("policy"), "rules": []}
+        elif "map" in item:
+            m = item["map"]
+            elems = {}
+            for pair in m.get("elem") or []:
+                k, v = pair
+                elems[_norm(k)] = _norm(v)
+            out["maps"][m["name"]] = {"type": _norm(m.get("type")), "elems": elems}
+        elif "set" in item:
+            s = item["set"]
+            out["sets"][s["name"]] = {"type": _norm(s.get("type")), "elems": {_norm(e) for e in s.get("elem") or []}}
+    for item in items:
+        if "rule" in item:
+            r = item["rule"]
+            chain = out["chains"].setdefault(r["chain"], {"base": False, "hook": None, "prio": None, "type": None,
+                                                          "policy": None, "rules": []})
+            chain["rules"].append({"handle": r["handle"], "comment": r.get("comment"), "expr": r.get("expr")})
+    return out
+
+
+def read_table(family: str, name: str) -> dict | None:
+    """The parsed table (see parse_table), or None if it does not exist."""
     try:
-        cp = _run(["-j", "list", "table", FAMILY, TABLE])
+        cp = run(["-j", "list", "table", family, name])
     except CommandFailed as e:
         if "no such file or directory" in e.stderr.lower():
             return None
         raise
     doc = json.loads(cp.stdout or "{}")
-    return [item["rule"] for item in doc.get("nftables", []) if "rule" in item]
+    return parse_table(doc.get("nftables", []))
 
 
-def _parse(rule: dict) -> dict | None:
-    m = _COMMENT.match(rule.get("comment") or "")
-    if not m:
-        return None
-    return {"vm_id": m["vm_id"], "ip": m["ip"], "bridge": m["br"], "chain": rule["chain"],
-            "handle": rule["handle"], "comment": rule["comment"]}
+def list_ruleset() -> list[dict]:
+    """Every object in this network namespace's ruleset (for diagnostics)."""
+    cp = run(["-j", "list", "ruleset"])
+    return json.loads(cp.stdout or "{}").get("nftables", [])
 
 
-def _ours() -> list[dict] | None:
-    rules = _table_rules()
-    if rules is None:
-        return None
-    return [p for p in (_parse(r) for r in rules) if p]
+# ---------------------------------------------------------------------------- expressions
 
-
-def list_nat(ctx=None) -> list[dict]:
-    """One entry per VM with NAT rules: {vm_id, ip, bridge, rules: [{chain, handle}]} (for gc)."""
-    by_vm: dict[str, dict] = {}
-    for p in _ours() or []:
-        e = by_vm.setdefault(p["vm_id"], {"vm_id": p["vm_id"], "ip": p["ip"], "bridge": p["bridge"], "rules": []})
-        e["rules"].append({"chain": p["chain"], "handle": p["handle"]})
-    return sorted(by_vm.values(), key=lambda e: e["vm_id"])
-
-
-def _m(left: dict, right, op: str = "==") -> dict:
+def match(left, right, op: str = "==") -> dict:
     return {"match": {"op": op, "left": left, "right": right}}
 
 
-def _saddr():
-    return {"payload": {"protocol": "ip", "field": "saddr"}}
+def payload(protocol: str, field: str) -> dict:
+    return {"payload": {"protocol": protocol, "field": field}}
 
 
-def _daddr():
-    return {"payload": {"protocol": "ip", "field": "daddr"}}
-
-
-def _meta(key: str):
+def meta(key: str) -> dict:
     return {"meta": {"key": key}}
 
 
-def _base() -> list[dict]:
-    t = {"family": FAMILY, "table": TABLE}
-    return [
-        {"add": {"table": {"family": FAMILY, "name": TABLE}}},
-        {"add": {"chain": {**t, "name": "postrouting", "type": "nat", "hook": "postrouting", "prio": 100,
-                           "policy": "accept"}}},
-        {"add": {"chain": {**t, "name": "forward", "type": "filter", "hook": "forward", "prio": 0,
-                           "policy": "accept"}}},
-    ]
+def ct(key: str) -> dict:
+    return {"ct": {"key": key}}
 
 
-def _vm_rules(vm_id: str, ip: str, bridge: str) -> list[dict]:
-    t = {"family": FAMILY, "table": TABLE}
-    c = comment_for(vm_id, ip, bridge)
-    return [
-        {"add": {"rule": {**t, "chain": "postrouting", "comment": c, "expr": [
-            _m(_saddr(), ip), _m(_meta("oifname"), bridge, "!="), {"masquerade": None}]}}},
-        {"add": {"rule": {**t, "chain": "forward", "comment": c, "expr": [
-            _m(_meta("iifname"), bridge), _m(_saddr(), ip), {"accept": None}]}}},
-        {"add": {"rule": {**t, "chain": "forward", "comment": c, "expr": [
-            _m(_meta("oifname"), bridge), _m(_daddr(), ip),
-            _m({"ct": {"key": "state"}}, ["established", "related"], "in"), {"accept": None}]}}},
-    ]
+def prefix(cidr: str) -> dict | str:
+    addr, _, plen = cidr.partition("/")
+    if not plen or plen == "32":
+        return addr
+    return {"prefix": {"addr": addr, "len": int(plen)}}
 
 
-def _delete(rules: list[dict]) -> list[dict]:
-    return [{"delete": {"rule": {"family": FAMILY, "table": TABLE, "chain": r["chain"], "handle": r["handle"]}}}
-            for r in rules]
+def port_value(lo: int, hi: int | None = None):
+    return lo if hi is None or hi == lo else {"range": [lo, hi]}
 
 
-def _vm_fields(vm_row: dict) -> tuple[str, str | None]:
-    vm_id = vm_row.get("id") if isinstance(vm_row, dict) else None
-    if not vm_id or not re.match(r"^[A-Za-z0-9._-]+$", vm_id):
-        raise UsageError(f"invalid VM for NAT: {vm_row!r}", "pass the VM's row (with id and ip)")
-    return vm_id, vm_row.get("ip")
+def jump(chain: str) -> dict:
+    return {"jump": {"target": chain}}
+
+
+ACCEPT = {"accept": None}
+DROP = {"drop": None}
+RETURN = {"return": None}
+MASQUERADE = {"masquerade": None}
+REJECT_TCP = {"reject": {"type": "tcp reset"}}
+REJECT_ADMIN = {"reject": {"type": "icmp", "expr": "admin-prohibited"}}
+
+
+def cmd(op: str, kind: str, family: str, table: str, **fields) -> dict:
+    """One command: cmd("add", "chain", "ip", "banger-banger0", name="x")."""
+    if kind == "table":
+        return {op: {"table": {"family": family, "name": table}}}
+    return {op: {kind: {"family": family, "table": table, **fields}}}
+
+
+# ---------------------------------------------------------------------------- older NAT-only API
+
+_ID = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 
 
 def enable_nat(ctx, vm_row: dict) -> dict:
-    """Masquerade ``vm_row``'s IP out of any interface but the bridge. Idempotent."""
-    import ipaddress
+    """Older entry point: NAT for a VM row without layer-2 anti-spoofing (no TAP known).
 
-    from banger.net.bridge import enable_ip_forward
+    Prefer banger.net.policy.apply(ctx, vm, tap), which also guards the TAP.
+    """
+    from banger.net import policy
 
-    vm_id, ip = _vm_fields(vm_row)
-    try:
-        ipaddress.IPv4Address(ip or "")
-    except ValueError:
-        raise UsageError(f"VM {vm_id} has no valid IPv4 address ({ip!r})", "NAT needs the VM's guest IP") from None
-    bridge = ctx.cfg.bridge
-    with ctx.locks.hold("hostnet", purpose=f"enable NAT for {vm_id}"):
-        fwd = enable_ip_forward(ctx, lock_held=True)
-        current = [r for r in (_ours() or []) if r["vm_id"] == vm_id]
-        want = comment_for(vm_id, ip, bridge)
-        chains = sorted(r["chain"] for r in current)
-        if all(r["comment"] == want for r in current) and chains == ["forward", "forward", "postrouting"]:
-            return {"vm_id": vm_id, "ip": ip, "changed": False, "ip_forward_changed": fwd}
-        # one transaction: (re)create table/chains, drop stale rules of this VM, add the fresh ones
-        _apply(_base() + _delete(current) + _vm_rules(vm_id, ip, bridge))
-    return {"vm_id": vm_id, "ip": ip, "changed": True, "ip_forward_changed": fwd}
+    vm = policy.vm_net({**vm_row, "net": "nat"}, require_mac=False)
+    r = policy.apply(ctx, vm, None, ports=())
+    return {"vm_id": vm.id, "ip": vm.ip, "changed": r["changed"], "ip_forward_changed": r["ip_forward_changed"]}
 
 
 def disable_nat(ctx, vm_row: dict) -> dict:
-    """Remove exactly ``vm_row``'s NAT rules (matched by VM id); drop the table when it empties. Idempotent."""
-    vm_id, _ip = _vm_fields(vm_row)
-    with ctx.locks.hold("hostnet", purpose=f"disable NAT for {vm_id}"):
-        ours = _ours()
-        if ours is None:
-            return {"vm_id": vm_id, "removed": 0, "table_removed": False}
-        mine = [r for r in ours if r["vm_id"] == vm_id]
-        others = [r for r in ours if r["vm_id"] != vm_id]
-        drop_table = not others and len(_table_rules() or []) == len(mine)
-        if drop_table:
-            _apply([{"delete": {"table": {"family": FAMILY, "name": TABLE}}}])
-        else:
-            _apply(_delete(mine))
-    return {"vm_id": vm_id, "removed": len(mine), "table_removed": drop_table}
+    """Older entry point: remove everything banger.net.policy set up for this VM (by id)."""
+    from banger.errors import UsageError
+    from banger.net import policy
+
+    vm_id = vm_row.get("id") if isinstance(vm_row, dict) else None
+    if not vm_id or not _ID.match(vm_id):
+        raise UsageError(f"invalid VM for NAT: {vm_row!r}", "pass the VM's row (with id and ip)")
+    r = policy.remove(ctx, vm_id)
+    return {"vm_id": vm_id, "removed": r["removed"], "table_removed": r["tables_removed"]}
+
+
+def list_nat(ctx) -> list[dict]:
+    """VMs whose traffic is masqueraded: [{vm_id, ip}] (from the live ruleset)."""
+    from banger.net import policy
+
+    return [{"vm_id": v["vm_id"], "ip": v["ip"]} for v in policy.active(ctx) if v["masquerade"]]

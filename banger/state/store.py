@@ -90,6 +90,19 @@ MIGRATIONS: list[str] = [
         created_at REAL NOT NULL
     );
     """,
+    # v2: published ports (banger.net.ports); one VM per host port and protocol, whatever the host address
+    """
+    CREATE TABLE published_ports (
+        vm_id TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        proto TEXT NOT NULL CHECK (proto IN ('tcp', 'udp')),
+        host_ip TEXT,
+        host_port INTEGER NOT NULL CHECK (host_port BETWEEN 1 AND 65535),
+        guest_port INTEGER NOT NULL CHECK (guest_port BETWEEN 1 AND 65535),
+        created_at REAL NOT NULL,
+        PRIMARY KEY (proto, host_port)
+    );
+    CREATE INDEX published_ports_vm ON published_ports(vm_id);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

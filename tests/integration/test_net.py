@@ -105,12 +105,21 @@ def _vms(ns, n):
                 for _ in range(n)]
 
 
+TABLE = "banger-banger0"
+
+
 def _banger_rules(ns):
-    return [x["rule"] for x in ns.nft_ruleset() if "rule" in x and x["rule"]["table"] == "banger"]
+    return [x["rule"] for x in ns.nft_ruleset() if "rule" in x and x["rule"]["table"] == TABLE]
 
 
 def _rules_of(ns, vm):
     return [r for r in _banger_rules(ns) if r.get("comment", "").startswith(f"banger vm={vm['id']} ")]
+
+
+def _map_elems(ns, name):
+    m = next((x["map"] for x in ns.nft_ruleset() if "map" in x and x["map"]["table"] == TABLE
+              and x["map"]["name"] == name), None)
+    return {e[0]: e[1]["jump"]["target"] for e in (m or {}).get("elem", [])}
 
 
 def _row(vm):
@@ -118,6 +127,7 @@ def _row(vm):
 
 
 def test_nat_rules_appear_and_disappear_exactly(netns):
+    """The NAT-only entry points (nft.enable_nat/disable_nat) on top of banger.net.policy."""
     a, b = _vms(netns, 2)
     netns.set_sysctl("net.ipv4.ip_forward", "0")
     assert netns.sysctl("net.ipv4.ip_forward") == "0"
@@ -126,15 +136,19 @@ def test_nat_rules_appear_and_disappear_exactly(netns):
     assert r["changed"] is True and r["ip_forward_changed"] is True
     assert netns.sysctl("net.ipv4.ip_forward") == "1"
     ra = _rules_of(netns, a)
-    assert sorted(x["chain"] for x in ra) == ["forward", "forward", "postrouting"]
-    post = next(x for x in ra if x["chain"] == "postrouting")
-    exprs = post["expr"]
-    assert {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": a["ip"]}} in exprs
-    assert {"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": "banger0"}} in exprs
-    assert {"masquerade": None} in exprs
-    chains = {x["chain"]["name"]: x["chain"] for x in netns.nft_ruleset() if "chain" in x}
-    assert chains["postrouting"]["type"] == "nat" and chains["postrouting"]["hook"] == "postrouting"
+    assert sorted(x["chain"] for x in ra) == [f"vm-{a['id']}-out", f"vm-{a['id']}-snat"]
+    assert {"masquerade": None} in next(x for x in ra if x["chain"].endswith("-snat"))["expr"]
+    assert _map_elems(netns, "snat") == {a["ip"]: f"vm-{a['id']}-snat"}
+    assert _map_elems(netns, "egress") == {a["ip"]: f"vm-{a['id']}-out"}
+    chains = {x["chain"]["name"]: x["chain"] for x in netns.nft_ruleset() if "chain" in x
+              and x["chain"]["table"] == TABLE}
+    assert chains["snat_post"]["type"] == "nat" and chains["snat_post"]["hook"] == "postrouting"
     assert chains["forward"]["hook"] == "forward"
+    post = [x for x in _banger_rules(netns) if x["chain"] == "snat_post"]
+    assert any({"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": "banger0"}} in x["expr"]
+               for x in post)
+    # without a TAP there is no layer-2 part (and no bridge table)
+    assert not any("table" in x and x["table"]["family"] == "bridge" for x in netns.nft_ruleset())
 
     # idempotent: nothing duplicated, handles unchanged
     again = result(netns.call(f"nft.enable_nat(ctx, {_row(a)!r})"))
@@ -143,21 +157,23 @@ def test_nat_rules_appear_and_disappear_exactly(netns):
 
     result(netns.call(f"nft.enable_nat(ctx, {_row(b)!r})"))
     rb = _rules_of(netns, b)
-    assert len(rb) == 3 and len(_banger_rules(netns)) == 6
+    assert len(rb) == 2 and _map_elems(netns, "snat") == {a["ip"]: f"vm-{a['id']}-snat",
+                                                          b["ip"]: f"vm-{b['id']}-snat"}
     listed = result(netns.call("nft.list_nat(ctx)"))
     assert {e["vm_id"]: e["ip"] for e in listed} == {a["id"]: a["ip"], b["id"]: b["ip"]}
 
     # removing a's rules leaves exactly b's, untouched
     d = result(netns.call(f"nft.disable_nat(ctx, {_row(a)!r})"))
-    assert d["removed"] == 3 and d["table_removed"] is False
-    assert _rules_of(netns, a) == []
-    assert sorted(x["handle"] for x in _banger_rules(netns)) == sorted(x["handle"] for x in rb)
+    assert d["removed"] == 4 and d["table_removed"] is False  # two chains, two map elements
+    assert _rules_of(netns, a) == [] and a["ip"] not in _map_elems(netns, "snat")
+    vm_rules = [x for x in _banger_rules(netns) if x["chain"].startswith("vm-")]
+    assert sorted(x["handle"] for x in vm_rules) == sorted(x["handle"] for x in rb)
     assert result(netns.call(f"nft.disable_nat(ctx, {_row(a)!r})"))["removed"] == 0  # idempotent
 
     # disabling by id alone (what gc has from list_nat) works; the last one takes the table along
     d = result(netns.call(f"nft.disable_nat(ctx, {{'id': {b['id']!r}}})"))
-    assert d["removed"] == 3 and d["table_removed"] is True
-    assert not any("table" in x and x["table"]["name"] == "banger" for x in netns.nft_ruleset())
+    assert d["removed"] == 4 and d["table_removed"] is True
+    assert not any("table" in x and x["table"]["name"] == TABLE for x in netns.nft_ruleset())
     assert result(netns.call("nft.list_nat(ctx)")) == []
 
 
@@ -182,8 +198,9 @@ def test_concurrent_nat_enables_never_duplicate(netns):
         so, se = p.communicate(timeout=120)
         assert p.returncode == 0 and '"value"' in so, (so, se)
     for v in vms:
-        assert len(_rules_of(netns, v)) == 3
-    assert len(_banger_rules(netns)) == 12
+        assert len(_rules_of(netns, v)) == 2
+    assert len([x for x in _banger_rules(netns) if x["chain"].startswith("vm-")]) == 8
+    assert len(_map_elems(netns, "snat")) == 4
 
 
 def test_masquerade_really_carries_traffic(netns):

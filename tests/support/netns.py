@@ -98,6 +98,7 @@ from banger.context import Ctx
 from banger.errors import BangerError
 from banger.net import bridge as hostnet
 from banger.net import pool
+from banger.net import policy, ports, hosts, dns  # noqa: F401
 ctx = Ctx()
 if len(sys.argv) > 2 and sys.argv[2]:
     start_at = float(sys.argv[2])
@@ -168,9 +169,9 @@ class NetNS:
     def call(self, expr: str, *, check: bool = True, timeout: float = 600):
         """Evaluate one banger service expression in a fresh process inside the namespace.
 
-        ``ctx`` (a banger Ctx for this env), ``hostnet``, ``pool``, ``netlink`` and ``nft``
-        are in scope.  Returns the JSON-able result, or {"error": code, "exit": n, ...}
-        for a BangerError.
+        ``ctx`` (a banger Ctx for this env), ``hostnet``, ``pool``, ``netlink``, ``nft``,
+        ``policy``, ``ports``, ``hosts`` and ``dns`` are in scope.  Returns the JSON-able result,
+        or {"error": code, "exit": n, ...} for a BangerError.
         """
         cp = self.run(py_argv(_CALL, expr), timeout=timeout)
         if check and cp.returncode != 0:
