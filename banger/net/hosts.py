@@ -54,7 +54,7 @@ def render(entries, dom: str) -> bytes:
     """The block (markers included) for ``entries`` [(name, ip)], sorted; b"" when empty."""
     import ipaddress
 
-    from banger.guest.names import validate_name
+    from banger.names import validate_name
 
     validate_domain(dom)
     seen: dict[str, str] = {}
@@ -206,7 +206,7 @@ def parse_control_line(line: str) -> tuple[str, list[tuple[str, str]]]:
     """Inverse of control_line, strict (what banger-init must accept and nothing more)."""
     import ipaddress
 
-    from banger.guest.names import validate_name
+    from banger.names import validate_name
 
     if not line.startswith(CONTROL_PREFIX):
         raise UsageError(f"not a hosts control line: {line[:40]!r}")

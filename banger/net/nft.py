@@ -18,7 +18,6 @@ callers written against them keep working; they go through banger.net.policy.
 from __future__ import annotations
 
 import json
-import re
 
 from banger.errors import CommandFailed, HostError
 
@@ -182,39 +181,3 @@ def cmd(op: str, kind: str, family: str, table: str, **fields) -> dict:
     if kind == "table":
         return {op: {"table": {"family": family, "name": table}}}
     return {op: {kind: {"family": family, "table": table, **fields}}}
-
-
-# ---------------------------------------------------------------------------- older NAT-only API
-
-_ID = re.compile(r"^[A-Za-z0-9_]{1,64}$")
-
-
-def enable_nat(ctx, vm_row: dict) -> dict:
-    """Older entry point: NAT for a VM row without layer-2 anti-spoofing (no TAP known).
-
-    Prefer banger.net.policy.apply(ctx, vm, tap), which also guards the TAP.
-    """
-    from banger.net import policy
-
-    vm = policy.vm_net({**vm_row, "net": "nat"}, require_mac=False)
-    r = policy.apply(ctx, vm, None, ports=())
-    return {"vm_id": vm.id, "ip": vm.ip, "changed": r["changed"], "ip_forward_changed": r["ip_forward_changed"]}
-
-
-def disable_nat(ctx, vm_row: dict) -> dict:
-    """Older entry point: remove everything banger.net.policy set up for this VM (by id)."""
-    from banger.errors import UsageError
-    from banger.net import policy
-
-    vm_id = vm_row.get("id") if isinstance(vm_row, dict) else None
-    if not vm_id or not _ID.match(vm_id):
-        raise UsageError(f"invalid VM for NAT: {vm_row!r}", "pass the VM's row (with id and ip)")
-    r = policy.remove(ctx, vm_id)
-    return {"vm_id": vm_id, "removed": r["removed"], "table_removed": r["tables_removed"]}
-
-
-def list_nat(ctx) -> list[dict]:
-    """VMs whose traffic is masqueraded: [{vm_id, ip}] (from the live ruleset)."""
-    from banger.net import policy
-
-    return [{"vm_id": v["vm_id"], "ip": v["ip"]} for v in policy.active(ctx) if v["masquerade"]]

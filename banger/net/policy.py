@@ -223,7 +223,7 @@ class _Net(NamedTuple):
 
 
 def _net(ctx) -> _Net:
-    from banger.guest.names import Subnet
+    from banger.names import Subnet
     from banger.net.bridge import bridge_mac
     from banger.net.pool import PREFIX
 
@@ -802,3 +802,32 @@ def doctor_check(cfg) -> dict:
     if rep.get("route_localnet"):
         detail += f"; route_localnet on {cfg.bridge} ({rep['route_localnet_reason']})"
     return {"name": "ip_forward", "status": rep["status"], "detail": detail, "hint": rep.get("hint")}
+
+
+# ---------------------------------------------------------------------------- older NAT-only API
+
+
+
+def enable_nat(ctx, vm_row: dict) -> dict:
+    """Older entry point: NAT for a VM row without layer-2 anti-spoofing (no TAP known).
+
+    Prefer banger.net.apply(ctx, vm, tap), which also guards the TAP.
+    """
+    vm = vm_net({**vm_row, "net": "nat"}, require_mac=False)
+    r = apply(ctx, vm, None, ports=())
+    return {"vm_id": vm.id, "ip": vm.ip, "changed": r["changed"], "ip_forward_changed": r["ip_forward_changed"]}
+
+
+def disable_nat(ctx, vm_row: dict) -> dict:
+    """Older entry point: remove everything banger.net.policy set up for this VM (by id)."""
+    from banger.errors import UsageError
+    vm_id = vm_row.get("id") if isinstance(vm_row, dict) else None
+    if not vm_id or not _ID.match(vm_id):
+        raise UsageError(f"invalid VM for NAT: {vm_row!r}", "pass the VM's row (with id and ip)")
+    r = remove(ctx, vm_id)
+    return {"vm_id": vm_id, "removed": r["removed"], "table_removed": r["tables_removed"]}
+
+
+def list_nat(ctx) -> list[dict]:
+    """VMs whose traffic is masqueraded: [{vm_id, ip}] (from the live ruleset)."""
+    return [{"vm_id": v["vm_id"], "ip": v["ip"]} for v in active(ctx) if v["masquerade"]]

@@ -17,7 +17,7 @@ import socket
 import time
 from typing import NamedTuple
 
-from banger.errors import Conflict, NotFound, UsageError
+from banger.errors import Conflict, UsageError
 
 PORT_FORMAT = "[HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp], e.g. 8080:80, 127.0.0.1:5432:5432 or 5353:53/udp"
 _NUM = re.compile(r"^[0-9]{1,5}$")
@@ -282,83 +282,11 @@ def _insert(ctx, vm_id: str, specs: list[PortSpec]) -> None:
                       "VALUES (?, ?, ?, ?, ?, ?)", (vm_id, p.proto, p.host_ip, p.host_port, p.guest_port, now))
 
 
-def publish(ctx, vm, specs) -> dict:
-    """Claim ``specs`` (one -p value or a list) for ``vm`` (its row: id, ip, mac, name, net/nat);
-    all or nothing. Refused (Conflict) when another VM holds a host port or a host process has
-    it bound. If the VM's policy is live the DNAT rules go in at once; otherwise at its next
-    policy.apply (start). Returns {"vm_id", "published": [...], "live": bool}."""
-    from banger.net import policy
-
-    specs = parse_many([specs] if isinstance(specs, (str, PortSpec)) else specs)
-    vm_id, name = _vm_fields(vm)
-    if isinstance(vm, dict) and policy.vm_net(vm, require_mac=False).mode == "none":
-        raise UsageError(f"VM {name} has no network (--net none): it cannot publish ports",
-                         "change its network with banger vm set --net nat|isolated while it is stopped")
-    for p in specs:
-        check_host_ip(p)
-    with ctx.locks.hold("hostnet", purpose=f"publish ports for {vm_id}"):
-        obs = policy._read(policy._net(ctx))
-        live = any(vm_id in policy._vm_objects(obs[fam]) for fam in obs)
-        if not live:  # a live VM's apply below checks the host (once) before any rule goes in
-            for p, user in host_port_users(specs).items():
-                raise Conflict(f"host port {p.host_port}/{p.proto} is in use on the host ({user})",
-                               "stop that process or publish on another host port", details={"port": str(p)})
-        _insert(ctx, vm_id, specs)
-        if live:
-            try:
-                policy._apply_locked(ctx, policy.vm_net(vm, require_mac=False), policy.KEEP, claims(ctx, vm_id),
-                                     obs)
-            except BaseException:
-                _delete(ctx, vm_id, specs)
-                raise
-    return {"vm_id": vm_id, "published": [str(p) for p in specs], "live": live}
-
-
 def _delete(ctx, vm_id: str, specs: list[PortSpec]) -> None:
     with ctx.store.immediate() as c:
         for p in specs:
             c.execute("DELETE FROM published_ports WHERE vm_id = ? AND proto = ? AND host_port = ?",
                       (vm_id, p.proto, p.host_port))
-
-
-def unpublish(ctx, vm, refs) -> dict:
-    """Remove publications of ``vm`` by ``HOSTPORT[/proto]`` or full spec (one or a list);
-    HOSTPORT alone removes both protocols. NotFound if a ref matches nothing."""
-    from banger.net import policy
-
-    vm_id, name = _vm_fields(vm)
-    refs = [refs] if isinstance(refs, (str, PortSpec)) else list(refs)
-    mine = claims(ctx, vm_id)
-    gone: list[PortSpec] = []
-    for ref in refs:
-        proto, port = parse_ref(ref) if not isinstance(ref, PortSpec) else (ref.proto, ref.host_port)
-        hit = [p for p in mine if p.host_port == port and (proto is None or p.proto == proto)]
-        if not hit:
-            raise NotFound(f"VM {name} does not publish host port {port}" + (f"/{proto}" if proto else ""),
-                           f"see banger vm port list {name}")
-        gone += [p for p in hit if p not in gone]
-    with ctx.locks.hold("hostnet", purpose=f"unpublish ports of {vm_id}"):
-        _delete(ctx, vm_id, gone)
-        live = policy._is_live(ctx, vm_id)
-        if live:
-            policy._apply_locked(ctx, policy.vm_net(vm, require_mac=False), policy.KEEP, claims(ctx, vm_id))
-    return {"vm_id": vm_id, "removed": [str(p) for p in gone], "live": live}
-
-
-def list_ports(ctx, vm=None) -> list[dict]:
-    """Publications (of one VM, or all), each with "active": the DNAT rule is live now."""
-    from banger.net import policy
-
-    vm_id = None if vm is None else _vm_fields(vm)[0]
-    if vm_id is None:
-        rows = ctx.store.query("SELECT p.*, v.name FROM published_ports p LEFT JOIN vms v ON v.id = p.vm_id "
-                               "ORDER BY p.host_port, p.proto")
-    else:
-        rows = ctx.store.query("SELECT p.*, v.name FROM published_ports p LEFT JOIN vms v ON v.id = p.vm_id "
-                               "WHERE p.vm_id = ? ORDER BY p.host_port, p.proto", (vm_id,))
-    live = {(v["vm_id"], s) for v in policy.active(ctx) for s in v["ports"]}
-    return [{**_row_spec(r).to_dict(), "vm_id": r["vm_id"], "vm_name": r["name"],
-             "active": (r["vm_id"], str(_row_spec(r))) in live} for r in rows]
 
 
 def forget(ctx, vm_id: str) -> int:

@@ -45,6 +45,11 @@ class Record:
             raise KeyError(key)
         return getattr(self, key)
 
+    def __setitem__(self, key: str, value) -> None:
+        if key not in self.FIELDS:
+            raise KeyError(key)
+        setattr(self, key, value)
+
     def get(self, key: str, default=None):
         if key not in self.FIELDS:
             return default

@@ -148,9 +148,9 @@ def net_up(ctx, vm) -> str:
     tap = pool.claim(ctx, vm["id"])
     _neighbour(ctx, vm, add=True)
     if vm["nat"]:
-        from banger.net import nft
+        from banger.net import policy
 
-        nft.enable_nat(ctx, vm)
+        policy.enable_nat(ctx, vm)
     return tap
 
 
@@ -172,9 +172,9 @@ def net_down(ctx, vm) -> None:
 
 
 def _nat_off(ctx, vm):
-    from banger.net import nft
+    from banger.net import policy
 
-    nft.disable_nat(ctx, vm)
+    policy.disable_nat(ctx, vm)
 
 
 def _neighbour(ctx, vm, *, add: bool) -> None:

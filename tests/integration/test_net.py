@@ -127,12 +127,12 @@ def _row(vm):
 
 
 def test_nat_rules_appear_and_disappear_exactly(netns):
-    """The NAT-only entry points (nft.enable_nat/disable_nat) on top of banger.net.policy."""
+    """The NAT-only entry points (policy.enable_nat/disable_nat) on top of banger.net.policy."""
     a, b = _vms(netns, 2)
     netns.set_sysctl("net.ipv4.ip_forward", "0")
     assert netns.sysctl("net.ipv4.ip_forward") == "0"
 
-    r = result(netns.call(f"nft.enable_nat(ctx, {_row(a)!r})"))
+    r = result(netns.call(f"policy.enable_nat(ctx, {_row(a)!r})"))
     assert r["changed"] is True and r["ip_forward_changed"] is True
     assert netns.sysctl("net.ipv4.ip_forward") == "1"
     ra = _rules_of(netns, a)
@@ -151,30 +151,30 @@ def test_nat_rules_appear_and_disappear_exactly(netns):
     assert not any("table" in x and x["table"]["family"] == "bridge" for x in netns.nft_ruleset())
 
     # idempotent: nothing duplicated, handles unchanged
-    again = result(netns.call(f"nft.enable_nat(ctx, {_row(a)!r})"))
+    again = result(netns.call(f"policy.enable_nat(ctx, {_row(a)!r})"))
     assert again["changed"] is False
     assert sorted(x["handle"] for x in _rules_of(netns, a)) == sorted(x["handle"] for x in ra)
 
-    result(netns.call(f"nft.enable_nat(ctx, {_row(b)!r})"))
+    result(netns.call(f"policy.enable_nat(ctx, {_row(b)!r})"))
     rb = _rules_of(netns, b)
     assert len(rb) == 2 and _map_elems(netns, "snat") == {a["ip"]: f"vm-{a['id']}-snat",
                                                           b["ip"]: f"vm-{b['id']}-snat"}
-    listed = result(netns.call("nft.list_nat(ctx)"))
+    listed = result(netns.call("policy.list_nat(ctx)"))
     assert {e["vm_id"]: e["ip"] for e in listed} == {a["id"]: a["ip"], b["id"]: b["ip"]}
 
     # removing a's rules leaves exactly b's, untouched
-    d = result(netns.call(f"nft.disable_nat(ctx, {_row(a)!r})"))
+    d = result(netns.call(f"policy.disable_nat(ctx, {_row(a)!r})"))
     assert d["removed"] == 4 and d["table_removed"] is False  # two chains, two map elements
     assert _rules_of(netns, a) == [] and a["ip"] not in _map_elems(netns, "snat")
     vm_rules = [x for x in _banger_rules(netns) if x["chain"].startswith("vm-")]
     assert sorted(x["handle"] for x in vm_rules) == sorted(x["handle"] for x in rb)
-    assert result(netns.call(f"nft.disable_nat(ctx, {_row(a)!r})"))["removed"] == 0  # idempotent
+    assert result(netns.call(f"policy.disable_nat(ctx, {_row(a)!r})"))["removed"] == 0  # idempotent
 
     # disabling by id alone (what gc has from list_nat) works; the last one takes the table along
-    d = result(netns.call(f"nft.disable_nat(ctx, {{'id': {b['id']!r}}})"))
+    d = result(netns.call(f"policy.disable_nat(ctx, {{'id': {b['id']!r}}})"))
     assert d["removed"] == 4 and d["table_removed"] is True
     assert not any("table" in x and x["table"]["name"] == TABLE for x in netns.nft_ruleset())
-    assert result(netns.call("nft.list_nat(ctx)")) == []
+    assert result(netns.call("policy.list_nat(ctx)")) == []
 
 
 def test_nat_leaves_foreign_rules_alone(netns):
@@ -183,8 +183,8 @@ def test_nat_leaves_foreign_rules_alone(netns):
     netns.run(["nft", "add", "chain", "ip", "other", "c"], check=True)
     netns.run(["nft", "add", "rule", "ip", "other", "c", "ip", "saddr", a["ip"], "counter", "comment",
                f'"banger vm={a["id"]} ip={a["ip"]} br=banger0"'], check=True)
-    result(netns.call(f"nft.enable_nat(ctx, {_row(a)!r})"))
-    result(netns.call(f"nft.disable_nat(ctx, {_row(a)!r})"))
+    result(netns.call(f"policy.enable_nat(ctx, {_row(a)!r})"))
+    result(netns.call(f"policy.disable_nat(ctx, {_row(a)!r})"))
     other = [x["rule"] for x in netns.nft_ruleset() if "rule" in x and x["rule"]["table"] == "other"]
     assert len(other) == 1  # a look-alike comment in someone else's table is not ours
 
@@ -192,8 +192,8 @@ def test_nat_leaves_foreign_rules_alone(netns):
 def test_concurrent_nat_enables_never_duplicate(netns):
     vms = _vms(netns, 4)
     start = time.time() + 1.0
-    procs = [netns.spawn_call(f"nft.enable_nat(ctx, {_row(v)!r})", start) for v in vms]
-    procs += [netns.spawn_call(f"nft.enable_nat(ctx, {_row(vms[0])!r})", start) for _ in range(3)]
+    procs = [netns.spawn_call(f"policy.enable_nat(ctx, {_row(v)!r})", start) for v in vms]
+    procs += [netns.spawn_call(f"policy.enable_nat(ctx, {_row(vms[0])!r})", start) for _ in range(3)]
     for p in procs:
         so, se = p.communicate(timeout=120)
         assert p.returncode == 0 and '"value"' in so, (so, se)
@@ -231,13 +231,13 @@ def test_masquerade_really_carries_traffic(netns):
 
         netns.set_sysctl("net.ipv4.ip_forward", "0")
         assert not ping()
-        result(netns.call(f"nft.enable_nat(ctx, {_row(vm)!r})"))
+        result(netns.call(f"policy.enable_nat(ctx, {_row(vm)!r})"))
         deadline = time.monotonic() + 10
         ok = ping()
         while not ok and time.monotonic() < deadline:  # first ping may race neighbour discovery
             ok = ping()
         assert ok, "guest could not reach outside through NAT"
-        result(netns.call(f"nft.disable_nat(ctx, {_row(vm)!r})"))
+        result(netns.call(f"policy.disable_nat(ctx, {_row(vm)!r})"))
         assert not ping(), "traffic still masqueraded after disable_nat"
     finally:
         delete_netns(guest)

@@ -81,7 +81,7 @@ def test_names_resolve_inside_a_netns_and_stop_resolving(lab):
         g = lab.guest(a, net="isolated")
         p = lab.procs.add(spawn_in_ns(g.ns, py_argv(HTTP, a["ip"], 80, a["name"])))
         _wait_line(p, "ready")
-        result(ns.call(f"ports.publish(ctx, {lab.row(a, 'isolated')!r}, '8080:80')"))
+        result(ns.call(f"publish.publish(ctx, {lab.row(a, 'isolated')!r}, '8080:80')"))
         r = result(ns.call(f"hosts.sync(ctx, [({a['name']!r}, {a['ip']!r}), ('other', '172.30.0.99')])"))
         assert r["changed"] is True and r["atomic"] is True
 

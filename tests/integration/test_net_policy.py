@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from banger.guest.names import Subnet
+from banger.names import Subnet
 from banger.state.reservation import reserve_vm
 from banger.state.store import Store
 from tests.support.guestnet import (
@@ -53,7 +53,8 @@ class Lab:
     def vms(self, n: int) -> list[dict]:
         with Store(self.ns.home / "state.db") as s:
             return [reserve_vm(s, Subnet("172.30.0.0/24"), name=None, image="i", kernel="k", backend="qemu",
-                               vcpu=1, memory_mib=256, overlay_size_mib=64, work_disk_size_mib=64, nat=False)
+                               vcpu=1, memory_mib=256, overlay_size_mib=64, work_disk_size_mib=64,
+                               nat=False).as_dict()  # the tests keep scratch keys (_ns) on them
                     for _ in range(n)]
 
     def tap(self, vm) -> str:
@@ -353,7 +354,7 @@ def test_published_tcp_port_reaches_the_guest_from_host_addresses_and_localhost(
     p = lab.procs.add(spawn_in_ns(g.ns, py_argv(HTTP, a["ip"], 80, a["name"])))
     _wait_line(p, "ready")
     lab.ns.set_sysctl("net.ipv4.ip_forward", "0")
-    doc = result(lab.ns.call(f"ports.publish(ctx, {lab.row(a, 'isolated')!r}, '8080:80')"))
+    doc = result(lab.ns.call(f"publish.publish(ctx, {lab.row(a, 'isolated')!r}, '8080:80')"))
     assert doc == {"vm_id": a["id"], "published": ["8080:80/tcp"], "live": False}
     r = lab.apply(a, g.tap, "isolated")  # what a VM start does: the claim goes live
     assert r["ports"] == ["8080:80/tcp"] and r["ip_forward_changed"] is True
@@ -368,16 +369,16 @@ def test_published_tcp_port_reaches_the_guest_from_host_addresses_and_localhost(
     # the guest itself does not get the host's port 8080 (guest -> host services stay closed)
     assert connect(g.ns, "tcp", GW, 8080) == {"ok": False, "error": "EHOSTUNREACH"}
 
-    listed = result(lab.ns.call(f"ports.list_ports(ctx, {a['id']!r})"))
+    listed = result(lab.ns.call(f"publish.list_ports(ctx, {a['id']!r})"))
     assert [(x["spec"], x["active"]) for x in listed] == [("8080:80/tcp", True)]
     result(lab.ns.call(f"policy.remove(ctx, {a['id']!r})"))  # a VM stop
     assert _curl(lab.ns.name, "http://127.0.0.1:8080/", timeout=2).returncode != 0
-    listed = result(lab.ns.call(f"ports.list_ports(ctx, {a['id']!r})"))
+    listed = result(lab.ns.call(f"publish.list_ports(ctx, {a['id']!r})"))
     assert [(x["spec"], x["active"]) for x in listed] == [("8080:80/tcp", False)]  # the claim follows the VM
     lab.apply(a, g.tap, "isolated")  # started again
     assert _curl_eventually(lab.ns.name, "http://127.0.0.1:8080/").returncode == 0
 
-    result(lab.ns.call(f"ports.unpublish(ctx, {lab.row(a, 'isolated')!r}, '8080')"))
+    result(lab.ns.call(f"publish.unpublish(ctx, {lab.row(a, 'isolated')!r}, '8080')"))
     assert _curl(lab.ns.name, "http://127.0.0.1:8080/", timeout=2).returncode != 0
     assert lab.ns.sysctl("net.ipv4.conf.banger0.route_localnet") == "0"
 
@@ -387,7 +388,7 @@ def test_published_udp_port_echoes_through_localhost_and_host_address(lab):
     (a,) = lab.vms(1)
     g = lab.guest(a, net="isolated")
     srv = serve(g.ns, lab.procs, "udp", "0.0.0.0", 53, "guest")
-    doc = result(lab.ns.call(f"ports.publish(ctx, {lab.row(a, 'isolated')!r}, ['5353:53/udp', "
+    doc = result(lab.ns.call(f"publish.publish(ctx, {lab.row(a, 'isolated')!r}, ['5353:53/udp', "
                              f"'127.0.0.1:5454:53/udp'])"))
     assert doc["live"] is True  # the VM runs: the rules went in at once
     r = connect_eventually(lab.ns.name, "udp", "127.0.0.1", 5353, payload="q1")
@@ -405,29 +406,29 @@ def test_a_host_port_is_published_once(lab):
     a, b = lab.vms(2)
     g = lab.guest(a, net="nat")
     ra, rb = lab.row(a), lab.row(b)
-    result(lab.ns.call(f"ports.publish(ctx, {ra!r}, '8080:80')"))
-    doc = lab.ns.call(f"ports.publish(ctx, {rb!r}, ['9000:90', '127.0.0.1:8080:80'])")
+    result(lab.ns.call(f"publish.publish(ctx, {ra!r}, '8080:80')"))
+    doc = lab.ns.call(f"publish.publish(ctx, {rb!r}, ['9000:90', '127.0.0.1:8080:80'])")
     assert doc["error"] == "conflict" and doc["exit"] == 4
     assert f"8080/tcp is already published by VM {a['name']}" in doc["message"]
     assert f"banger vm port rm {a['name']} 8080/tcp" in doc["hint"]
-    assert result(lab.ns.call(f"ports.list_ports(ctx, {b['id']!r})")) == []  # all or nothing: no 9000
-    assert result(lab.ns.call(f"ports.publish(ctx, {rb!r}, '8080:80/udp')"))["published"] == ["8080:80/udp"]
+    assert result(lab.ns.call(f"publish.list_ports(ctx, {b['id']!r})")) == []  # all or nothing: no 9000
+    assert result(lab.ns.call(f"publish.publish(ctx, {rb!r}, '8080:80/udp')"))["published"] == ["8080:80/udp"]
 
     # a host process holding a port
     host = serve(lab.ns.name, lab.procs, "tcp", "127.0.0.1", 9090, "hostproc")
     del host
-    doc = lab.ns.call(f"ports.publish(ctx, {ra!r}, '9090:80')")
+    doc = lab.ns.call(f"publish.publish(ctx, {ra!r}, '9090:80')")
     assert doc["error"] == "conflict" and "9090/tcp is in use on the host" in doc["message"]
     assert "(python" in doc["message"] and "127.0.0.1:9090/tcp" in doc["message"]
     serve(lab.ns.name, lab.procs, "udp", "0.0.0.0", 9091, "hostproc")
-    doc = lab.ns.call(f"ports.publish(ctx, {ra!r}, '10.1.2.3:9091:80/udp')")
+    doc = lab.ns.call(f"publish.publish(ctx, {ra!r}, '10.1.2.3:9091:80/udp')")
     assert doc["error"] == "usage" and "10.1.2.3 is not an address of this host" in doc["message"]
-    doc = lab.ns.call(f"ports.publish(ctx, {ra!r}, '9091:80/udp')")
+    doc = lab.ns.call(f"publish.publish(ctx, {ra!r}, '9091:80/udp')")
     assert doc["error"] == "conflict" and "9091/udp is in use on the host" in doc["message"]
-    assert [x["spec"] for x in result(lab.ns.call(f"ports.list_ports(ctx, {a['id']!r})"))] == ["8080:80/tcp"]
+    assert [x["spec"] for x in result(lab.ns.call(f"publish.list_ports(ctx, {a['id']!r})"))] == ["8080:80/tcp"]
     # a host process that took a claimed port while the VM was stopped: the start refuses clearly
     result(lab.ns.call(f"policy.remove(ctx, {a['id']!r})"))
-    result(lab.ns.call(f"ports.publish(ctx, {ra!r}, '9092:80')"))
+    result(lab.ns.call(f"publish.publish(ctx, {ra!r}, '9092:80')"))
     serve(lab.ns.name, lab.procs, "tcp", "0.0.0.0", 9092, "late")
     doc = lab.ns.call(f"policy.apply(ctx, {ra!r}, {g.tap!r})")
     assert doc["error"] == "conflict" and "9092/tcp is in use on the host" in doc["message"], doc
@@ -499,7 +500,7 @@ def test_a_reused_ip_or_tap_evicts_the_stale_owner(lab):
 
 def test_a_live_port_of_another_vm_is_evicted_only_without_its_claim(lab):
     a, b = lab.vms(2)
-    result(lab.ns.call(f"ports.publish(ctx, {lab.row(a)!r}, '8080:80')"))
+    result(lab.ns.call(f"publish.publish(ctx, {lab.row(a)!r}, '8080:80')"))
     lab.apply(a, "tap-pool-1", "nat")
     doc = lab.ns.call(f"policy.apply(ctx, {lab.row(b)!r}, 'tap-pool-2', ports=[ports.parse('8080:81')])")
     assert doc["error"] == "conflict" and f"published by VM {a['id']}" in doc["message"], doc

@@ -98,7 +98,7 @@ from banger.context import Ctx
 from banger.errors import BangerError
 from banger.net import bridge as hostnet
 from banger.net import pool
-from banger.net import policy, ports, hosts, dns  # noqa: F401
+from banger.net import policy, ports, publish, hosts, dns  # noqa: F401
 ctx = Ctx()
 if len(sys.argv) > 2 and sys.argv[2]:
     start_at = float(sys.argv[2])
