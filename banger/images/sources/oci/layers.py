@@ -61,6 +61,7 @@ MAX_META_CHAIN = 8                # extended headers in a row before a member
 ID_MAX = 2**32 - 2                # (uid_t)-1 means "unchanged" to chown
 MTIME_MIN, MTIME_MAX = -(2**31), 2**34 - 2**31 - 1   # what ext4 stores: 1901-12-13 .. 2446-05-10
 PATH_MAX = 4095
+MAX_DEPTH = 256                   # directories deep (real images stay under 40; rmtree and os.walk recurse)
 _META_TYPES = {tarfile.XHDTYPE: "PAX", tarfile.XGLTYPE: "global PAX", tarfile.SOLARIS_XHDTYPE: "Solaris PAX",
                tarfile.GNUTYPE_LONGNAME: "GNU long name", tarfile.GNUTYPE_LONGLINK: "GNU long link"}
 
@@ -286,6 +287,8 @@ class LayerApplier:
                     raise _refuse(layer, name, "resolves outside the image root (through a symlink)")
                 done.pop()
                 continue
+            if len(done) >= MAX_DEPTH - 1:
+                raise _refuse(layer, name, f"is nested more than {MAX_DEPTH} directories deep")
             p = self._abs(tuple(done + [comp]))
             try:
                 st = os.lstat(p)

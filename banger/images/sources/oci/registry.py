@@ -98,7 +98,9 @@ class Ref:
 
     @property
     def host(self) -> str:
-        return self.registry.rsplit(":", 1)[0] if not self.registry.startswith("[") else self.registry
+        if self.registry.startswith("["):  # [v6]:port
+            return self.registry.split("]", 1)[0] + "]"
+        return self.registry.rsplit(":", 1)[0]
 
     def __str__(self) -> str:
         s = f"{self.registry}/{self.repository}"
