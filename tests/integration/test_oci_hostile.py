@@ -548,3 +548,64 @@ def test_files_are_what_the_budget_counted(tmp_path):
     assert a.used == 4 * ENTRY_COST + 1000
     assert Path(root / "d/a").read_bytes() == b"x" * 1000
     assert a.streamed >= 512 * 4
+
+
+# ---------------------------------------------------------------- the same watch over TLS
+@pytest.fixture
+def tls_cert(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
+    return key, cert
+
+
+@pytest.mark.parametrize("phase", ["headers", "body"])
+def test_stall_over_tls(tls_cert, phase, monkeypatch):
+    # real registries are https: the watchdog must cut an SSL socket blocked in a read as well
+    import socket as so
+    import ssl
+    import threading
+
+    from banger.images.sources.oci.registry import Registry, TransferTimeout, parse_ref
+
+    key, cert = tls_cert
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    lsock = so.create_server(("127.0.0.1", 0))
+    port = lsock.getsockname()[1]
+    stop, sent = threading.Event(), []
+
+    def serve():
+        conn, _ = lsock.accept()
+        with ctx.wrap_socket(conn, server_side=True) as s:
+            s.recv(65536)
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: " + MT_MANIFEST.encode() + b"\r\nContent-Length: 5000\r\n\r\n"
+            data = head if phase == "headers" else b""
+            if phase == "body":
+                s.sendall(head)
+                data = b"{" + b" " * 4999
+            try:
+                for i in range(len(data)):
+                    if stop.wait(0.25):
+                        return
+                    s.sendall(data[i:i + 1])
+                    sent.append(1)
+            except OSError:
+                sent.append("hung up")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    reg = Registry(parse_ref(f"localhost:{port}/x/y:v1"), insecure=False, stall_timeout=1.5)
+    assert reg.base.startswith("https://")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))  # trust the test's own certificate, as a user would
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(TransferTimeout, match="stalled"):
+            reg.manifest("v1")
+        assert time.monotonic() - t0 < 15
+        _until(lambda: "hung up" in sent, what="the TLS client to hang up")
+    finally:
+        stop.set()
+        lsock.close()
+        t.join(timeout=10)

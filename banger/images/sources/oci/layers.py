@@ -92,7 +92,8 @@ def _show(value, limit: int = 80) -> str:
 
 
 def require_free(path: Path | str, need: int, what: str) -> None:
-    """NoSpace unless the filesystem holding ``path`` has ``need`` bytes free (for unprivileged use)."""
+    """NoSpace unless the filesystem holding ``path`` has ``need`` bytes free, counting only what an
+    unprivileged writer may use (f_bavail): root's reserved blocks stay free for the host."""
     st = os.statvfs(path)
     free = st.f_bavail * st.f_frsize
     if free < need:
