@@ -33,6 +33,14 @@ DEFAULTS = {
     "lock_timeout_s": 600.0,
     "firecracker_bin": "firecracker",
     "qemu_bin": "qemu-system-x86_64",
+    "max_image_size_mib": 16384,           # bound on an image's unpacked size (image pull)
+    "pull_stall_timeout_s": 60.0,          # a registry transfer under 1 KiB/s for this long is dropped
+}
+
+# Keys checked for type and range (key: (type, lowest, highest)).
+RANGES = {
+    "max_image_size_mib": (int, 1, 1 << 24),
+    "pull_stall_timeout_s": (float, 0.5, 86400.0),
 }
 
 
@@ -117,6 +125,20 @@ def _coerce(name: str, value, typ):
     return str(value)
 
 
+def _check_range(name: str, value, where) -> int | float:
+    import math
+
+    typ, lo, hi = RANGES[name]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typ is int:
+        number = number and (isinstance(value, int) or (math.isfinite(value) and value == int(value)))
+    if number and math.isfinite(value) and lo <= value <= hi:
+        return typ(value)
+    kind = "a whole number" if typ is int else "a number"
+    raise UsageError(f"config key {name} = {value!r} is not allowed (in {where})",
+                     f"set {name} to {kind} from {lo:g} to {hi:g}")
+
+
 def load_config(env: dict | None = None) -> Config:
     env = os.environ if env is None else env
     home = Path(env.get("BANGER_HOME", DEFAULT_HOME))
@@ -134,7 +156,9 @@ def load_config(env: dict | None = None) -> Config:
     kwargs = {}
     extra = {}
     for k, v in values.items():
-        if k in known:
+        if k in RANGES:
+            kwargs[k] = _check_range(k, v, cfg_path)
+        elif k in known:
             kwargs[k] = _coerce(k, v, known[k])
         else:
             extra[k] = v

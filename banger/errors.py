@@ -102,3 +102,15 @@ class ExternalError(BangerError):
 
 class IntegrityError(ExternalError):
     code = "integrity"
+
+
+class LimitExceeded(ExternalError):
+    """Input from outside (a registry, an image, a guest) is larger than a fixed or configured bound."""
+
+    code = "limit_exceeded"
+
+
+class NoSpace(HostError):
+    """The filesystem banger writes to has not enough free space (checked before, or hit while writing)."""
+
+    code = "no_space"

@@ -45,7 +45,7 @@ def build_cmd(
 def pull_cmd(
     ref: Annotated[str, typer.Argument(help="[REGISTRY/]REPO[:TAG][@sha256:DIGEST]")],
     name: Annotated[str | None, typer.Option("--name", "-n", help="Image name (default: from the reference).")] = None,
-    insecure: Annotated[bool, typer.Option("--insecure", help="Plain http (automatic for 127.0.0.1/localhost).")] = False,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Plain http to the registry and its token service (automatic for 127.0.0.1/localhost).")] = False,
     json_out: JsonOpt = False,
 ):
     from banger.images import service as svc

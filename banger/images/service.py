@@ -470,7 +470,7 @@ def pull(ctx, ref: str, name: str | None = None, *, insecure: bool | None = None
         staging = _new_staging(ctx, name)
         try:
             t0 = time.monotonic()
-            reg = Registry(r, insecure=insecure, progress=ctx.progress)
+            reg = Registry(r, insecure=insecure, progress=ctx.progress, stall_timeout=ctx.cfg.pull_stall_timeout_s)
             ctx.progress.step(f"resolving {r}")
             im = reg.image_manifest()
             layers = im["manifest"].get("layers", [])
@@ -480,7 +480,7 @@ def pull(ctx, ref: str, name: str | None = None, *, insecure: bool | None = None
                 paths.append(reg.fetch_blob(layer["digest"], blobs_dir, layer.get("size")))
             t_fetch = time.monotonic() - t0
             tree = staging / "tree"
-            applier = LayerApplier(tree)
+            applier = LayerApplier(tree, max_bytes=ctx.cfg.max_image_size_mib * ext4.MiB)
             with ctx.progress.task("applying layers", len(paths)) as t:
                 for layer, p in zip(layers, paths, strict=True):
                     apply_layer(tree, p, applier=applier, layer=layer["digest"][:19])

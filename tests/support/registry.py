@@ -295,3 +295,226 @@ class AuthFront:
                 if digests is None or d in digests:
                     out.append(d)
         return out
+
+
+# ---------------------------------------------------------------- a hostile registry front
+class TokenServer:
+    """A token service on its own loopback address (default 127.0.0.2, which banger does not treat
+    as loopback): answers /token with ``token`` and records each request."""
+
+    def __init__(self, token: str, host: str = "127.0.0.2"):
+        self.token = token
+        self.requests: list[str] = []
+        srv = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                srv.requests.append(self.path)
+                body = json.dumps({"token": srv.token}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer((host, 0), H)
+        self.server.daemon_threads = True
+        self.url = f"http://{host}:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class HostileFront:
+    """A loopback proxy in front of the real registry that misbehaves on purpose.
+
+    ``rules``: [(match, behaviour)], ``match(path) -> bool``, the first match applies; other
+    requests are proxied faithfully. Behaviours (dicts with ``do``):
+
+    * ``trickle``: real headers at once, then the body one byte every ``every`` s;
+    * ``trickle_headers``: the status line and headers one byte every ``every`` s;
+    * ``silent``: headers, then nothing, holding the socket open until the client leaves;
+    * ``oversend``: the real body then ``extra`` more bytes; ``length`` "none" (close-delimited)
+      or "claimed" (Content-Length counts the extra bytes);
+    * ``undersend``: the body ``missing`` bytes short; ``length`` "claimed" (Content-Length says
+      the short length) or "none" (the connection closes early);
+    * ``serve``: ``body`` bytes as ``content_type``; ``chunked`` for no Content-Length.
+
+    ``realm``: answer every request without ``Authorization: Bearer <token>`` with a 401 Bearer
+    challenge naming that realm. Each answer is logged: {"path", "do", "sent", "hung_up"}.
+    """
+
+    def __init__(self, upstream: str, rules=(), *, realm: str | None = None, token: str | None = None):
+        self.upstream = urlsplit(upstream).netloc
+        self.rules = list(rules)
+        self.realm, self.token = realm, token
+        self.log: list[dict] = []
+        self.stop = threading.Event()
+        front = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _send(self, entry, data: bytes, every: float = 0.0) -> None:
+                try:
+                    if not every:
+                        self.wfile.write(data)
+                        entry["sent"] += len(data)
+                        return
+                    for i in range(len(data)):
+                        if front.stop.is_set():
+                            return
+                        self.wfile.write(data[i:i + 1])
+                        entry["sent"] += 1
+                        front.stop.wait(every)
+                except (BrokenPipeError, ConnectionResetError):
+                    entry["hung_up"] = True
+                    self.close_connection = True
+
+            def _head(self, status: int, headers: list[tuple[str, str]]) -> bytes:
+                lines = [f"HTTP/1.1 {status} {http.client.responses.get(status, 'X')}"]
+                lines += [f"{k}: {v}" for k, v in headers]
+                return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+            def _wait_hangup(self, entry) -> None:
+                import select
+
+                while not front.stop.is_set():
+                    r, _, _ = select.select([self.connection], [], [], 0.1)
+                    if r:
+                        try:
+                            if not self.connection.recv(65536):
+                                break
+                        except OSError:
+                            break
+                entry["hung_up"] = True
+                self.close_connection = True
+
+            def do_GET(self):
+                entry = {"path": self.path, "do": "proxy", "sent": 0, "hung_up": False, "t": time.monotonic()}
+                front.log.append(entry)
+                if front.realm and self.headers.get("Authorization") != f"Bearer {front.token}":
+                    entry["do"] = "challenge"
+                    body = b'{"errors":[{"code":"UNAUTHORIZED"}]}'
+                    self._send(entry, self._head(401, [
+                        ("WWW-Authenticate", f'Bearer realm="{front.realm}",service="hostile"'),
+                        ("Content-Length", str(len(body)))]) + body)
+                    return
+                rule = next((b for m, b in front.rules if m(self.path)), None)
+                if rule is not None and rule["do"] == "serve":
+                    entry["do"] = "serve"
+                    body = rule["body"]
+                    hdrs = [("Content-Type", rule.get("content_type", MT_MANIFEST))]
+                    if rule.get("chunked"):
+                        hdrs.append(("Transfer-Encoding", "chunked"))
+                        self._send(entry, self._head(200, hdrs))
+                        for i in range(0, len(body), 1 << 16):
+                            piece = body[i:i + (1 << 16)]
+                            self._send(entry, b"%x\r\n" % len(piece) + piece + b"\r\n")
+                            if entry["hung_up"]:
+                                return
+                        self._send(entry, b"0\r\n\r\n")
+                    else:
+                        hdrs.append(("Content-Length", str(len(body))))
+                        self._send(entry, self._head(200, hdrs) + body)
+                    return
+                conn = http.client.HTTPConnection(front.upstream, timeout=60)
+                conn.request("GET", self.path, headers={k: v for k, v in self.headers.items()
+                                                        if k.lower() == "accept"})
+                resp = conn.getresponse()
+                data = resp.read()
+                conn.close()
+                hdrs = [(k, v) for k, v in resp.getheaders()
+                        if k.lower() in ("content-type", "docker-content-digest", "location")]
+                if rule is None or resp.status != 200:
+                    self._send(entry, self._head(resp.status, hdrs + [("Content-Length", str(len(data)))]) + data)
+                    return
+                do = entry["do"] = rule["do"]
+                if do == "trickle":
+                    self._send(entry, self._head(200, hdrs + [("Content-Length", str(len(data)))]))
+                    self._send(entry, data, rule["every"])
+                elif do == "trickle_headers":
+                    self._send(entry, self._head(200, hdrs + [("Content-Length", str(len(data)))]), rule["every"])
+                    self._send(entry, data)
+                elif do == "silent":
+                    self._send(entry, self._head(200, hdrs + [("Content-Length", str(len(data)))]))
+                    self._wait_hangup(entry)
+                elif do == "oversend":
+                    extra = bytes(rule["extra"])
+                    if rule["length"] == "claimed":
+                        self._send(entry, self._head(200, hdrs + [("Content-Length", str(len(data) + len(extra)))]))
+                    else:
+                        self._send(entry, self._head(200, hdrs + [("Connection", "close")]))
+                        self.close_connection = True
+                    self._send(entry, data)
+                    for i in range(0, len(extra), 1 << 20):
+                        if entry["hung_up"]:
+                            break
+                        self._send(entry, extra[i:i + (1 << 20)])
+                elif do == "undersend":
+                    short = data[:len(data) - rule["missing"]]
+                    if rule["length"] == "claimed":
+                        self._send(entry, self._head(200, hdrs + [("Content-Length", str(len(short)))]) + short)
+                    else:
+                        self._send(entry, self._head(200, hdrs + [("Connection", "close")]) + short)
+                        self.close_connection = True
+                else:
+                    raise ValueError(do)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.host = urlsplit(self.url).netloc
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def entries(self, do: str) -> list[dict]:
+        return [e for e in self.log if e["do"] == do]
+
+
+def bomb_layer(files: list[tuple[str, int]], *, chunk: int = 16 << 20) -> bytes:
+    """A gzip layer whose files are ``size`` bytes of zeros each, built without ever holding them:
+    one gzip member per tar header and per run of zeros (gzip readers join members; runs of one
+    length are compressed once), so 20 GiB of zeros costs about 20 MiB of blob."""
+    cache: dict[int, bytes] = {}
+
+    def zeros(n: int) -> bytes:
+        if n not in cache:
+            cache[n] = gzip.compress(bytes(n), compresslevel=9, mtime=0)
+        return cache[n]
+
+    out = []
+    for name, size in files:
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mode, ti.mtime = size, 0o644, 1_700_000_000
+        out.append(gzip.compress(ti.tobuf(format=tarfile.PAX_FORMAT), mtime=0))
+        full, rest = divmod(size, chunk)
+        out.extend([zeros(chunk)] * full)
+        if rest:
+            out.append(zeros(rest))
+        if size % 512:
+            out.append(zeros(-size % 512))
+    out.append(zeros(1024))
+    return b"".join(out)

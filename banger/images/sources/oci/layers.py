@@ -16,11 +16,26 @@ write.  Every entry is checked before it touches the disk:
   lower layers put there, never what the same layer wrote;
 * owners, modes (including setuid bits), mtimes and file capabilities
   (``security.capability`` / ``user.*`` xattrs from PAX headers) are kept.
+
+A layer is hostile input, so its headers and its size are bounded too:
+
+* every header field is checked before use (uid/gid 0..2^32-2, a finite mtime in ext4's range,
+  sizes and modes in range, link targets without NUL, names up to PATH_MAX); extended headers
+  (PAX, GNU long names) are at most 1 MiB and at most 8 in a row; sparse entries are refused.
+  A bad one is a ``BadLayer`` naming the entry, the field and the value;
+* the whole image is held to a budget (``max_bytes``, ``max_image_size_mib`` in config.toml):
+  every byte written counts, plus ``ENTRY_COST`` per entry (so a million empty files count as
+  4 GiB), summed over all layers (files later removed still count); the decompressed tar stream
+  is held to the same budget. A regular file whose declared size does not fit is refused before
+  a byte of it is written (a gzip bomb stops at its first header), and the staging filesystem's
+  free space is checked as the tree grows; beyond either, ``LimitExceeded`` or ``NoSpace``,
+  never an internal ENOSPC.
 """
 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import posixpath
 import shutil
@@ -29,12 +44,26 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from banger.errors import ExternalError
+from banger.errors import ExternalError, LimitExceeded, NoSpace
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE = ".wh..wh..opq"
 _MAX_LINK_HOPS = 40
 _XATTR_PREFIXES = ("SCHILY.xattr.security.capability", "SCHILY.xattr.user.", "SCHILY.xattr.trusted.")
+
+MiB = 1 << 20
+DEFAULT_MAX_BYTES = 16384 * MiB   # config.py's max_image_size_mib default
+ENTRY_COST = 4096                 # what an entry costs beyond its data: inode, directory slot, block rounding
+FREE_RESERVE = 64 * MiB           # left free on the staging (and blob cache) filesystem
+FREE_CHECK_EVERY = 64 * MiB       # re-read the free space after this many bytes
+MAX_META_BYTES = 1 * MiB          # one PAX header or GNU long name/link
+MAX_META_CHAIN = 8                # extended headers in a row before a member
+ID_MAX = 2**32 - 2                # (uid_t)-1 means "unchanged" to chown
+MTIME_MIN, MTIME_MAX = -(2**31), 2**34 - 2**31 - 1   # what ext4 stores: 1901-12-13 .. 2446-05-10
+PATH_MAX = 4095
+MAX_DEPTH = 256                   # directories deep (real images stay under 40; rmtree and os.walk recurse)
+_META_TYPES = {tarfile.XHDTYPE: "PAX", tarfile.XGLTYPE: "global PAX", tarfile.SOLARIS_XHDTYPE: "Solaris PAX",
+               tarfile.GNUTYPE_LONGNAME: "GNU long name", tarfile.GNUTYPE_LONGLINK: "GNU long link"}
 
 
 class UnsafeLayer(ExternalError):
@@ -45,6 +74,111 @@ class UnsafeLayer(ExternalError):
 
 class BadLayer(ExternalError):
     code = "bad_layer"
+
+
+_MALFORMED = "the image is malformed or hostile; nothing was installed. Use another image or tag"
+
+
+def human(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n} bytes ({n / size:.1f} {unit})"
+    return f"{n} bytes"
+
+
+def _show(value, limit: int = 80) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def require_free(path: Path | str, need: int, what: str) -> None:
+    """NoSpace unless the filesystem holding ``path`` has ``need`` bytes free, counting only what an
+    unprivileged writer may use (f_bavail): root's reserved blocks stay free for the host."""
+    st = os.statvfs(path)
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        raise NoSpace(f"not enough free space for {what}: the filesystem holding {path} has {human(free)} free, "
+                      f"{human(need)} needed (banger keeps {human(FREE_RESERVE)} free)",
+                      "free space there, or move BANGER_HOME to a bigger filesystem",
+                      details={"free_bytes": free, "needed_bytes": need})
+
+
+class _BadHeader(Exception):
+    """Raised from inside tarfile's header parsing; apply_layer turns it into BadLayer (with the layer)."""
+
+
+def _enc_len(s: str) -> int:
+    return len(s.encode("utf-8", "surrogatepass"))
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """TarInfo that refuses, before tarfile acts on them, headers that would make it allocate or
+    recurse without bound: huge or chained extended headers, and sparse maps."""
+
+    def _proc_member(self, tf):
+        kind = _META_TYPES.get(self.type)
+        if kind is not None:
+            if not 0 <= self.size <= MAX_META_BYTES:
+                raise _BadHeader(f"a {kind} header at offset {self.offset} has size {self.size}; "
+                                 f"allowed: 0 to {MAX_META_BYTES} bytes")
+            depth = getattr(tf, "_banger_meta_depth", 0)
+            if depth >= MAX_META_CHAIN:
+                raise _BadHeader(f"more than {MAX_META_CHAIN} extended headers in a row at offset {self.offset}")
+            tf._banger_meta_depth = depth + 1
+            try:
+                return super()._proc_member(tf)
+            finally:
+                tf._banger_meta_depth = depth
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise _BadHeader(f"entry {_show(self.name)} is a GNU sparse file; allowed: plain files only")
+        if self.size < 0:
+            raise _BadHeader(f"entry {_show(self.name)} has size {self.size}; allowed: 0 or more")
+        return super()._proc_member(tf)
+
+    def _proc_gnusparse_00(self, next, *a):
+        raise _BadHeader(f"entry {_show(next.name)} is a PAX sparse file; allowed: plain files only")
+
+    _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_gnusparse_00
+
+
+def check_member(m: tarfile.TarInfo, layer: str = "?") -> None:
+    """Every header field banger uses is in range, or BadLayer naming the entry, field and value."""
+    def bad(field: str, value, allowed: str) -> BadLayer:
+        return BadLayer(f"layer {layer}: entry {_show(m.name)} has {field} {_show(value)}; allowed: {allowed}",
+                        _MALFORMED)
+
+    for attr in ("uid", "gid"):
+        v = getattr(m, attr)
+        if not (isinstance(v, int) and 0 <= v <= ID_MAX):
+            raise bad(attr, v, f"0 to {ID_MAX}")
+    t = m.mtime
+    if not (isinstance(t, (int, float)) and math.isfinite(t) and MTIME_MIN <= t <= MTIME_MAX):
+        raise bad("mtime", t, f"a time from {MTIME_MIN} to {MTIME_MAX} (1901-12-13 to 2446-05-10)")
+    if not (isinstance(m.size, int) and m.size >= 0):
+        raise bad("size", m.size, "0 or more bytes")
+    if not (isinstance(m.mode, int) and 0 <= m.mode <= 0o7777777):
+        raise bad("mode", m.mode, "0 to 0o7777777")
+    if _enc_len(m.name) > PATH_MAX:
+        raise bad("a name of length", _enc_len(m.name), f"up to {PATH_MAX} bytes")
+    if m.sparse is not None:
+        raise bad("a sparse map", len(m.sparse), "plain files only")
+    if m.issym() or m.islnk():
+        if not m.linkname or "\x00" in m.linkname:
+            raise bad("link target", m.linkname, "a non-empty path without NUL bytes")
+        if _enc_len(m.linkname) > PATH_MAX:
+            raise bad("a link target of length", _enc_len(m.linkname), f"up to {PATH_MAX} bytes")
+
+
+class _Metered:
+    """The decompressed tar stream of a layer, counted against the applier's budget."""
+
+    def __init__(self, f, applier: LayerApplier, layer: str):
+        self._f, self._a, self._layer = f, applier, layer
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n if n is not None and n >= 0 else 1 << 20)
+        self._a._streamed(len(data), self._layer)
+        return data
 
 
 @dataclass
@@ -86,10 +220,51 @@ def normalise(name: str, layer: str = "?") -> tuple[str, ...]:
 
 
 class LayerApplier:
-    def __init__(self, root: Path | str):
+    """Applies layers in order onto ``root``; ``max_bytes`` bounds the whole image (all layers):
+    bytes written plus ``ENTRY_COST`` per entry, and the decompressed tar stream. ``used`` is the
+    total charged so far."""
+
+    def __init__(self, root: Path | str, *, max_bytes: int | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.stats = ApplyStats()
+        self.max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else int(max_bytes)
+        if self.max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, not {max_bytes!r}")
+        self.used = 0
+        self.streamed = 0
+        self._unchecked = 0  # bytes charged since the free space was last read
+
+    # ---------- the budget ----------
+    def _over(self, layer: str, what: str) -> LimitExceeded:
+        mib = self.max_bytes // MiB
+        return LimitExceeded(
+            f"layer {layer}: {what}: the image would unpack to more than {human(self.max_bytes)} "
+            f"(max_image_size_mib = {mib}); stopped",
+            f"if you trust this image, raise max_image_size_mib in config.toml (now {mib}); otherwise "
+            "use a smaller image", details={"limit_bytes": self.max_bytes, "used_bytes": self.used})
+
+    def _charge(self, n: int, layer: str, name: str) -> None:
+        self.used += n
+        if self.used > self.max_bytes:
+            raise self._over(layer, f"entry {_show(name)} brings it to {human(self.used)}")
+        self._unchecked += n
+        if self._unchecked >= FREE_CHECK_EVERY:
+            self._unchecked = 0
+            require_free(self.root, FREE_RESERVE, f"layer {layer}")
+
+    def _reserve(self, size: int, layer: str, name: str) -> None:
+        """Before a regular file of ``size`` bytes is written: it must fit, in the budget and on disk."""
+        if self.used + size > self.max_bytes:
+            raise self._over(layer, f"entry {_show(name)} is {human(size)}, after {human(self.used)} so far")
+        if size >= FREE_CHECK_EVERY // 8 or self._unchecked + size >= FREE_CHECK_EVERY:
+            require_free(self.root, size + FREE_RESERVE, f"entry {_show(name)} ({human(size)}) of layer {layer}")
+            self._unchecked = 0
+
+    def _streamed(self, n: int, layer: str) -> None:
+        self.streamed += n
+        if self.streamed > self.max_bytes:
+            raise self._over(layer, f"its tar stream decompresses to more than {human(self.max_bytes)}")
 
     # ---------- path resolution (never lets the kernel follow a link for us) ----------
     def _abs(self, parts: tuple[str, ...]) -> str:
@@ -113,6 +288,8 @@ class LayerApplier:
                     raise _refuse(layer, name, "resolves outside the image root (through a symlink)")
                 done.pop()
                 continue
+            if len(done) >= MAX_DEPTH - 1:
+                raise _refuse(layer, name, f"is nested more than {MAX_DEPTH} directories deep")
             p = self._abs(tuple(done + [comp]))
             try:
                 st = os.lstat(p)
@@ -154,9 +331,11 @@ class LayerApplier:
 
     # ---------- one layer ----------
     def apply(self, tf: tarfile.TarFile, layer: str = "?") -> None:
-        written: set[tuple[str, ...]] = set()  # real paths this layer created (whiteouts spare them)
+        written = _Written()  # real paths this layer created (whiteouts spare them)
         for m in tf:
             self.stats.entries += 1
+            self._charge(ENTRY_COST, layer, m.name)
+            check_member(m, layer)
             parts = normalise(m.name, layer)
             if not parts:
                 if m.isdir():  # the root itself: take its metadata
@@ -179,6 +358,7 @@ class LayerApplier:
                     os.mkdir(path, 0o700)
                 self.stats.dirs += 1
             elif m.isreg():
+                self._reserve(m.size, layer, m.name)
                 self._remove(path)
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
                 try:
@@ -187,6 +367,7 @@ class LayerApplier:
                         chunk = src.read(1 << 20)
                         if not chunk:
                             break
+                        self._charge(len(chunk), layer, m.name)  # as written, whatever the header said
                         _write_all(fd, chunk)
                 finally:
                     os.close(fd)
@@ -240,14 +421,14 @@ class LayerApplier:
                     try:
                         val = v.encode("utf-8", "surrogateescape") if isinstance(v, str) else v
                         os.setxattr(path, k[len("SCHILY.xattr."):], val, follow_symlinks=False)
-                    except OSError:
+                    except (OSError, ValueError):  # ValueError: a NUL in the name
                         pass
         try:
             os.utime(path, (m.mtime, m.mtime), follow_symlinks=False)
         except OSError:
             pass
 
-    def _whiteout(self, parts: tuple[str, ...], layer: str, name: str, written: set) -> None:
+    def _whiteout(self, parts: tuple[str, ...], layer: str, name: str, written: _Written) -> None:
         try:
             parent = self._resolve_dir(parts[:-1], layer, name, create=False)
         except (FileNotFoundError, NotADirectoryError):
@@ -255,8 +436,11 @@ class LayerApplier:
         pdir = self._abs(parent)
         if parts[-1] == OPAQUE:
             self.stats.opaque += 1
+            if parent in written.opaqued:
+                return  # already opaque in this layer: what is left there, this layer wrote
+            written.opaqued.add(parent)
             for child in os.listdir(pdir):
-                if parent + (child,) in written or _under_written(parent + (child,), written):
+                if parent + (child,) in written or written.has_below(parent + (child,)):
                     continue
                 self._remove(os.path.join(pdir, child))
             return
@@ -269,10 +453,25 @@ class LayerApplier:
         self._remove(os.path.join(pdir, target))
 
 
-def _under_written(p: tuple[str, ...], written: set) -> bool:
-    # an opaque dir keeps children written by this same layer (and their parents)
-    n = len(p)
-    return any(len(w) > n and w[:n] == p for w in written)
+class _Written(set):
+    """Real paths one layer wrote, plus every proper prefix of them (an opaque dir keeps children
+    written by the same layer, and their parents) and the dirs already made opaque: each lookup
+    is O(1), so a hostile layer cannot make opaque markers quadratic."""
+
+    def __init__(self):
+        super().__init__()
+        self._prefixes: set[tuple[str, ...]] = set()
+        self.opaqued: set[tuple[str, ...]] = set()
+
+    def add(self, p: tuple[str, ...]) -> None:
+        super().add(p)
+        for i in range(len(p) - 1, 0, -1):
+            if p[:i] in self._prefixes:
+                break
+            self._prefixes.add(p[:i])
+
+    def has_below(self, p: tuple[str, ...]) -> bool:
+        return p in self._prefixes
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -299,17 +498,27 @@ def open_layer(path: Path | str):
 
 
 def apply_layer(root: Path | str, blob: Path | str, *, applier: LayerApplier | None = None,
-                layer: str | None = None) -> LayerApplier:
-    """Apply one layer blob onto ``root``. Raises UnsafeLayer / BadLayer."""
-    applier = applier or LayerApplier(root)
+                layer: str | None = None, max_bytes: int | None = None) -> LayerApplier:
+    """Apply one layer blob onto ``root``. Raises UnsafeLayer / BadLayer / LimitExceeded / NoSpace.
+
+    ``max_bytes`` is the budget of a new applier (default ``DEFAULT_MAX_BYTES``); with ``applier``
+    given, the applier's own budget (shared by all its layers) applies.
+    """
+    applier = applier or LayerApplier(root, max_bytes=max_bytes)
     layer = layer or posixpath.basename(str(blob))[:19]
     stream, raw = open_layer(blob)
     try:
         try:
-            with tarfile.open(fileobj=stream, mode="r|") as tf:
+            with tarfile.open(fileobj=_Metered(stream, applier, layer), mode="r|", tarinfo=_CheckedTarInfo) as tf:
                 applier.apply(tf, layer)
+        except _BadHeader as e:
+            raise BadLayer(f"layer {layer}: {e}", _MALFORMED) from None
         except (tarfile.TarError, EOFError, OSError) as e:
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS):
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"layer {layer}: the filesystem holding {applier.root} filled up after "
+                              f"{human(applier.used)} of the image",
+                              "free space there, or move BANGER_HOME to a bigger filesystem") from None
+            if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
             raise BadLayer(f"layer {layer} could not be read: {e}",
                            "the blob is corrupt or not a tar archive; pull again or use another image") from e
