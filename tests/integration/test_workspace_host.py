@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from banger.errors import Conflict, ExternalError, IntegrityError, NotFound, UsageError
-from banger.workspace.service import HostRepo, bundle_heads, classify
+from banger.workspace.host import HostRepo, bundle_heads
+from banger.workspace.planning import classify
 from tests.support.workspace import commit, git, make_repo, refs
 
 

@@ -3,8 +3,8 @@
 * ``pulled_default_kernel`` / ``default_kernel`` (session scope): pulls the real default
   kernel (Debian linux-image-cloud-amd64 through the host's apt) ONCE into a shared cache
   home, /var/tmp/banger-test-cache/kernels/<key>/home, keyed by the sources that shape
-  the result (kernels.py, kernelfmt.py, initramfs.py, initramfs-init.sh, kernels.json), so
-  reruns reuse it and a change to the builder rebuilds it. The .deb itself is cached
+  the result (_KEY_SOURCES: the kernels package, kernelfmt.py, initramfs.py,
+  initramfs-init.sh, kernels.json), so reruns reuse it and a change to the builder rebuilds it. The .deb itself is cached
   across keys (cache/debs is shared). Concurrent test sessions are safe: the pull runs
   under banger's own ``kernel/<name>`` flock in that home. Returns resolve()'s dict
   (name, version, dir, vmlinux, bzimage, initrd, modules_dir, manifest).
@@ -36,7 +36,11 @@ import pytest
 
 CACHE_ROOT = Path(os.environ.get("BANGER_TEST_CACHE", "/var/tmp/banger-test-cache")) / "kernels"
 ROOT = Path(__file__).resolve().parents[2]
-_KEY_SOURCES = ["banger/kernels/service.py", "banger/guest/kernelfmt.py", "banger/guest/initramfs.py",
+# what shapes the pulled kernel: the kernels package (catalog, apt/deb fetchers, assembly, publish),
+# the format and initramfs modules, the guest's /init and the catalog
+_KEY_SOURCES = ["banger/kernels/service.py", "banger/kernels/catalog.py", "banger/kernels/assemble.py",
+                "banger/kernels/sources/__init__.py", "banger/kernels/sources/apt.py",
+                "banger/kernels/sources/deb.py", "banger/guest/kernelfmt.py", "banger/guest/initramfs.py",
                 "banger/data/initramfs-init.sh", "banger/data/kernels.json"]
 
 
