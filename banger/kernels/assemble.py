@@ -69,7 +69,7 @@ def assemble(ctx, out: Path, stage: Path, fetched: dict, *, source: dict) -> dic
         src_initrd = Path(fetched["initrd"])
         check_initrd(src_initrd)
         shutil.copyfile(src_initrd, out / "initrd.img")
-        initrd_facts = {"generated": False, "from": str(src_initrd)}
+        initrd_facts = {"generated": False, "from": fetched.get("initrd_from") or str(src_initrd)}
     else:
         with ctx.progress.task("generating the initramfs (busybox + modules)", None):
             facts = initramfs.build(out / "initrd.img", release=release, modules=mods)

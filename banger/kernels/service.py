@@ -13,10 +13,13 @@ Where the pieces live: banger.kernels.catalog (the catalog), banger.kernels.sour
 apt, url; local for `kernel import`), banger.kernels.assemble (the triple, its checks, the
 manifest). This module orchestrates them and owns the rows and the published directories.
 
-Concurrency: everything slow happens in a private staging directory; the result is
-published by one atomic rename and a row upsert while holding ``kernel/<name>``. A
-second puller of the same name waits on that lock, re-reads the manifest and returns
-the winner's kernel (one download). Different names never wait on each other.
+Concurrency (the single-flight pattern images use): the slow work (download, extraction,
+initramfs) runs in a private staging directory under the per-name single-flight lock
+``kernel/<name>..pull`` (``..`` cannot occur in a kernel name); the result is published by one
+atomic rename and a row upsert under ``kernel/<name>``, which is held only for that short
+publish (and by ``kernel rm``), so `kernel show` / `kernel rm` never queue behind a download.
+A second puller of the same name waits on the single-flight lock, re-reads the manifest and
+returns the winner's kernel (one download). Different names never wait on each other.
 Each real download appends one JSON line to ``cfg.cache_dir/kernel-downloads.log``.
 """
 
@@ -29,7 +32,6 @@ import re
 import shutil
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 from banger.errors import Conflict, InvalidName, NotFound, UsageError
@@ -44,13 +46,23 @@ __all__ = ["CATALOG_ENV", "DOWNLOAD_LOG", "MANIFEST", "catalog", "resolve", "pul
            "list_kernels", "available", "show", "remove"]
 
 MANIFEST = _local.MANIFEST
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]|\.(?!\.)){0,63}$")  # no "..": see _single_flight
 
 
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
         raise InvalidName(f"invalid kernel name {name!r}",
-                          "use letters, digits, '.', '_' and '-' (up to 64 characters, starting alphanumeric)")
+                          "use letters, digits, single dots, '_' and '-' (up to 64 characters, starting "
+                          "alphanumeric)")
+
+
+def _single_flight(ctx, name: str, what: str):
+    """The per-name lock for the slow work of a pull/import; ``kernel/<name>`` is only for the publish."""
+    return ctx.locks.hold(f"kernel/{name}..pull", purpose=f"kernel {what} {name}")
+
+
+def _name_lock(ctx, name: str, what: str):
+    return ctx.locks.hold(f"kernel/{name}", purpose=f"kernel {what} {name}")
 
 
 # ---------------------------------------------------------------- reading state
@@ -138,7 +150,7 @@ def pull(ctx, name: str, force: bool = False, sha256: str | None = None) -> dict
         info = _installed(ctx, name)
         if info is not None:
             return {**info, "downloaded": False}
-    with ctx.locks.hold(f"kernel/{name}", purpose="kernel pull"):
+    with _single_flight(ctx, name, "pull"):
         if not force:
             info = _installed(ctx, name)  # somebody else pulled it while we waited
             if info is not None:
@@ -152,51 +164,46 @@ def pull(ctx, name: str, force: bool = False, sha256: str | None = None) -> dict
             manifest = assemble(ctx, out, stage, fetched, source=fetched["source"])
             manifest["name"] = name
             manifest["timings"] = {"fetch_s": round(t_fetch, 3), "total_s": round(time.monotonic() - t0, 3)}
-            info = _publish(ctx, name, out, manifest)
+            with _name_lock(ctx, name, "pull"):
+                info = _publish(ctx, name, out, manifest)
     return {**info, "downloaded": True}
 
 
 def _refuse_taken(ctx, name: str, force: bool) -> None:
-    """Under kernel/<name>: an import must not silently replace an existing kernel."""
+    """An import must not silently replace an existing kernel (checked early, and again under kernel/<name>)."""
     if not force and (_row(ctx, name) is not None or _kdir(ctx, name).exists()):
         raise Conflict(f"kernel {name!r} already exists",
                        f"pick another --name, pass --force to replace it, or banger kernel rm {name}")
 
 
 def import_kernel(ctx, name: str, kernel_path, initrd=None, modules=None, force: bool = False) -> dict:
-    """Register a kernel from local files: a bzImage or ELF vmlinux, optional initrd and module tree."""
+    """Register a kernel from this host: a bzImage or ELF vmlinux (optional initrd and module tree), or
+    a kernel directory banger produced (another home, another host; see banger.kernels.sources.local).
+
+    Either way the files go through banger.kernels.assemble, the same checks a pull makes."""
     _check_name(name)
     kp = Path(kernel_path)
-    if _local.is_kernel_dir(kp):
-        if initrd is not None or modules is not None:
-            raise UsageError("--initrd / --modules do not apply when importing a kernel directory",
-                             "import the directory alone, or import its vmlinux/bzImage with your own files")
-        return _adopt_dir(ctx, name, kp, force)
-    fetched = _local.from_files(kp, initrd, modules)
-    with ctx.locks.hold(f"kernel/{name}", purpose="kernel import"):
+    is_dir = _local.is_kernel_dir(kp)
+    if is_dir and (initrd is not None or modules is not None):
+        raise UsageError("--initrd / --modules do not apply when importing a kernel directory",
+                         "import the directory alone, or import its vmlinux/bzImage with your own files")
+    fetched = None if is_dir else _local.from_files(kp, initrd, modules)
+    _refuse_taken(ctx, name, force)
+    with _single_flight(ctx, name, "import"):
         _refuse_taken(ctx, name, force)
         with _staging(ctx, f"kernel-{name}-") as stage:
             out = stage / "kernel"
             out.mkdir()
+            if is_dir:
+                fetched = _local.from_dir(ctx, kp, stage)
             manifest = assemble(ctx, out, stage, fetched, source=fetched["source"])
+            if is_dir:
+                _local.check_assembled(fetched, manifest)
+            manifest.update(fetched.get("manifest_extra") or {})
             manifest["name"] = name
-            info = _publish(ctx, name, out, manifest)
-    return info
-
-
-def _adopt_dir(ctx, name: str, src: Path, force: bool) -> dict:
-    """Import a kernel directory banger produced (another home, another host): files are
-    hard-linked (copied across filesystems) and every file listed in its manifest is
-    verified against its sha256 before the copy is published."""
-    manifest = _local.read_manifest(src)
-    with ctx.locks.hold(f"kernel/{name}", purpose="kernel import"):
-        _refuse_taken(ctx, name, force)
-        with _staging(ctx, f"kernel-{name}-") as stage:
-            out = stage / "kernel"
-            out.mkdir()
-            copied = _local.copy_dir(ctx, src, manifest, out, stage)
-            new = {**copied, "name": name, "pull_id": uuid.uuid4().hex, "created_at": time.time()}
-            return _publish(ctx, name, out, new)
+            with _name_lock(ctx, name, "import"):
+                _refuse_taken(ctx, name, force)
+                return _publish(ctx, name, out, manifest)
 
 
 def list_kernels(ctx) -> list[dict]:
@@ -242,7 +249,7 @@ def show(ctx, name: str) -> dict:
 def remove(ctx, name: str) -> dict:
     """Delete a kernel; refused (Conflict) while any VM or image references it."""
     _check_name(name)
-    with ctx.locks.hold(f"kernel/{name}", purpose="kernel rm"):
+    with _name_lock(ctx, name, "rm"):
         kdir = _kdir(ctx, name)
         ctx.cfg.staging_dir.mkdir(parents=True, exist_ok=True)
         trash = Path(tempfile.mkdtemp(prefix=f"rm-kernel-{name}-", dir=ctx.cfg.staging_dir))
