@@ -1,15 +1,21 @@
 """The guest side of a workspace: commands and file copies in a running VM over banger's SSH
 adapter (host key pinned), and the shell scripts that run there (argv lists; every value is a
-positional parameter, never spliced into the script)."""
+positional parameter, never spliced into the script).
+
+Everything the guest answers is hostile input: every answer is parsed strictly here (commit ids,
+branch names, counts, temp dir paths) and a malformed one is a clear IntegrityError; guest text
+shown to the user has its control characters escaped (banger.workspace.refs)."""
 
 from __future__ import annotations
 
+import posixpath
 import secrets
 import time
 from pathlib import Path
 
-from banger.errors import BangerError, ExternalError, HostError, InvalidState
+from banger.errors import BangerError, ExternalError, HostError, IntegrityError, InvalidState
 from banger.vms import runtime as vms
+from banger.workspace import refs
 
 LIGHT_S = 120.0                # guest command timeouts (TCG guests are slow)
 HEAVY_S = 1800.0
@@ -119,7 +125,8 @@ class Guest:
     def check(self, argv: list[str], timeout: float = LIGHT_S, hint: str | None = None) -> str:
         rc, out, err = self.run(argv, timeout)
         if rc != 0:
-            raise ExternalError(f"in the guest: {' '.join(map(str, argv))} exited {rc}:\n{err.strip()[-1500:]}",
+            raise ExternalError(f"in the guest: {refs.shown(' '.join(map(str, argv))[:300])} exited {rc}:\n"
+                                f"{refs.printable(err.strip()[-1500:])}",
                                 hint or f"inspect the guest: banger vm ssh {self.vm['name']}",
                                 details={"argv": argv, "exit_status": rc})
         return out
@@ -144,7 +151,43 @@ class Guest:
                 info[k] = v
         if not info["git"]:
             raise self._no_git()
+        if info["kind"] not in ("absent", "repo", "empty", "other"):
+            raise self._odd("the preflight", info["kind"])
+        tmp = info["tmp"]
+        suffix = f"/.banger-ws-{tag}" if mode == "import" else f"/banger-export-{tag}"
+        if tmp is not None and (not tmp.startswith("/") or not tmp.endswith(suffix) or posixpath.normpath(tmp) != tmp
+                                or not refs.printable_path(tmp)):
+            raise self._odd("the preflight (temp dir)", tmp)
         return info
+
+    def _odd(self, what: str, answer) -> IntegrityError:
+        return IntegrityError(f"VM {self.vm['name']} gave an unexpected answer to {what}: {refs.shown(str(answer))[:200]!r}",
+                              f"inspect the guest (banger vm ssh {self.vm['name']}); a guest that answers this way "
+                              f"is broken or hostile")
+
+    def count(self, out: str, what: str) -> int:
+        n = refs.count(out)
+        if n is None:
+            raise self._odd(what, out)
+        return n
+
+    def counts(self, path: str, branches: list[str], exclude: list[str]) -> dict[str, int]:
+        """One round trip: per branch, the commits not reachable from ``exclude`` (the recorded bases)."""
+        out = self.check(["sh", "-c", COUNTS, "sh", path, " ".join(branches), *exclude])
+        got: dict[str, int] = {}
+        for line in out.splitlines():
+            b, _, n = line.partition(" ")
+            if b not in branches or b in got:
+                raise self._odd("the commit count", line)
+            got[b] = self.count(n, "the commit count")
+        if set(got) != set(branches):
+            raise self._odd("the commit count", out[-200:])
+        return got
+
+    def dirty_patch(self, path: str, gtmp: str, base: str) -> int:
+        """Uncommitted guest work vs ``base`` into ``gtmp``/dirty.patch; returns the number of files."""
+        out = self.check(["sh", "-c", GUEST_DIRTY, "sh", path, gtmp, base], timeout=HEAVY_S)
+        return self.count(out or "0", "the dirty patch")
 
     def _no_git(self) -> HostError:
         return HostError(f"git is not installed in VM {self.vm['name']}",
@@ -183,20 +226,31 @@ class Guest:
         finally:
             sftp.close()
 
-    def branches(self, repo: str) -> dict[str, str]:
+    def branches(self, repo: str) -> tuple[dict[str, str], list[dict]]:
+        """({branch: commit} the host accepts, [{"branch", "head"}] whose names it does not)."""
         out = self.git(repo, "for-each-ref", "--format=%(objectname) %(refname)", "refs/heads/")
-        res = {}
+        res, odd = {}, []
         for line in out.splitlines():
-            sha, ref = line.split(" ", 1)
-            res[ref.removeprefix("refs/heads/")] = sha
-        return res
+            sha, _, ref = line.partition(" ")
+            if not refs.valid_sha(sha) or not ref.startswith("refs/heads/") or ref.removeprefix("refs/heads/") in res:
+                raise self._odd("git for-each-ref", line)
+            name = ref.removeprefix("refs/heads/")
+            if refs.valid_branch(name):
+                res[name] = sha
+            else:
+                odd.append({"branch": refs.shown(name), "head": sha})
+        return res, odd
 
     def head(self, repo: str) -> tuple[str | None, str | None]:
+        """(current branch or None when detached or oddly named, HEAD commit or None when unborn)."""
         rc, out, _ = self.git_rc(repo, "symbolic-ref", "-q", "HEAD")
         ref = out.strip() if rc == 0 else ""
         rc2, out2, _ = self.git_rc(repo, "rev-parse", "-q", "--verify", "HEAD^{commit}")
-        return (ref.removeprefix("refs/heads/") if ref.startswith("refs/heads/") else None,
-                out2.strip() or None if rc2 == 0 else None)
+        head = out2.strip() or None if rc2 == 0 else None
+        if head is not None and not refs.valid_sha(head):
+            raise self._odd("git rev-parse HEAD", head)
+        name = ref.removeprefix("refs/heads/") if ref.startswith("refs/heads/") else None
+        return (name if name is not None and refs.valid_branch(name) else None), head
 
     def is_ancestor(self, repo: str, a: str, b: str) -> bool:
         rc, _, err = self.git_rc(repo, "merge-base", "--is-ancestor", a, b)

@@ -1,23 +1,65 @@
 """The host side of a workspace: the user's git repository (discovery, reading, bundles, the
-dirty patch, verifying and fetching an export). Every git call is an argv list; when banger runs
-as root on a repository owned by someone else, git runs as that owner."""
+dirty patch, verifying and fetching an export). Every git call is an argv list.
+
+A repository may belong to another user, who controls every path inside it (``.git/banger`` may
+be a symlink to anywhere). So when banger runs as root on such a repository it never creates,
+chowns, renames or reads anything through those paths itself: git and every file operation inside
+the repository run as the repository's owner (``setpriv`` in the child), discovery included; the
+files banger needs (bundles, patches) live in banger's own private staging dir and reach the
+owner's git as an inherited descriptor (``/dev/fd/N``) or through its stdin/stdout.
+"""
 
 from __future__ import annotations
 
 import os
-import re
-import shutil
-import tempfile
+import stat
+from contextlib import contextmanager
 from pathlib import Path
 
-from banger.errors import CommandFailed, Conflict, ExternalError, IntegrityError, NotFound, UsageError
+from banger.errors import (
+    CommandFailed,
+    Conflict,
+    ExternalError,
+    HostError,
+    IntegrityError,
+    NotFound,
+    UsageError,
+)
+from banger.workspace.refs import SHA as _SHA
 
 REF_NS = "banger"              # exports land in refs/heads/banger/<vm-name>/<branch> on the host
-_SHA = re.compile(r"^[0-9a-f]{40}(?:[0-9a-f]{24})?$")
+
+
+def _as_user(uid: int, gid: int) -> list[str]:
+    """The argv prefix that runs a command as ``uid`` (empty when that is who we are already)."""
+    if os.geteuid() == 0 and uid != 0:
+        return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+    return []
+
+
+def _env_for(uid: int, extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    if os.geteuid() == 0 and uid != 0:
+        import pwd
+
+        try:
+            env["HOME"] = pwd.getpwuid(uid).pw_dir
+        except KeyError:
+            env.pop("HOME", None)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def create_private(path: Path) -> int:
+    """A new file of banger's own (its staging dir): never an existing one, never through a link."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
 class HostRepo:
-    """A git repository on the host. Every git call is an argv list run through banger.host.runner."""
+    """A git repository on the host. Every git call is an argv list run through banger.host.runner,
+    as the repository's owner."""
 
     def __init__(self, root: Path, git_dir: Path, owner: tuple[int, int]):
         self.root = root
@@ -34,10 +76,12 @@ class HostRepo:
             raise NotFound(f"no such directory: {p}", "pass the path of a git repository (default: .)")
         p = p.resolve()
         base = p if p.is_dir() else p.parent
-        # discovery only (rev-parse runs nothing from the repository's config); every later call
-        # runs as the repository's owner with safe.directory naming exactly this top level
-        cp = runner.run(["git", "-c", "safe.directory=*", "-C", base, "rev-parse", "--path-format=absolute",
-                         "--show-toplevel", "--git-common-dir"], check=False)
+        # discovery runs as the directory's owner too (never git as root in someone else's tree); every
+        # later call runs as the repository's owner with safe.directory naming exactly this top level
+        st = os.stat(base)
+        cp = runner.run([*_as_user(st.st_uid, st.st_gid), "git", "-c", "safe.directory=*", "-C", base,
+                         "rev-parse", "--path-format=absolute", "--show-toplevel", "--git-common-dir"],
+                        check=False, env=_env_for(st.st_uid))
         lines = (cp.stdout or "").splitlines()
         if cp.returncode != 0 or len(lines) != 2:
             if "bare repository" in (cp.stderr or "") or (cp.returncode == 0 and len(lines) == 1):
@@ -48,7 +92,11 @@ class HostRepo:
 
     @classmethod
     def _from(cls, root: Path, git_dir: Path) -> HostRepo:
-        st = os.stat(git_dir)
+        st, top = os.stat(git_dir), os.stat(root)
+        if st.st_uid != top.st_uid:
+            raise UsageError(f"the work tree {root} belongs to uid {top.st_uid} but its git directory {git_dir} "
+                             f"to uid {st.st_uid}",
+                             "banger runs git as the repository's owner; give both to one user (chown -R)")
         return cls(root, git_dir, (st.st_uid, st.st_gid))
 
     @property
@@ -56,44 +104,74 @@ class HostRepo:
         return self.root.name
 
     def _prefix(self) -> list[str]:
-        uid, gid = self.owner
-        if os.geteuid() == 0 and uid != 0:
-            # write objects and refs as the repository's owner, never as root
-            return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
-        return []
+        return _as_user(*self.owner)  # objects, refs and files in the repository stay the owner's
 
     def _env(self, extra: dict | None = None) -> dict:
-        env = dict(os.environ)
-        env["GIT_TERMINAL_PROMPT"] = "0"
-        uid = self.owner[0]
-        if os.geteuid() == 0 and uid != 0:
-            import pwd
-
-            try:
-                env["HOME"] = pwd.getpwuid(uid).pw_dir
-            except KeyError:
-                env.pop("HOME", None)
-        if extra:
-            env.update(extra)
-        return env
+        return _env_for(self.owner[0], extra)
 
     def git(self, *args, check: bool = True, env: dict | None = None, timeout: float | None = None,
-            hint: str | None = None):
+            hint: str | None = None, stdout=None, pass_fds: tuple[int, ...] = ()):
         from banger.host import runner
 
         argv = [*self._prefix(), "git", "-c", f"safe.directory={self.root}", "-C", self.root, *map(str, args)]
-        return runner.run(argv, check=check, env=self._env(env), timeout=timeout, hint=hint)
+        return runner.run(argv, check=check, env=self._env(env), timeout=timeout, hint=hint, stdout=stdout,
+                          pass_fds=pass_fds)
+
+    def as_owner(self, script: str, *args, stdin=None, check: bool = True, timeout: float | None = 120):
+        """A small sh script (values as positional parameters) run as the repository's owner: the only
+        way banger creates, moves or removes anything inside the repository."""
+        from banger.host import runner
+
+        return runner.run([*self._prefix(), "sh", "-c", script, "sh", *map(str, args)], stdin=stdin,
+                          check=check, env=self._env(), timeout=timeout)
 
     def private_tmp(self) -> Path:
-        """A temp dir the repository's owner can write (under <git-dir>/banger/); the caller removes it."""
+        """A temp dir under <git-dir>/banger/ made by the repository's owner (their scratch space, e.g. the
+        dirty patch's index); remove it with ``remove_tmp``."""
         base = self.git_dir / REF_NS
-        base.mkdir(exist_ok=True)
-        d = Path(tempfile.mkdtemp(prefix="tmp-", dir=base))
-        uid, gid = self.owner
-        if os.geteuid() == 0 and uid != 0:
-            os.chown(base, uid, gid)
-            os.chown(d, uid, gid)
-        return d
+        cp = self.as_owner('umask 077 && mkdir -p -- "$1" && mktemp -d -- "$1/tmp-XXXXXXXX"', base, check=False)
+        made = (cp.stdout or "").strip()
+        if cp.returncode != 0 or "\n" in made or not made.startswith(f"{base}/tmp-"):
+            raise HostError(f"cannot create a temp dir in {base} as the repository's owner (uid {self.owner[0]}): "
+                            f"{(cp.stderr or '').strip()[-300:]}",
+                            f"the repository's owner must be able to write {base} (is it a link to elsewhere?)")
+        return Path(made)
+
+    def remove_tmp(self, d: Path) -> None:
+        self.as_owner('rm -rf -- "$1"', d, check=False)
+
+    def save_patch(self, local: Path, vm_name: str, filename: str) -> Path:
+        """Store banger's downloaded ``local`` as <git-dir>/banger/<vm>/<filename>, written by the owner."""
+        d = self.git_dir / REF_NS / vm_name
+        dest = d / filename
+        with open(local, "rb") as f:  # banger's own file, in its staging dir
+            cp = self.as_owner('umask 022 && mkdir -p -- "$1" && t=$(mktemp -- "$1/.patch-XXXXXXXX") && '
+                               'cat > "$t" && mv -f -- "$t" "$2"', d, dest, stdin=f, check=False, timeout=600)
+        if cp.returncode != 0:
+            raise HostError(f"cannot write {dest} as the repository's owner (uid {self.owner[0]}): "
+                            f"{(cp.stderr or '').strip()[-300:]}",
+                            f"the repository's owner must be able to write {d}")
+        return dest
+
+    @contextmanager
+    def _reader(self, path: Path):
+        """``path`` (banger's own file) as ``/dev/fd/N`` for the owner's git: an inherited descriptor, so
+        the owner reads it without any path of theirs leading there."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise IntegrityError(f"{path} is not a readable git bundle: {e.strerror}", "run the command again"
+                                 ) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise IntegrityError(f"{path} is not a regular file", "run the command again")
+            if st.st_uid == os.geteuid() and st.st_uid != self.owner[0]:
+                os.fchmod(fd, 0o644)  # reopening /dev/fd/N checks the file's mode; its dir stays private
+            os.set_inheritable(fd, True)
+            yield fd, f"/dev/fd/{fd}"
+        finally:
+            os.close(fd)
 
     # ---- reading ----
     def branches(self) -> dict[str, str]:
@@ -139,11 +217,19 @@ class HostRepo:
         head_branch, head = self.head()
         if not branches and head is None:
             raise UsageError(f"repository {self.root} has no commits yet", "commit something first, then import")
-        args = ["bundle", "create", "-q", out, "--branches"]
+        args = ["bundle", "create", "-q", "-", "--branches"]  # "-": to our descriptor, no file of theirs
         if head is not None:
             args.append("HEAD")
-        self.git(*args, hint="check the repository with git fsck")
-        return {"branches": branches, "head_branch": head_branch, "head": head, "bytes": out.stat().st_size}
+        fd = create_private(out)
+        try:
+            self.git(*args, hint="check the repository with git fsck", stdout=fd)
+            size = os.fstat(fd).st_size
+        except BaseException:
+            os.unlink(out)
+            raise
+        finally:
+            os.close(fd)
+        return {"branches": branches, "head_branch": head_branch, "head": head, "bytes": size}
 
     def dirty_patch(self, out: Path, scratch: Path) -> dict:
         """Uncommitted work (tracked changes + untracked, non-ignored files) as one binary patch vs HEAD.
@@ -156,31 +242,39 @@ class HostRepo:
             raise UsageError("--include-dirty needs a HEAD commit", "commit something first")
         index = scratch / "index"
         objects = scratch / "objects"
-        objects.mkdir()
         real_index = Path(self.git("rev-parse", "--path-format=absolute", "--git-path", "index").stdout.strip())
-        if real_index.exists():
-            shutil.copyfile(real_index, index)  # keeps stat info: only changed files get hashed
+        # the owner makes the throwaway object dir and copies their own index (keeps stat info: only
+        # changed files get hashed); banger itself reads or writes nothing in the repository
+        copied = self.as_owner('mkdir -- "$1/objects" && if [ -f "$2" ]; then cp -- "$2" "$1/index" && echo copied; fi',
+                               scratch, real_index).stdout.strip() == "copied"
         env = {"GIT_INDEX_FILE": str(index), "GIT_OBJECT_DIRECTORY": str(objects),
                "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(self.git_dir / "objects")}
-        uid, gid = self.owner
-        if os.geteuid() == 0 and uid != 0:
-            for p in (scratch, objects, *([index] if index.exists() else [])):
-                os.chown(p, uid, gid)
-        if not index.exists():
+        if not copied:
             self.git("read-tree", "HEAD", env=env)
         self.git("add", "-A", env=env)
-        names = self.git("diff", "--cached", "--name-only", "-z", "HEAD", env=env).stdout
+        names = self.git("diff", "--cached", "--name-only", "-z", "--no-ext-diff", "HEAD", env=env).stdout
         files = [n for n in names.split("\0") if n]
+        size = 0
         if files:
-            self.git("diff", "--cached", "--binary", "--full-index", f"--output={out}", "HEAD", env=env)
-        return {"files": len(files), "bytes": out.stat().st_size if files else 0}
+            fd = create_private(out)
+            try:
+                self.git("diff", "--cached", "--binary", "--full-index", "--no-color", "--no-ext-diff",
+                         "--no-textconv", "HEAD", env=env, stdout=fd)
+                size = os.fstat(fd).st_size
+            except BaseException:
+                os.unlink(out)
+                raise
+            finally:
+                os.close(fd)
+        return {"files": len(files), "bytes": size}
 
     def verify_bundle(self, bundle: Path) -> None:
         """``git bundle verify`` (well-formed header, this repository has every prerequisite commit) plus
         the pack's own checksum trailer, which ``bundle verify`` does not read (a truncated or damaged
         download passes it); the fetch then re-checks every object (fetch.fsckObjects)."""
         check_pack_checksum(bundle)
-        cp = self.git("bundle", "verify", bundle, check=False)  # -q would hide the reason
+        with self._reader(bundle) as (fd, path):
+            cp = self.git("bundle", "verify", "--", path, check=False, pass_fds=(fd,))  # -q would hide the reason
         if cp.returncode != 0:
             err = cp.stderr.strip()
             if "lacks these prerequisite" in err or "requires this ref" in err or "prerequisite" in err:
@@ -210,7 +304,9 @@ class HostRepo:
         previous = {b: self.resolve(targets[b]) for b in branches}
         specs = [f"+refs/heads/{b}:{targets[b]}" for b in branches]
         try:
-            self.git("-c", "fetch.fsckObjects=true", "fetch", "-q", "--no-tags", "--no-write-fetch-head", "--no-recurse-submodules", bundle, *specs)
+            with self._reader(bundle) as (fd, path):
+                self.git("-c", "fetch.fsckObjects=true", "fetch", "-q", "--no-tags", "--no-write-fetch-head",
+                         "--no-recurse-submodules", "--", path, *specs, pass_fds=(fd,))
         except CommandFailed as e:
             raise ExternalError(f"fetching the export into {self.root} failed:\n{e.stderr.strip()[-800:]}",
                                 f"a branch named {REF_NS!r} or {REF_NS}/{vm_name} may clash with "
@@ -232,7 +328,13 @@ def check_pack_checksum(bundle: Path) -> None:
     """The pack inside a bundle ends with a hash of everything before it: check it (streaming)."""
     import hashlib
 
-    with open(bundle, "rb") as f:
+    try:
+        fd = os.open(bundle, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise IntegrityError(f"{bundle} is not a readable git bundle: {e.strerror}", "run the command again") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IntegrityError(f"{bundle} is not a regular file", "run the command again")
         first = f.readline()
         if first not in (b"# v2 git bundle\n", b"# v3 git bundle\n"):
             raise IntegrityError(f"{bundle} is not a git bundle", "run the command again")
@@ -271,7 +373,8 @@ def bundle_heads(bundle: Path, repo: HostRepo | None = None) -> dict[str, str]:
     from banger.host import runner
 
     if repo is not None:
-        cp = repo.git("bundle", "list-heads", bundle, check=False)
+        with repo._reader(bundle) as (fd, path):
+            cp = repo.git("bundle", "list-heads", "--", path, check=False, pass_fds=(fd,))
     else:
         cp = runner.run(["git", "bundle", "list-heads", bundle], check=False)
     if cp.returncode != 0:

@@ -35,8 +35,8 @@ the state file.
 
 from __future__ import annotations
 
-import os
 import posixpath
+import re
 import secrets
 import shutil
 import time
@@ -52,16 +52,19 @@ from banger.errors import (
     UsageError,
 )
 from banger.host.fsutil import atomic_write_json, read_json
+from banger.state import staging
 from banger.vms import access
 from banger.vms import runtime as vms
 from banger.workspace import guest as guest_side
+from banger.workspace import refs
 from banger.workspace.guest import HEAVY_S, Guest
-from banger.workspace.host import REF_NS, HostRepo, bundle_heads
+from banger.workspace.host import HostRepo, bundle_heads
 from banger.workspace.planning import classify
 
 STATE_FILE = "workspaces.json"
 GUEST_REMOTE = "host"          # the guest sees the host's branches as refs/remotes/host/<branch>
 HOST_HEAD_REF = "refs/banger/host-head"
+_FRESH_STEPS = ("init", "fetch", "checkout", "apply", "publish")
 
 
 # ---------------------------------------------------------------- state (vms/<id>/workspaces.json)
@@ -122,10 +125,11 @@ def import_repo(ctx, vm_ref: str, repo_path: str = ".", *, dest: str | None = No
     vm = _running(ctx, vm_ref)
     with ctx.locks.hold(f"workspace/{vm['id']}", purpose=f"import {dest}"):
         vm = _running(ctx, vm["id"])  # it may have stopped while we waited for the lock
-        tmp = repo.private_tmp()
+        work = staging.new_dir(ctx.cfg, "workspace")  # banger's own files: the bundle and the patch
+        scratch = None                                   # the owner's, made by the owner (dirty patch)
         try:
             ctx.progress.step(f"bundling {repo.root}")
-            bundle = tmp / "import.bundle"
+            bundle = work / "import.bundle"
             info = repo.bundle_all(bundle)
             if branch is not None and branch not in info["branches"]:
                 raise NotFound(f"the host repository has no branch {branch!r}",
@@ -134,11 +138,10 @@ def import_repo(ctx, vm_ref: str, repo_path: str = ".", *, dest: str | None = No
             patch = None
             dirty_files = 0
             if include_dirty and host_dirty:
-                scratch = tmp / "dirty"
-                scratch.mkdir()
-                pd = repo.dirty_patch(tmp / "dirty.patch", scratch)
+                scratch = repo.private_tmp()
+                pd = repo.dirty_patch(work / "dirty.patch", scratch)
                 dirty_files = pd["files"]
-                patch = tmp / "dirty.patch" if pd["files"] else None
+                patch = work / "dirty.patch" if pd["files"] else None
             checkout = branch or info["head_branch"]
             if include_dirty and patch is not None and checkout is not None and \
                     info["branches"].get(checkout) != info["head"]:
@@ -187,7 +190,9 @@ def import_repo(ctx, vm_ref: str, repo_path: str = ".", *, dest: str | None = No
                 "last_export": prev.get("last_export")}
             _save(ctx, vm, doc)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+            if scratch is not None:
+                repo.remove_tmp(scratch)
     res.update({"vm": vm["name"], "dest": dest, "host_repo": str(repo.root), "bundle_bytes": info["bytes"],
                 "host_dirty": host_dirty, "dirty_included": bool(patch), "dirty_files": dirty_files,
                 "seconds": round(time.monotonic() - t0, 2)})
@@ -218,8 +223,8 @@ def _fresh_clone(ctx, guest: Guest, dest: str, kind: str, gtmp: str, gbundle: st
                                *_head_spec(info)], timeout=HEAVY_S)
     if rc != 0:
         steps = [line[7:] for line in err.splitlines() if line.startswith("@step ")]
-        step = steps[-1] if steps else "?"
-        msg = "\n".join(line for line in err.splitlines() if not line.startswith("@step "))[-1500:]
+        step = steps[-1] if steps and steps[-1] in _FRESH_STEPS else "?"
+        msg = refs.printable("\n".join(line for line in err.splitlines() if not line.startswith("@step "))[-1500:])
         hints = {"apply": "the uncommitted host changes do not apply; commit them on the host, or import "
                           "without --include-dirty",
                  "publish": f"{dest} appeared in the guest meanwhile, or its parent is not writable; import again"}
@@ -229,6 +234,10 @@ def _fresh_clone(ctx, guest: Guest, dest: str, kind: str, gtmp: str, gbundle: st
     return {"fresh": True, "checkout": checkout or info["head"],
             "branches": [{"branch": b, "host": s, "guest": None, "action": "created"}
                          for b, s in sorted(info["branches"].items())]}
+
+
+def _rev_count(guest: Guest, repo: str, tip: str, exclude: str) -> int:
+    return guest.count(guest.git(repo, "rev-list", "--count", tip, "--not", exclude, "--"), "git rev-list --count")
 
 
 def _update(ctx, guest: Guest, dest: str, gbundle: str, gpatch: str | None, info: dict, checkout: str | None,
@@ -243,13 +252,13 @@ def _update(ctx, guest: Guest, dest: str, gbundle: str, gpatch: str | None, info
     ctx.progress.step(f"fetching into {vm}:{dest}")
     guest.git(dest, "fetch", "-q", "--no-tags", "--prune", gbundle, f"+refs/heads/*:refs/remotes/{GUEST_REMOTE}/*",
               *_head_spec(info), timeout=HEAVY_S)
-    gb = guest.branches(dest)
+    gb, _odd = guest.branches(dest)  # oddly named guest branches are none of the host's: left alone
     plan = classify(info["branches"], gb, lambda a, b: guest.is_ancestor(dest, a, b))
     diverged = [p for p in plan if p["action"] == "diverged"]
     if diverged:
         for p in diverged:
-            p["guest_only"] = int(guest.git(dest, "rev-list", "--count", p["guest"], "--not", p["host"]).strip())
-            p["host_only"] = int(guest.git(dest, "rev-list", "--count", p["host"], "--not", p["guest"]).strip())
+            p["guest_only"] = _rev_count(guest, dest, p["guest"], p["host"])
+            p["host_only"] = _rev_count(guest, dest, p["host"], p["guest"])
         names = ", ".join(f"{p['branch']} (guest +{p['guest_only']}, host +{p['host_only']})" for p in diverged)
         b0 = diverged[0]["branch"]
         raise Conflict(f"refusing to import into {vm}:{dest}: history diverged on {names}; nothing was changed "
@@ -287,9 +296,9 @@ def _update(ctx, guest: Guest, dest: str, gbundle: str, gpatch: str | None, info
                        "they add exists in the guest?); commit them on the host and import again")
     for p in plan:
         if p["action"] == "guest_ahead":
-            p["guest_only"] = int(guest.git(dest, "rev-list", "--count", p["guest"], "--not", p["host"]).strip())
+            p["guest_only"] = _rev_count(guest, dest, p["guest"], p["host"])
         elif p["action"] == "fast_forward":
-            p["new_commits"] = int(guest.git(dest, "rev-list", "--count", p["host"], "--not", p["guest"]).strip())
+            p["new_commits"] = _rev_count(guest, dest, p["host"], p["guest"])
     return {"fresh": False, "checkout": target or final_head, "branches": plan}
 
 
@@ -322,7 +331,7 @@ def export_repo(ctx, vm_ref: str, *, dest_repo: str = ".", path: str | None = No
         bases = dict(rec.get("branches") or {})
         ctx.progress.step(f"connecting to {vm['name']}")
         t = access.connect(ctx, vm["id"])
-        tmp = gtmp = None
+        work = gtmp = None
         guest = Guest(ctx, vm, t, "export")
         try:
             pre = guest.preflight(path, "export")
@@ -333,14 +342,15 @@ def export_repo(ctx, vm_ref: str, *, dest_repo: str = ".", path: str | None = No
             if not gtmp:
                 raise ExternalError(f"cannot create a temp dir in {vm['name']}:{path}/.git",
                                     "check free space in the guest")
-            gb = guest.branches(path)
-            exclude = sorted(set(bases.values()))
-            changed, skipped = [], []
+            gb, odd = guest.branches(path)
+            exclude = sorted(set(b for b in bases.values() if refs.valid_sha(b)))
+            changed = []
+            skipped = [{**o, "reason": "not a branch name banger accepts from a guest (git's ref rules, UTF-8, "
+                                       "no leading '-')"} for o in odd]
             todo = {b: g for b, g in sorted(gb.items()) if bases.get(b) != g}
             counts = {}
             if todo:  # one round trip: commits on each moved branch that the host does not have
-                out = guest.check(["sh", "-c", guest_side.COUNTS, "sh", path, " ".join(todo), *exclude])
-                counts = {b: int(n) for b, n in (line.split(" ") for line in out.splitlines() if line)}
+                counts = guest.counts(path, list(todo), exclude)
             for b, g in todo.items():
                 n = counts[b]
                 if n == 0:
@@ -357,18 +367,24 @@ def export_repo(ctx, vm_ref: str, *, dest_repo: str = ".", path: str | None = No
                                    + ("" if not guest_dirty else
                                       " (the guest has uncommitted changes; commit them, or use --include-dirty)"),
                         "seconds": round(time.monotonic() - t0, 2)}
-            tmp = repo.private_tmp()
+            work = staging.new_dir(ctx.cfg, "workspace")  # banger's own: the downloads, never the repo's paths
             fetched, patch_path, patch_files = [], None, 0
+            if want_patch:  # first: if the owner cannot store it, no ref has moved yet
+                ctx.progress.step("collecting uncommitted guest changes")
+                patch_files = guest.dirty_patch(path, gtmp, cur_head or "HEAD")
+                gpatch = f"{gtmp}/dirty.patch"
+                stamp = time.strftime("%Y%m%dT%H%M%S")
+                label = re.sub(r"[^A-Za-z0-9._-]+", "-", cur_branch or "detached").strip(".-")[:64] or "branch"
+                part = work / "dirty.patch"
+                guest.get(gpatch, part, "uncommitted changes")
+                patch_path = repo.save_patch(part, vm["name"], f"uncommitted-{label}-{stamp}.patch")
             if changed:
                 ctx.progress.step(f"bundling {len(changed)} branch(es) in {vm['name']}")
                 gbundle = f"{gtmp}/export.bundle"
                 guest.git(path, "bundle", "create", "-q", gbundle, *[f"refs/heads/{c['branch']}" for c in changed],
                           *(["--not", "--ignore-missing", *exclude] if exclude else []), timeout=HEAVY_S)
-                local = tmp / "export.bundle"
+                local = work / "export.bundle"
                 guest.get(gbundle, local, "bundle")
-                uid, gid = repo.owner
-                if os.geteuid() == 0 and uid != 0:
-                    os.chown(local, uid, gid)
                 ctx.progress.step("verifying the bundle")
                 repo.verify_bundle(local)
                 heads = bundle_heads(local, repo)
@@ -381,22 +397,6 @@ def export_repo(ctx, vm_ref: str, *, dest_repo: str = ".", path: str | None = No
                 for f, c in zip(fetched, changed, strict=True):
                     f["commits"] = c["commits"]
                     f["base"] = c["base"]
-            if want_patch:
-                ctx.progress.step("collecting uncommitted guest changes")
-                out = guest.check(["sh", "-c", guest_side.GUEST_DIRTY, "sh", path, gtmp, cur_head or "HEAD"], timeout=HEAVY_S)
-                patch_files = int(out.strip() or 0)
-                gpatch = f"{gtmp}/dirty.patch"
-                out_dir = repo.git_dir / REF_NS / vm["name"]
-                out_dir.mkdir(parents=True, exist_ok=True)
-                stamp = time.strftime("%Y%m%dT%H%M%S")
-                patch_path = out_dir / f"uncommitted-{cur_branch or 'detached'}-{stamp}.patch"
-                part = tmp / "dirty.patch"
-                guest.get(gpatch, part, "uncommitted changes")
-                os.replace(part, patch_path)
-                uid, gid = repo.owner
-                if os.geteuid() == 0 and uid != 0:
-                    for p in (repo.git_dir / REF_NS, out_dir, patch_path):
-                        os.chown(p, uid, gid)
         finally:
             if gtmp:
                 try:
@@ -404,8 +404,8 @@ def export_repo(ctx, vm_ref: str, *, dest_repo: str = ".", path: str | None = No
                 except BangerError:
                     pass  # the guest went away
             t.close()
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
         if rec:
             doc = _load(ctx, vm)
             if path in doc["workspaces"]:
