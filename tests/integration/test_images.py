@@ -190,3 +190,25 @@ def test_failed_publish_leaves_nothing(banger_env, cfg, tmp_path):
                        init="/sbin/banger-init", meta={})
     assert not st2.exists()
     ctx.close()
+
+
+def test_register_an_image_whose_names_are_not_utf8(banger_env, cfg, tmp_path):
+    """debugfs lists names as raw bytes: a non-UTF-8 baked host key is found and removed (it used to
+    end in an internal UnicodeDecodeError)."""
+    tree = tmp_path / "tree"
+    for d in ("usr/sbin", "etc/ssh", "root", "bin"):
+        (tree / d).mkdir(parents=True, exist_ok=True)
+    (tree / "usr/sbin/sshd").write_text("#!/bin/sh\n")
+    os.chmod(tree / "usr/sbin/sshd", 0o755)
+    odd = b"ssh_host_caf\xe9_key"
+    with open(os.path.join(os.fsencode(tree / "etc/ssh"), odd), "wb") as f:
+        f.write(b"BAKED")
+    with open(os.path.join(os.fsencode(tree / "root"), b"notes-\xff.txt"), "wb") as f:
+        f.write(b"mine\n")
+    img = tmp_path / "odd.ext4"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(img), "64M"], check=True)
+    d = banger_json("image", "register", "odd", str(img))["data"]
+    listing = subprocess.run(["debugfs", "-R", "ls -p /etc/ssh", d["rootfs"]], capture_output=True).stdout
+    assert b"ssh_host_" not in listing
+    seed = subprocess.run(["debugfs", "-R", "ls -p /", d["work_seed"]], capture_output=True).stdout
+    assert b"notes-\xff.txt" in seed

@@ -63,15 +63,14 @@ def register(ctx, name: str, rootfs_path: str | Path, kernel: str | None = None)
             for n in ("fstab", "init.conf"):
                 cmds += [f"rm {n}", f"write {gfiles}/{n} {n}", f"sif {n} mode 0100644", f"sif {n} uid 0",
                          f"sif {n} gid 0"]
-            cp = run([debugfs, "-R", "ls -l /etc/ssh", str(rootfs)], check=False, timeout=60)
-            for tok in (cp.stdout or "").split():
-                if tok.startswith("ssh_host_"):
-                    cmds.append(f"rm /etc/ssh/{tok}")
+            for baked in _baked_host_keys(debugfs, rootfs, src):
+                cmds.append(f"rm /etc/ssh/{baked}")
             if has_sshd:
                 cmds += ["mkdir /etc/ssh/sshd_config.d", "cd /etc/ssh/sshd_config.d", "rm banger.conf",
                          f"write {gfiles}/sshd_config.conf banger.conf", "sif banger.conf mode 0100644",
                          "sif banger.conf uid 0", "sif banger.conf gid 0"]
-            (staging / "cmds").write_text("\n".join(cmds) + "\n")
+            # names read from the image are bytes (surrogateescape): they go back to debugfs unchanged
+            (staging / "cmds").write_bytes(("\n".join(cmds) + "\n").encode("utf-8", "surrogateescape"))
             run([debugfs, "-w", "-f", str(staging / "cmds"), str(rootfs)], timeout=600)
             ext4.fsck(rootfs)
             root_home = home / "root"
@@ -86,3 +85,20 @@ def register(ctx, name: str, rootfs_path: str | Path, kernel: str | None = None)
                                   kernel=kernel, init=finalize.INIT_PATH, meta=meta)
         finally:
             finalize.rmtree(staging)
+
+
+def _baked_host_keys(debugfs: str, rootfs: Path, src: Path) -> list[str]:
+    """The ssh_host_* entries of the image's /etc/ssh (``ls -p``: /inode/mode/uid/gid/name/size/)."""
+    cp = run([debugfs, "-R", "ls -p /etc/ssh", str(rootfs)], check=False, timeout=60)
+    keys = []
+    for line in (cp.stdout or "").splitlines():
+        parts = line.split("/")
+        if len(parts) < 7 or not parts[5].startswith("ssh_host_"):
+            continue
+        name = parts[5]
+        if any(c.isspace() or c == '"' or ord(c) < 0x20 for c in name):
+            raise UsageError(f"{src} has a baked SSH host key with an unusual name: "
+                             f"{name.encode('utf-8', 'surrogateescape')!r} in /etc/ssh",
+                             "remove the image's /etc/ssh/ssh_host_* files first (banger gives each VM its own key)")
+        keys.append(name)
+    return keys
