@@ -193,8 +193,8 @@ def test_failed_publish_leaves_nothing(banger_env, cfg, tmp_path):
 
 
 def test_register_an_image_whose_names_are_not_utf8(banger_env, cfg, tmp_path):
-    """debugfs lists names as raw bytes: a non-UTF-8 baked host key is found and removed (it used to
-    end in an internal UnicodeDecodeError)."""
+    """A non-UTF-8 baked host key is found and removed (the old `ls -l` parse left it in the image),
+    and non-UTF-8 names in /root reach the work seed."""
     tree = tmp_path / "tree"
     for d in ("usr/sbin", "etc/ssh", "root", "bin"):
         (tree / d).mkdir(parents=True, exist_ok=True)
