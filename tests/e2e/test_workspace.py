@@ -214,13 +214,17 @@ def test_a_foreign_repository_with_a_planted_link_gets_no_root_writes(ws_vm, tmp
         (repo / "wip.txt").write_text("uncommitted host work\n")
         subprocess.run(["chown", "-R", "-h", f"{uid}:{uid}", str(repo)], check=True)
         before = sorted((str(p), p.lstat().st_uid, p.lstat().st_mode) for p in [target, *target.rglob("*")])
-
         d = vm.ws("import", vm.name, str(repo), "--dest", "/root/theirs")["data"]
         assert d["fresh"] is True and d["host_dirty"] is True
         vm.git("/root/theirs", "commit", "-q", "--allow-empty", "-m", "guest on a foreign repo")
         head = vm.git("/root/theirs", "rev-parse", "HEAD")
         e = vm.ws("export", vm.name, "--dest-repo", str(repo), "--path", "/root/theirs")["data"]
         assert [(b["branch"], b["head"]) for b in e["branches"]] == [("main", head)]
+
+        def state():
+            return sorted((str(p), p.lstat().st_uid, p.lstat().st_mode) for p in [target, *target.rglob("*")])
+
+        assert state() == before, "root created or chowned something through the planted link"
         # what needs the owner's own scratch space there is refused clearly, touching nothing
         r = vm.ws("import", vm.name, str(repo), "--dest", "/root/theirs2", "--include-dirty", check=False)
         assert r["error"]["code"] == "host" and "repository's owner" in r["error"]["message"], r
@@ -229,8 +233,7 @@ def test_a_foreign_repository_with_a_planted_link_gets_no_root_writes(ws_vm, tmp
                   check=False)
         assert r["error"]["code"] == "host" and "repository's owner" in r["error"]["message"], r
 
-        after = sorted((str(p), p.lstat().st_uid, p.lstat().st_mode) for p in [target, *target.rglob("*")])
-        assert after == before and os.path.islink(repo / ".git" / "banger")
+        assert state() == before and os.path.islink(repo / ".git" / "banger")
         assert [str(p) for p in repo.rglob("*") if p.lstat().st_uid != uid] == []
         assert git(repo, "rev-parse", "banger/ws-1/main", user=uid) == head
         assert git(repo, "status", "--porcelain", user=uid) == "?? wip.txt"
