@@ -193,11 +193,12 @@ def run_capture(t, argv: list[str], timeout: float = 60.0, max_bytes: int = 64 <
         out, err = bytearray(), bytearray()
 
         def drain() -> bool:
+            """One chunk from each stream that has data (so neither can starve the other)."""
             got = False
-            while chan.recv_ready():
+            if chan.recv_ready():
                 out.extend(chan.recv(65536))
                 got = True
-            while chan.recv_stderr_ready():
+            if chan.recv_stderr_ready():
                 err.extend(chan.recv_stderr(65536))
                 got = True
             if len(out) + len(err) > max_bytes:
@@ -206,9 +207,9 @@ def run_capture(t, argv: list[str], timeout: float = 60.0, max_bytes: int = 64 <
             return got
 
         while True:
+            eof = chan.eof_received or chan.closed  # read before draining: all data precedes the EOF
             got = drain()
-            if chan.eof_received or chan.closed:
-                drain()
+            if not got and eof:
                 break
             left = deadline - time.monotonic()
             if left <= 0:

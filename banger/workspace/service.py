@@ -26,7 +26,9 @@ is held, and a connection lost mid-way is reported as "the VM stopped" when it d
 
 Host git runs as the owner of the repository when banger runs as root and the
 repository belongs to someone else (objects the fetch writes stay theirs), with
-``safe.directory`` set for that one repository.
+``safe.directory`` set for that one repository; banger itself never creates, chowns or renames
+anything through the repository's paths (banger.workspace.host). Guest answers are parsed
+strictly (banger.workspace.guest, .refs).
 
 The pieces: banger.workspace.host (the host repository), .guest (the guest side and its
 scripts), .planning (what a re-import does, pure); this module holds the two workflows and

@@ -9,7 +9,8 @@
   under banger's own ``kernel/<name>`` flock in that home. Returns resolve()'s dict
   (name, version, dir, vmlinux, bzimage, initrd, modules_dir, manifest).
 * ``install_kernel(cfg, info)``: publish that kernel into a test's own BANGER_HOME via
-  ``kernels.import_kernel`` of the directory (hard links + sha256 verification), fast.
+  ``kernels.import_kernel`` of the directory (copies checked against their sha256, then the
+  same assembly and checks a pull makes; under a second).
 * ``fake_elf_kernel`` / ``fake_bzimage``: small synthetic x86_64 "kernels" (ELF64 with a
   Xen PVH note and a 'Linux version' banner; a bzImage wrapping it with a real lz4 legacy
   / gzip / xz / zstd payload) for the download/lock/format tests, which must be fast.
