@@ -31,7 +31,7 @@ def build_cmd(
     package: Annotated[list[str] | None, typer.Option("--package", "-p", help="Extra package (repeatable).")] = None,
     json_out: JsonOpt = False,
 ):
-    from banger.images import service as svc
+    from banger.images.sources import debootstrap as svc
 
     ctx = make_ctx(json_out)
     pkgs = None
@@ -48,7 +48,7 @@ def pull_cmd(
     insecure: Annotated[bool, typer.Option("--insecure", help="Plain http to the registry and its token service (automatic for 127.0.0.1/localhost).")] = False,
     json_out: JsonOpt = False,
 ):
-    from banger.images import service as svc
+    from banger.images.sources.oci import pull as svc
 
     ctx = make_ctx(json_out)
     emit(lambda: _summary(svc.pull(ctx, ref, name, insecure=True if insecure else None)), json_out=json_out,
@@ -62,7 +62,7 @@ def register_cmd(
     kernel: Annotated[str | None, typer.Option("--kernel", help="Kernel to boot it with.")] = None,
     json_out: JsonOpt = False,
 ):
-    from banger.images import service as svc
+    from banger.images.sources import register as svc
 
     ctx = make_ctx(json_out)
     emit(lambda: _summary(svc.register(ctx, name, rootfs, kernel=kernel)), json_out=json_out,

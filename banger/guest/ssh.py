@@ -116,6 +116,11 @@ def command_string(argv: list[str]) -> str:
     return argv[0] if len(argv) == 1 else shlex.join(argv)
 
 
+def _command_bytes(argv: list[str]) -> bytes:
+    # names read from non-UTF-8 git output (surrogateescape) go back to the guest as the same bytes
+    return command_string(argv).encode("utf-8", "surrogateescape")
+
+
 def exec_command(t, argv: list[str], *, stdin=None, stdout=None, stderr=None, get_pty: bool = False) -> int:
     """Run ``argv`` in the guest, streaming output; return its exit status.
 
@@ -130,7 +135,7 @@ def exec_command(t, argv: list[str], *, stdin=None, stdout=None, stderr=None, ge
     try:
         if get_pty:
             chan.get_pty()
-        chan.exec_command(command_string(argv))
+        chan.exec_command(_command_bytes(argv))
         if stdin is not None:
             def pump():
                 try:
@@ -169,16 +174,53 @@ def exec_command(t, argv: list[str], *, stdin=None, stdout=None, stderr=None, ge
         chan.close()
 
 
-def run_capture(t, argv: list[str], timeout: float = 60.0) -> tuple[int, str, str]:
-    """Run ``argv`` and return (status, stdout, stderr) as text."""
+def run_capture(t, argv: list[str], timeout: float = 60.0, max_bytes: int = 64 << 20) -> tuple[int, str, str]:
+    """Run ``argv`` and return (status, stdout, stderr) as text; status -1 if the channel closed without one.
+
+    stdout and stderr are drained together (a command writing megabytes to stderr before its
+    stdout would otherwise fill the SSH window and stall both sides until the timeout). stdout is
+    decoded as UTF-8 with surrogateescape (non-UTF-8 names survive and encode back to the same
+    bytes), stderr with replacement characters. ``timeout`` bounds the whole command; more than
+    ``max_bytes`` of output in all is an error (a guest cannot make the host buffer without bound).
+    """
+    import select
+
     chan = t.open_session()
     try:
-        chan.settimeout(timeout)
-        chan.exec_command(command_string(argv))
+        deadline = time.monotonic() + timeout
+        chan.exec_command(_command_bytes(argv))
         chan.shutdown_write()
-        so = chan.makefile("rb").read().decode(errors="replace")
-        se = chan.makefile_stderr("rb").read().decode(errors="replace")
-        return chan.recv_exit_status(), so, se
+        out, err = bytearray(), bytearray()
+
+        def drain() -> bool:
+            """One chunk from each stream that has data (so neither can starve the other)."""
+            got = False
+            if chan.recv_ready():
+                out.extend(chan.recv(65536))
+                got = True
+            if chan.recv_stderr_ready():
+                err.extend(chan.recv_stderr(65536))
+                got = True
+            if len(out) + len(err) > max_bytes:
+                raise SshError(f"guest command {argv!r} wrote more than {max_bytes >> 20} MiB of output",
+                               "run it with its output redirected to a file in the guest")
+            return got
+
+        while True:
+            eof = chan.eof_received or chan.closed  # read before draining: all data precedes the EOF
+            got = drain()
+            if not got and eof:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            if not got:
+                if not t.is_active():
+                    raise SshError("SSH connection to the guest dropped", "the VM may have stopped; banger vm show")
+                select.select([chan], [], [], min(left, 1.0))
+        if not chan.status_event.wait(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError
+        return chan.recv_exit_status(), out.decode("utf-8", "surrogateescape"), err.decode("utf-8", "replace")
     except TimeoutError:
         raise GuestTimeout(f"guest command {argv!r} did not finish within {timeout:g}s", "is the VM wedged?") from None
     finally:

@@ -32,21 +32,32 @@ def require(tool: str, package: str | None = None) -> str:
 
 
 def run(argv: list[str], *, check: bool = True, input: bytes | str | None = None, timeout: float | None = None,
-        cwd: str | None = None, env: dict | None = None, capture: bool = True, hint: str | None = None
-        ) -> subprocess.CompletedProcess:
+        cwd: str | None = None, env: dict | None = None, capture: bool = True, hint: str | None = None,
+        stdin=None, stdout=None, pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess:
+    """Run ``argv``. Text results (``input`` not bytes): stdout is decoded as UTF-8 with
+    surrogateescape (non-UTF-8 names from git -z or debugfs survive, and encode back to the same
+    bytes), stderr with replacement characters (it is for people). ``stdout=`` (a file or fd)
+    sends the output there instead of capturing it; ``stdin=`` reads input from a file or fd."""
     if isinstance(argv, str):  # a programming error, never allowed
         raise TypeError("run() takes an argv list, not a shell string")
     argv = [str(a) for a in argv]
     text = not isinstance(input, bytes)
+    data = input.encode() if isinstance(input, str) else input
     try:
-        cp = subprocess.run(argv, input=input, timeout=timeout, cwd=cwd, env=env, text=text,
-                            stdout=subprocess.PIPE if capture else None,
+        cp = subprocess.run(argv, input=data, timeout=timeout, cwd=cwd, env=env, pass_fds=pass_fds,
+                            **({"stdin": stdin} if stdin is not None else {}),
+                            stdout=stdout if stdout is not None else subprocess.PIPE if capture else None,
                             stderr=subprocess.PIPE if capture else None)
     except FileNotFoundError:
         raise HostError(f"{argv[0]} is not installed", "install it (banger doctor --fix lists what is missing)") from None
     except subprocess.TimeoutExpired as e:
         err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
         raise CommandFailed(argv, -9, f"timed out after {timeout}s\n{err}", hint) from None
+    if text:
+        if isinstance(cp.stdout, bytes):
+            cp.stdout = cp.stdout.decode("utf-8", "surrogateescape")
+        if isinstance(cp.stderr, bytes):
+            cp.stderr = cp.stderr.decode("utf-8", "replace")
     if check and cp.returncode != 0:
         err = cp.stderr if isinstance(cp.stderr, str) else (cp.stderr or b"").decode(errors="replace")
         raise CommandFailed(argv, cp.returncode, err or "", hint)

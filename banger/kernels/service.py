@@ -1,4 +1,4 @@
-"""Guest kernels: the catalog, pull (apt or URL + sha256), import, list, show, remove.
+"""Guest kernels: resolve, pull (catalog), import (local files or a kernel directory), list, show, rm.
 
 A pulled kernel is a directory ``cfg.kernels_dir/<name>/``::
 
@@ -9,81 +9,60 @@ A pulled kernel is a directory ``cfg.kernels_dir/<name>/``::
     config           the kernel .config when the source ships one
     manifest.json    version, source, files + sha256, pull id (written atomically)
 
-Concurrency: everything slow happens in a private staging directory; the result is
-published by one atomic rename and a row upsert while holding ``kernel/<name>``. A
-second puller of the same name waits on that lock, re-reads the manifest and returns
-the winner's kernel (one download). Different names never wait on each other.
+Where the pieces live: banger.kernels.catalog (the catalog), banger.kernels.sources (fetchers:
+apt, url; local for `kernel import`), banger.kernels.assemble (the triple, its checks, the
+manifest). This module orchestrates them and owns the rows and the published directories.
+
+Concurrency (the single-flight pattern images use): the slow work (download, extraction,
+initramfs) runs in a private staging directory under the per-name single-flight lock
+``kernel/<name>..pull`` (``..`` cannot occur in a kernel name); the result is published by one
+atomic rename and a row upsert under ``kernel/<name>``, which is held only for that short
+publish (and by ``kernel rm``), so `kernel show` / `kernel rm` never queue behind a download.
+A second puller of the same name waits on the single-flight lock, re-reads the manifest and
+returns the winner's kernel (one download). Different names never wait on each other.
 Each real download appends one JSON line to ``cfg.cache_dir/kernel-downloads.log``.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-import threading
 import time
-import uuid
-from importlib import resources
 from pathlib import Path
 
-from banger.errors import (
-    Conflict,
-    ExternalError,
-    HostError,
-    IntegrityError,
-    InvalidName,
-    NotFound,
-    UsageError,
-)
+from banger.errors import Conflict, InvalidName, NotFound, UsageError
 from banger.host import fsutil
+from banger.kernels import catalog as _catalog
+from banger.kernels.assemble import assemble
+from banger.kernels.catalog import CATALOG_ENV, catalog
+from banger.kernels.sources import DOWNLOAD_LOG
+from banger.kernels.sources import local as _local
 
-CATALOG_ENV = "BANGER_KERNEL_CATALOG"
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
-DOWNLOAD_LOG = "kernel-downloads.log"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+__all__ = ["CATALOG_ENV", "DOWNLOAD_LOG", "MANIFEST", "catalog", "resolve", "pull", "import_kernel",
+           "list_kernels", "available", "show", "remove"]
 
-
-# ---------------------------------------------------------------- catalog
-
-def catalog() -> dict[str, dict]:
-    """Catalog entries by name: banger/data/kernels.json, or the file named by $BANGER_KERNEL_CATALOG."""
-    override = os.environ.get(CATALOG_ENV)
-    try:
-        if override:
-            text = Path(override).read_text()
-        else:
-            text = resources.files("banger.data").joinpath("kernels.json").read_text()
-        doc = json.loads(text)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"cannot read the kernel catalog {override or 'banger/data/kernels.json'}: {e}",
-                         f"fix the file or unset {CATALOG_ENV}") from e
-    out = {}
-    for entry in doc.get("kernels", []):
-        src = entry.get("source") or {}
-        if not entry.get("name") or src.get("type") not in ("apt", "url"):
-            raise UsageError(f"kernel catalog entry {entry!r} needs a name and a source of type apt or url",
-                             f"fix the catalog file ({override or 'banger/data/kernels.json'})")
-        out[entry["name"]] = entry
-    return out
-
-
-def _catalog_hint(cat: dict | None = None) -> str:
-    cat = catalog() if cat is None else cat
-    names = ", ".join(sorted(cat)) or "(none)"
-    return f"catalog kernels: {names}; or bring your own with banger kernel import PATH --name NAME"
+MANIFEST = _local.MANIFEST
+_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]|\.(?!\.)){0,63}$")  # no "..": see _single_flight
 
 
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
         raise InvalidName(f"invalid kernel name {name!r}",
-                          "use letters, digits, '.', '_' and '-' (up to 64 characters, starting alphanumeric)")
+                          "use letters, digits, single dots, '_' and '-' (up to 64 characters, starting "
+                          "alphanumeric)")
+
+
+def _single_flight(ctx, name: str, what: str):
+    """The per-name lock for the slow work of a pull/import; ``kernel/<name>`` is only for the publish."""
+    return ctx.locks.hold(f"kernel/{name}..pull", purpose=f"kernel {what} {name}")
+
+
+def _name_lock(ctx, name: str, what: str):
+    return ctx.locks.hold(f"kernel/{name}", purpose=f"kernel {what} {name}")
 
 
 # ---------------------------------------------------------------- reading state
@@ -147,7 +126,7 @@ def resolve(ctx, name: str | None = None, auto_pull: bool = True) -> dict:
         if row is not None:
             raise NotFound(f"kernel {name!r} is registered but its files are missing from {row['dir']}",
                            f"import it again (banger kernel import PATH --name {name} --force) or banger kernel rm {name}")
-        raise NotFound(f"kernel {name!r} is not pulled and not in the catalog", _catalog_hint(cat),
+        raise NotFound(f"kernel {name!r} is not pulled and not in the catalog", _catalog.hint(cat),
                        details={"catalog": sorted(cat)})
     if not auto_pull:
         raise NotFound(f"kernel {name!r} is not pulled", f"run: banger kernel pull {name}")
@@ -156,33 +135,22 @@ def resolve(ctx, name: str | None = None, auto_pull: bool = True) -> dict:
 
 def pull(ctx, name: str, force: bool = False, sha256: str | None = None) -> dict:
     """Pull catalog kernel ``name``. Returns its info plus ``downloaded`` (False if already there)."""
+    from banger.kernels import sources
+
     _check_name(name)
     cat = catalog()
     entry = cat.get(name)
     if entry is None:
-        raise NotFound(f"kernel {name!r} is not in the catalog", _catalog_hint(cat),
+        raise NotFound(f"kernel {name!r} is not in the catalog", _catalog.hint(cat),
                        details={"catalog": sorted(cat)})
     src = entry["source"]
-    pinned = given = None
-    if src["type"] != "url" and sha256:
-        raise UsageError(f"--sha256 applies to URL kernels only; {name!r} comes from apt (apt verifies it)",
-                         f"run: banger kernel pull {name}")
-    if src["type"] == "url":
-        pinned = (src.get("sha256") or "").lower() or None
-        given = sha256.lower() if sha256 else None
-        if given and not _SHA256.match(given):
-            raise UsageError(f"--sha256 {sha256!r} is not a sha256 hex digest", "pass 64 hex characters")
-        if pinned and given and pinned != given:
-            raise UsageError(f"--sha256 {given} differs from the catalog's pinned digest {pinned} for {name}",
-                             "drop --sha256 to use the catalog's digest")
-        if not (pinned or given):
-            raise UsageError(f"catalog kernel {name!r} has no pinned sha256, so banger cannot verify the download",
-                             f"check the digest from a trusted source and run: banger kernel pull {name} --sha256 HEX")
+    fetcher = sources.source(src["type"])
+    digest = fetcher.expected_digest(name, src, sha256)
     if not force:
         info = _installed(ctx, name)
         if info is not None:
             return {**info, "downloaded": False}
-    with ctx.locks.hold(f"kernel/{name}", purpose="kernel pull"):
+    with _single_flight(ctx, name, "pull"):
         if not force:
             info = _installed(ctx, name)  # somebody else pulled it while we waited
             if info is not None:
@@ -191,94 +159,51 @@ def pull(ctx, name: str, force: bool = False, sha256: str | None = None) -> dict
             out = stage / "kernel"
             out.mkdir()
             t0 = time.monotonic()
-            if src["type"] == "apt":
-                fetched = _fetch_apt(ctx, name, src, stage)
-            else:
-                fetched = _fetch_url(ctx, name, src["url"], pinned or given, stage)
+            fetched = fetcher.fetch(ctx, name, src, stage, digest)
             t_fetch = time.monotonic() - t0
-            manifest = _assemble(ctx, out, stage, fetched, source=fetched["source"])
+            manifest = assemble(ctx, out, stage, fetched, source=fetched["source"])
             manifest["name"] = name
             manifest["timings"] = {"fetch_s": round(t_fetch, 3), "total_s": round(time.monotonic() - t0, 3)}
-            info = _publish(ctx, name, out, manifest)
+            with _name_lock(ctx, name, "pull"):
+                info = _publish(ctx, name, out, manifest)
     return {**info, "downloaded": True}
 
 
 def _refuse_taken(ctx, name: str, force: bool) -> None:
-    """Under kernel/<name>: an import must not silently replace an existing kernel."""
+    """An import must not silently replace an existing kernel (checked early, and again under kernel/<name>)."""
     if not force and (_row(ctx, name) is not None or _kdir(ctx, name).exists()):
         raise Conflict(f"kernel {name!r} already exists",
                        f"pick another --name, pass --force to replace it, or banger kernel rm {name}")
 
 
 def import_kernel(ctx, name: str, kernel_path, initrd=None, modules=None, force: bool = False) -> dict:
-    """Register a kernel from local files: a bzImage or ELF vmlinux, optional initrd and module tree."""
+    """Register a kernel from this host: a bzImage or ELF vmlinux (optional initrd and module tree), or
+    a kernel directory banger produced (another home, another host; see banger.kernels.sources.local).
+
+    Either way the files go through banger.kernels.assemble, the same checks a pull makes."""
     _check_name(name)
     kp = Path(kernel_path)
-    if kp.is_dir() and (kp / MANIFEST).is_file():
-        if initrd is not None or modules is not None:
-            raise UsageError("--initrd / --modules do not apply when importing a kernel directory",
-                             "import the directory alone, or import its vmlinux/bzImage with your own files")
-        return _adopt_dir(ctx, name, kp, force)
-    if not kp.is_file():
-        raise NotFound(f"kernel file {kp} does not exist", "pass the path of a bzImage (vmlinuz) or vmlinux")
-    from banger.guest import kernelfmt
-
-    if kernelfmt.kind(kp) == "unknown":
-        raise kernelfmt.NotAKernel(f"{kp} is not a Linux kernel (neither a bzImage with a 'HdrS' header nor an ELF file)",
-                                   "pass a bzImage (e.g. /boot/vmlinuz-*) or an uncompressed ELF vmlinux")
-    if initrd is not None and not Path(initrd).is_file():
-        raise NotFound(f"initrd {initrd} does not exist", "pass an existing initramfs file, or omit --initrd")
-    if modules is not None and not Path(modules).is_dir():
-        raise NotFound(f"module directory {modules} does not exist",
-                       "pass a module tree (lib/modules/<release> or a root containing it), or omit --modules")
-    with ctx.locks.hold(f"kernel/{name}", purpose="kernel import"):
+    is_dir = _local.is_kernel_dir(kp)
+    if is_dir and (initrd is not None or modules is not None):
+        raise UsageError("--initrd / --modules do not apply when importing a kernel directory",
+                         "import the directory alone, or import its vmlinux/bzImage with your own files")
+    fetched = None if is_dir else _local.from_files(kp, initrd, modules)
+    _refuse_taken(ctx, name, force)
+    with _single_flight(ctx, name, "import"):
         _refuse_taken(ctx, name, force)
         with _staging(ctx, f"kernel-{name}-") as stage:
             out = stage / "kernel"
             out.mkdir()
-            fetched = {"kernel": kp, "modules_root": Path(modules) if modules else None,
-                       "initrd": Path(initrd) if initrd else None, "config": None}
-            source = {"type": "import", "path": str(kp.resolve()),
-                      "initrd": str(Path(initrd).resolve()) if initrd else None,
-                      "modules": str(Path(modules).resolve()) if modules else None}
-            manifest = _assemble(ctx, out, stage, fetched, source=source)
+            if is_dir:
+                fetched = _local.from_dir(ctx, kp, stage)
+            manifest = assemble(ctx, out, stage, fetched, source=fetched["source"])
+            if is_dir:
+                _local.check_assembled(fetched, manifest)
+            manifest.update(fetched.get("manifest_extra") or {})
             manifest["name"] = name
-            info = _publish(ctx, name, out, manifest)
-    return info
-
-
-def _adopt_dir(ctx, name: str, src: Path, force: bool) -> dict:
-    """Import a kernel directory banger produced (another home, another host): files are
-    hard-linked (copied across filesystems) and every file listed in its manifest is
-    verified against its sha256 before the copy is published."""
-    manifest = fsutil.read_json(src / MANIFEST)
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "vmlinux" not in manifest["files"]:
-        raise UsageError(f"{src}/{MANIFEST} is not a banger kernel manifest",
-                         "pass a directory made by banger kernel pull/import, or a kernel file")
-    with ctx.locks.hold(f"kernel/{name}", purpose="kernel import"):
-        _refuse_taken(ctx, name, force)
-        with _staging(ctx, f"kernel-{name}-") as stage:
-            out = stage / "kernel"
-            out.mkdir()
-            link = _same_fs(src, stage)
-            with ctx.progress.task(f"verifying and copying {src}", len(manifest["files"])) as t:
-                for rel, meta in sorted(manifest["files"].items()):
-                    s_, d_ = src / rel, out / rel
-                    if not s_.is_file():
-                        raise IntegrityError(f"{s_} is listed in the manifest but missing",
-                                             "the kernel directory is incomplete; pull the kernel again")
-                    d_.parent.mkdir(parents=True, exist_ok=True)
-                    if link:
-                        os.link(s_, d_)
-                    else:
-                        shutil.copyfile(s_, d_)
-                    if _sha256_file(d_) != meta.get("sha256"):
-                        raise IntegrityError(f"{s_} does not match its manifest sha256",
-                                             "the kernel directory was modified or damaged; pull the kernel again")
-                    t.advance(1)
-            new = {**manifest, "name": name, "imported_from": str(src.resolve()), "pull_id": uuid.uuid4().hex,
-                   "created_at": time.time()}
-            return _publish(ctx, name, out, new)
+            with _name_lock(ctx, name, "import"):
+                _refuse_taken(ctx, name, force)
+                return _publish(ctx, name, out, manifest)
 
 
 def list_kernels(ctx) -> list[dict]:
@@ -310,7 +235,7 @@ def show(ctx, name: str) -> dict:
         if name in cat:
             return {"name": name, "pulled": False, "catalog": cat[name],
                     "hint": f"banger kernel pull {name}"}
-        raise NotFound(f"no kernel named {name!r}", _catalog_hint(cat), details={"catalog": sorted(cat)})
+        raise NotFound(f"no kernel named {name!r}", _catalog.hint(cat), details={"catalog": sorted(cat)})
     kdir = Path(row["dir"])
     manifest = fsutil.read_json(kdir / MANIFEST) or json.loads(row["manifest"] or "{}")
     info = _info(name, kdir, manifest, row)
@@ -324,7 +249,7 @@ def show(ctx, name: str) -> dict:
 def remove(ctx, name: str) -> dict:
     """Delete a kernel; refused (Conflict) while any VM or image references it."""
     _check_name(name)
-    with ctx.locks.hold(f"kernel/{name}", purpose="kernel rm"):
+    with _name_lock(ctx, name, "rm"):
         kdir = _kdir(ctx, name)
         ctx.cfg.staging_dir.mkdir(parents=True, exist_ok=True)
         trash = Path(tempfile.mkdtemp(prefix=f"rm-kernel-{name}-", dir=ctx.cfg.staging_dir))
@@ -426,338 +351,6 @@ def _publish(ctx, name: str, src: Path, manifest: dict) -> dict:
     return _info(name, final, manifest, _row(ctx, name))
 
 
-# ---------------------------------------------------------------- fetching
-
-def _log_download(ctx, record: dict) -> None:
-    ctx.cfg.cache_dir.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps({**record, "pid": os.getpid(), "at": time.time()}, sort_keys=True) + "\n").encode()
-    fd = os.open(ctx.cfg.cache_dir / DOWNLOAD_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
-
-
-def _fetch_url(ctx, name: str, url: str, sha256: str, stage: Path) -> dict:
-    """Stream ``url`` into the staging dir, verifying its sha256; the file is gone on any failure."""
-    import urllib.error
-    import urllib.request
-
-    from banger import __version__
-
-    dest = stage / "download"
-    h = hashlib.sha256()
-    n = 0
-    req = urllib.request.Request(url, headers={"User-Agent": f"banger/{__version__}"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r, open(dest, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with ctx.progress.task(f"downloading kernel {name}", total) as t:
-                while True:
-                    chunk = r.read(1 << 20)
-                    if not chunk:
-                        break
-                    f.write(chunk)
-                    h.update(chunk)
-                    n += len(chunk)
-                    t.advance(len(chunk))
-            if total is not None and n != total:
-                raise ExternalError(f"download of {url} ended after {n} of {total} bytes",
-                                    "the connection dropped; try again")
-    except urllib.error.HTTPError as e:
-        dest.unlink(missing_ok=True)
-        raise ExternalError(f"download of {url} failed: HTTP {e.code} {e.reason}",
-                            "check the URL in the kernel catalog and that the host can reach it") from None
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        dest.unlink(missing_ok=True)
-        reason = getattr(e, "reason", e)
-        raise ExternalError(f"download of {url} failed: {reason}",
-                            "check the host's network / proxy settings and the URL") from None
-    except BaseException:
-        dest.unlink(missing_ok=True)
-        raise
-    digest = h.hexdigest()
-    if digest != sha256:
-        dest.unlink(missing_ok=True)
-        raise IntegrityError(f"sha256 mismatch for {url}: got {digest}, expected {sha256}",
-                             "the file changed upstream or was corrupted in transit; nothing was kept. "
-                             "Verify the digest before trusting a new one",
-                             details={"got": digest, "expected": sha256})
-    _log_download(ctx, {"name": name, "type": "url", "url": url, "bytes": n, "sha256": digest})
-    source = {"type": "url", "url": url, "sha256": digest}
-    if _is_deb(dest):
-        return {**_unpack_deb(ctx, dest, stage), "source": source}
-    return {"kernel": dest, "modules_root": None, "initrd": None, "config": None, "source": source}
-
-
-def _is_deb(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(21) == b"!<arch>\ndebian-binary"
-
-
-def _apt_show(pkg: str) -> dict:
-    from banger.host.runner import require, run
-
-    apt_cache = require("apt-cache", "apt")
-    cp = run([apt_cache, "show", "--no-all-versions", pkg], check=False, timeout=120)
-    if cp.returncode != 0 or not cp.stdout.strip():
-        raise HostError(f"apt does not know the package {pkg}",
-                        "run apt-get update; banger needs a Debian (bookworm) main archive in the host's apt sources",
-                        details={"stderr": (cp.stderr or "")[-500:]})
-    fields: dict[str, str] = {}
-    key = None
-    for line in cp.stdout.splitlines():
-        if not line.strip():
-            break  # first stanza only
-        if line[0] in " \t" and key:
-            fields[key] += "\n" + line.strip()
-            continue
-        key, _, val = line.partition(":")
-        fields[key] = val.strip()
-    return fields
-
-
-_REAL_IMAGE = re.compile(r"^linux-image-\d[\w.+-]*$")
-
-
-def _apt_resolve(pkg: str) -> dict:
-    """Follow a meta-package (linux-image-cloud-amd64) to the real image package; return its apt fields."""
-    seen = []
-    for _ in range(4):
-        fields = _apt_show(pkg)
-        seen.append(pkg)
-        if _REAL_IMAGE.match(pkg):
-            return fields
-        deps = [alt.strip().split(" ", 1)[0] for d in fields.get("Depends", "").split(",") for alt in d.split("|")]
-        nxt = next((d for d in deps if _REAL_IMAGE.match(d)), None) or next(
-            (d for d in deps if d.startswith("linux-image-")), None)
-        if nxt is None:
-            raise HostError(f"apt package {pkg} does not depend on a linux-image package",
-                            "the catalog entry names the wrong package; use linux-image-cloud-amd64")
-        pkg = nxt
-    raise HostError(f"apt meta-package chain too deep: {' -> '.join(seen)}", "fix the catalog entry")
-
-
-def _fetch_apt(ctx, name: str, src: dict, stage: Path) -> dict:
-    """apt-get download the real image package (host's own apt), verify, unpack with dpkg-deb."""
-    from banger.host.runner import require, run
-
-    meta = src["package"]
-    ctx.progress.step(f"resolving {meta} with apt-cache")
-    fields = _apt_resolve(meta)
-    pkg, version = fields["Package"], fields["Version"]
-    sha = (fields.get("SHA256") or "").lower()
-    size = int(fields.get("Size") or 0) or None
-    fname = os.path.basename(fields.get("Filename") or f"{pkg}_{version}_amd64.deb")
-    cache = ctx.cfg.cache_dir / "debs" / fname
-    deb = stage / fname
-    downloaded = False
-    if cache.is_file() and sha and _sha256_file(cache) == sha:
-        ctx.progress.step(f"using cached {fname}")
-        if _same_fs(cache.parent, stage):
-            os.link(cache, deb)
-        else:
-            shutil.copyfile(cache, deb)
-    else:
-        apt_get = require("apt-get", "apt")
-        dl = stage / "apt"
-        dl.mkdir()
-        os.chmod(stage, 0o755)
-        os.chmod(dl, 0o777)  # apt drops to _apt for the download when it can write there
-        result: dict = {}
-
-        def go():
-            try:
-                result["cp"] = run([apt_get, "download", "-q", f"{pkg}={version}"], cwd=str(dl), timeout=1800,
-                                   hint="check the host's apt sources and network (apt-get update)")
-            except BaseException as e:  # surfaced in the caller's thread
-                result["error"] = e
-
-        th = threading.Thread(target=go, daemon=True)
-        with ctx.progress.task(f"downloading {pkg} {version} via apt", size) as t:
-            th.start()
-            done = 0
-            while th.is_alive():
-                th.join(0.2)
-                now = sum(f.stat().st_size for f in dl.rglob("*") if f.is_file()) if dl.exists() else 0
-                if now > done:
-                    t.advance(now - done)
-                    done = now
-        if "error" in result:
-            raise result["error"]
-        got = dl / fname
-        if not got.is_file():
-            cands = list(dl.glob("*.deb"))
-            if len(cands) != 1:
-                raise ExternalError(f"apt-get download {pkg}={version} produced no .deb",
-                                    "run it by hand to see why (apt sources, disk space)")
-            got = cands[0]
-        os.rename(got, deb)
-        downloaded = True
-    digest = _sha256_file(deb)
-    if sha and digest != sha:
-        raise IntegrityError(f"sha256 mismatch for {fname}: got {digest}, apt says {sha}",
-                             "run apt-get update and try again")
-    if downloaded:
-        _log_download(ctx, {"name": name, "type": "apt", "package": pkg, "version": version,
-                            "bytes": deb.stat().st_size, "sha256": digest})
-        try:  # keep it for the next pull (any BANGER_HOME on this state dir)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{fname}.{os.getpid()}.tmp")
-            shutil.copyfile(deb, tmp)
-            os.replace(tmp, cache)
-        except OSError:
-            pass
-    unpacked = _unpack_deb(ctx, deb, stage)
-    unpacked["source"] = {"type": "apt", "package": meta, "resolved": pkg, "version": version,
-                          "sha256": digest, "downloaded": downloaded}
-    return unpacked
-
-
-def _unpack_deb(ctx, deb: Path, stage: Path) -> dict:
-    from banger.host.runner import require, run
-
-    root = stage / "deb"
-    root.mkdir()
-    with ctx.progress.task(f"extracting {deb.name}", None):
-        run([require("dpkg-deb", "dpkg"), "-x", str(deb), str(root)], timeout=600)
-    kernels = sorted((root / "boot").glob("vmlinuz-*")) if (root / "boot").is_dir() else []
-    if not kernels:
-        raise UsageError(f"{deb.name} contains no /boot/vmlinuz-*: it is not a kernel image package",
-                         "point the catalog at a linux-image-* package")
-    kernel = kernels[-1]
-    rel = kernel.name[len("vmlinuz-"):]
-    config = root / "boot" / f"config-{rel}"
-    mods = None
-    for base in (root / "lib" / "modules" / rel, root / "usr" / "lib" / "modules" / rel):
-        if base.is_dir():
-            mods = base
-    return {"kernel": kernel, "modules_root": mods, "initrd": None,
-            "config": config.read_text(errors="replace") if config.is_file() else None}
-
-
-# ---------------------------------------------------------------- assembling the triple
-
-def _assemble(ctx, out: Path, stage: Path, fetched: dict, *, source: dict) -> dict:
-    """Fill ``out`` with vmlinux (+bzImage), modules/, initrd.img; return the manifest (not yet written)."""
-    from banger.guest import initramfs, kernelfmt
-
-    kernel = Path(fetched["kernel"])
-    k = kernelfmt.kind(kernel)
-    files: dict[str, dict] = {}
-    extraction = None
-    if k == "bzImage":
-        shutil.copyfile(kernel, out / "bzImage")
-        with ctx.progress.task("extracting vmlinux from the bzImage", None):
-            extraction = kernelfmt.extract_vmlinux(out / "bzImage", out / "vmlinux")
-        release = extraction["release"]
-    elif k == "elf":
-        shutil.copyfile(kernel, out / "vmlinux")
-        release = ""
-    else:
-        raise kernelfmt.NotAKernel(f"{kernel} is not a Linux kernel (neither a bzImage nor an ELF vmlinux)",
-                                   "check the source: a bzImage (vmlinuz) or an uncompressed ELF vmlinux")
-    config = fetched.get("config")
-    pvh_required = bool(config) and kernelfmt.config_has(config, "CONFIG_PVH")
-    ctx.progress.step("checking the vmlinux ELF (PVH entry note)")
-    checked = kernelfmt.check_vmlinux(out / "vmlinux", require_pvh=pvh_required)
-    release = release or checked["release"]
-    if not release:
-        raise kernelfmt.NotAKernel(f"{kernel}: cannot find the kernel release (no 'Linux version' banner)",
-                                   "pass a Linux kernel image")
-    if config:
-        (out / "config").write_text(config)
-
-    mods: list[dict] = []
-    mroot = fetched.get("modules_root")
-    if mroot is not None:
-        mroot = Path(mroot)
-        for cand in (mroot / "lib" / "modules" / release, mroot / "usr" / "lib" / "modules" / release,
-                     mroot / release):
-            if cand.is_dir():
-                mroot = cand
-                break
-        ctx.progress.step(f"selecting guest modules from {mroot}")
-        mods = initramfs.select_modules(mroot)
-        for m in mods:
-            _check_vermagic(m, release)
-        if mods:
-            initramfs.write_module_tree(mods, out / "modules" / release)
-
-    if fetched.get("initrd") is not None:
-        src_initrd = Path(fetched["initrd"])
-        _check_initrd(src_initrd)
-        shutil.copyfile(src_initrd, out / "initrd.img")
-        initrd_facts = {"generated": False, "from": str(src_initrd)}
-    else:
-        with ctx.progress.task("generating the initramfs (busybox + modules)", None):
-            facts = initramfs.build(out / "initrd.img", release=release, modules=mods)
-        initrd_facts = {"generated": True, **facts}
-
-    with ctx.progress.task("hashing files", None):
-        for f in ("vmlinux", "bzImage", "initrd.img", "config"):
-            p = out / f
-            if p.is_file():
-                files[f] = {"sha256": _sha256_file(p), "size": p.stat().st_size}
-        for p in sorted((out / "modules").rglob("*")) if (out / "modules").is_dir() else []:
-            if p.is_file():
-                files[str(p.relative_to(out))] = {"sha256": _sha256_file(p), "size": p.stat().st_size}
-    return {
-        "format": MANIFEST_FORMAT,
-        "version": release,
-        "source": source,
-        "files": files,
-        "pvh_entry": checked["pvh_entry"],
-        "config_pvh": pvh_required if config else None,
-        "extraction": extraction and {"compression": extraction["compression"]},
-        "modules": [m["name"] for m in mods],
-        "initrd": initrd_facts,
-        "pull_id": uuid.uuid4().hex,
-        "created_at": time.time(),
-    }
-
-
-def _check_vermagic(mod: dict, release: str) -> None:
-    from banger.guest import initramfs
-
-    vermagic = initramfs.modinfo(mod["data"]).get("vermagic", "")
-    if vermagic and vermagic.split(" ", 1)[0] != release:
-        raise UsageError(f"module {mod['name']} was built for {vermagic.split(' ', 1)[0]}, the kernel is {release}",
-                         "pass the module tree that came with this kernel")
-
-
-_INITRD_MAGICS = (b"070701", b"070702", b"\x1f\x8b", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd", b"\x02\x21\x4c\x18",
-                  b"\x04\x22\x4d\x18", b"BZh", b"\x5d\x00\x00", b"\x89LZO")
-
-
-def _check_initrd(path: Path) -> None:
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if not head.startswith(_INITRD_MAGICS):
-        raise UsageError(f"{path} is not an initramfs (not a cpio archive, compressed or not)",
-                         "pass a cpio initramfs, or omit --initrd and banger generates one")
-
-
-# ---------------------------------------------------------------- helpers
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(1 << 20)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def _same_fs(a: Path, b: Path) -> bool:
-    try:
-        return os.stat(a).st_dev == os.stat(b).st_dev
-    except OSError:
-        return False
-
-
 def _dir_size(d: Path) -> int:
     total = 0
     for root, _dirs, files in os.walk(d):
@@ -767,6 +360,3 @@ def _dir_size(d: Path) -> int:
             except OSError:
                 pass
     return total
-
-
-__all__ = ["catalog", "resolve", "pull", "import_kernel", "list_kernels", "available", "show", "remove"]

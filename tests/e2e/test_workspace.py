@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -192,6 +196,49 @@ def test_errors_with_hints(ws_vm, tmp_path):  # noqa: F811
     finally:
         vm.exec("mv", "/usr/bin/git.off", "/usr/bin/git")
     assert vm.exec("test", "-e", "/root/nogit", check=False).returncode == 1
+
+
+def test_a_foreign_repository_with_a_planted_link_gets_no_root_writes(ws_vm, tmp_path):  # noqa: F811
+    """A repository owned by another user whose .git/banger is a link to a root-owned directory:
+    import and export work as that user and never create, chown or rename anything there."""
+    vm, uid = ws_vm, 12345
+    base = Path(tempfile.mkdtemp(prefix="ws-foreign-", dir="/var/tmp"))  # traversable by uid
+    os.chmod(base, 0o755)
+    try:
+        repo = make_repo(base, "theirs")
+        target = base / "root-owned"
+        target.mkdir()
+        os.chmod(target, 0o755)
+        (target / "keep").write_text("root's own\n")
+        os.symlink(target, repo / ".git" / "banger")
+        (repo / "wip.txt").write_text("uncommitted host work\n")
+        subprocess.run(["chown", "-R", "-h", f"{uid}:{uid}", str(repo)], check=True)
+        before = sorted((str(p), p.lstat().st_uid, p.lstat().st_mode) for p in [target, *target.rglob("*")])
+        d = vm.ws("import", vm.name, str(repo), "--dest", "/root/theirs")["data"]
+        assert d["fresh"] is True and d["host_dirty"] is True
+        vm.git("/root/theirs", "commit", "-q", "--allow-empty", "-m", "guest on a foreign repo")
+        head = vm.git("/root/theirs", "rev-parse", "HEAD")
+        e = vm.ws("export", vm.name, "--dest-repo", str(repo), "--path", "/root/theirs")["data"]
+        assert [(b["branch"], b["head"]) for b in e["branches"]] == [("main", head)]
+
+        def state():
+            return sorted((str(p), p.lstat().st_uid, p.lstat().st_mode) for p in [target, *target.rglob("*")])
+
+        assert state() == before, "root created or chowned something through the planted link"
+        # what needs the owner's own scratch space there is refused clearly, touching nothing
+        r = vm.ws("import", vm.name, str(repo), "--dest", "/root/theirs2", "--include-dirty", check=False)
+        assert r["error"]["code"] == "host" and "repository's owner" in r["error"]["message"], r
+        vm.exec("sh", "-c", "echo guest-wip >> /root/theirs/README.md")
+        r = vm.ws("export", vm.name, "--dest-repo", str(repo), "--path", "/root/theirs", "--include-dirty",
+                  check=False)
+        assert r["error"]["code"] == "host" and "repository's owner" in r["error"]["message"], r
+
+        assert state() == before and os.path.islink(repo / ".git" / "banger")
+        assert [str(p) for p in repo.rglob("*") if p.lstat().st_uid != uid] == []
+        assert git(repo, "rev-parse", "banger/ws-1/main", user=uid) == head
+        assert git(repo, "status", "--porcelain", user=uid) == "?? wip.txt"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_vm_stop_during_import_fails_clearly_without_waiting(ws_vm, tmp_path):  # noqa: F811

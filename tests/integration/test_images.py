@@ -15,6 +15,7 @@ import pytest
 from banger.context import Ctx
 from banger.errors import Conflict, NotFound
 from banger.images import service as images
+from banger.images.sources.register import register
 from tests.support.cli import banger_json
 from tests.support.images import ext4_cat, ext4_ls, ext4_stat, fsck_clean
 from tests.support.procs import spawn_py
@@ -85,7 +86,7 @@ def test_resolve_missing_and_rekey(banger_env, cfg, tmp_path):
     with pytest.raises(NotFound, match="debian-bookworm") as ei:
         images.resolve(ctx, auto_pull=False)  # the default image, not auto-built
     assert "banger image build debian-bookworm" in ei.value.hint
-    images.register(ctx, "mine", _tiny_rootfs(tmp_path))
+    register(ctx, "mine", _tiny_rootfs(tmp_path))
     r = images.resolve(ctx, "mine")
     assert set(r) == {"name", "rootfs", "work_seed", "kernel", "init", "key_fingerprint", "has_sshd", "meta"}
     assert r["init"] == "/sbin/banger-init" and r["kernel"] == cfg.default_kernel
@@ -105,7 +106,7 @@ def test_resolve_missing_and_rekey(banger_env, cfg, tmp_path):
 
 def test_seed_refresh_races_with_cloners(banger_env, cfg, tmp_path):
     ctx = Ctx(cfg)
-    seed = Path(images.register(ctx, "mine", _tiny_rootfs(tmp_path))["work_seed"])
+    seed = Path(register(ctx, "mine", _tiny_rootfs(tmp_path))["work_seed"])
     stop = tmp_path / "stop"
     code = """
 import os, subprocess, sys
@@ -180,7 +181,7 @@ def test_failed_publish_leaves_nothing(banger_env, cfg, tmp_path):
                        init="/sbin/banger-init", meta={})
     assert not st.exists() and images.get(ctx, "broken") is None and not (cfg.images_dir / "broken").exists()
     # and a taken name is a conflict at publication, the staging dir is removed
-    images.register(ctx, "taken", _tiny_rootfs(tmp_path))
+    register(ctx, "taken", _tiny_rootfs(tmp_path))
     st2 = cfg.staging_dir / "image-taken2"
     st2.mkdir()
     shutil.copy(cfg.images_dir / "taken/rootfs.ext4", st2 / "rootfs.ext4")
@@ -189,3 +190,25 @@ def test_failed_publish_leaves_nothing(banger_env, cfg, tmp_path):
                        init="/sbin/banger-init", meta={})
     assert not st2.exists()
     ctx.close()
+
+
+def test_register_an_image_whose_names_are_not_utf8(banger_env, cfg, tmp_path):
+    """A non-UTF-8 baked host key is found and removed (the old `ls -l` parse left it in the image),
+    and non-UTF-8 names in /root reach the work seed."""
+    tree = tmp_path / "tree"
+    for d in ("usr/sbin", "etc/ssh", "root", "bin"):
+        (tree / d).mkdir(parents=True, exist_ok=True)
+    (tree / "usr/sbin/sshd").write_text("#!/bin/sh\n")
+    os.chmod(tree / "usr/sbin/sshd", 0o755)
+    odd = b"ssh_host_caf\xe9_key"
+    with open(os.path.join(os.fsencode(tree / "etc/ssh"), odd), "wb") as f:
+        f.write(b"BAKED")
+    with open(os.path.join(os.fsencode(tree / "root"), b"notes-\xff.txt"), "wb") as f:
+        f.write(b"mine\n")
+    img = tmp_path / "odd.ext4"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(img), "64M"], check=True)
+    d = banger_json("image", "register", "odd", str(img))["data"]
+    listing = subprocess.run(["debugfs", "-R", "ls -p /etc/ssh", d["rootfs"]], capture_output=True).stdout
+    assert b"ssh_host_" not in listing
+    seed = subprocess.run(["debugfs", "-R", "ls -p /", d["work_seed"]], capture_output=True).stdout
+    assert b"notes-\xff.txt" in seed

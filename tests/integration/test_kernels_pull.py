@@ -16,11 +16,13 @@ import pytest
 from banger.guest import kernelfmt
 from tests.support.cli import banger_json
 from tests.support.kernels import (
+    FakeApt,
     KernelServer,
     download_log,
     fake_bzimage,
     fake_elf_kernel,
     fake_module_tree,
+    kernel_deb,
     newc_entries,
     sha256,
     write_catalog,
@@ -381,3 +383,71 @@ def test_resolve_imported_kernel_and_missing_files(cfg, tmp_path, monkeypatch):
     doc = banger_json("kernel", "import", tampered, "--name", "own3", check=False)
     assert doc["error"]["code"] == "integrity" and "initrd.img" in doc["error"]["message"]
     _nothing_left(cfg, "own3")
+
+
+def test_show_and_rm_never_queue_behind_a_download_of_the_same_kernel(cfg, catalog, server):
+    """The slow work of a pull holds only kernel/<name>..pull; kernel/<name> is for the short publish."""
+    banger_json("kernel", "pull", "ka")
+    server.hold_after = len(BZ_A) // 2      # the re-pull parks mid-download until released
+    p = _spawn_pull("ka", "--force")
+    try:
+        assert server.held.wait(120), "the forced pull never started downloading"
+        t0 = time.monotonic()
+        shown = banger_json("kernel", "show", "ka", timeout=60)["data"]
+        removed = banger_json("kernel", "rm", "ka", timeout=60)["data"]
+        took = time.monotonic() - t0
+        assert p.poll() is None, "the pull should still be parked in its download"
+        print(f"\nshow + rm while the same kernel downloads: {took:.2f}s")
+        assert shown["pulled"] is True and removed["removed"] is True
+        assert banger_json("kernel", "show", "ka")["data"]["pulled"] is False
+    finally:
+        server.release.set()
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert json.loads(out)["data"]["downloaded"] is True
+    assert _rows(cfg) == ["ka"] and (cfg.kernels_dir / "ka" / "vmlinux").read_bytes() == ELF_A
+    assert list(cfg.staging_dir.iterdir()) == []
+
+
+@pytest.fixture
+def fake_apt(tmp_path, monkeypatch):
+    apt = FakeApt(tmp_path / "apt")
+    monkeypatch.setenv("PATH", f"{apt.bindir}:{os.environ['PATH']}")
+    rel = "9.9.4-apt"
+    elf = fake_elf_kernel(release=rel, size=1 << 20, seed=44)
+    fake_module_tree(tmp_path / "mods", release=rel)
+    deb = kernel_deb(tmp_path / "k.deb", rel, fake_bzimage(elf, "gzip", version=f"{rel} (t@b) #1"), tmp_path / "mods")
+    apt.add(f"linux-image-{rel}", deb)
+    apt.add("linux-image-9.9.5-nosha", deb, sha256=False)
+    cat = write_catalog(tmp_path / "apt-kernels.json", [
+        {"name": "kapt", "source": {"type": "apt", "package": f"linux-image-{rel}"}},
+        {"name": "knosha", "source": {"type": "apt", "package": "linux-image-9.9.5-nosha"}}])
+    monkeypatch.setenv("BANGER_KERNEL_CATALOG", str(cat))
+    apt.elf, apt.release = elf, rel
+    return apt
+
+
+def test_apt_downloads_into_a_dir_only_apt_and_root_can_write(cfg, fake_apt):
+    import pwd
+
+    d = banger_json("kernel", "pull", "kapt")["data"]
+    assert d["version"] == fake_apt.release and d["source"]["downloaded"] is True
+    assert (cfg.kernels_dir / "kapt" / "vmlinux").read_bytes() == fake_apt.elf
+    [line] = fake_apt.download_dirs()
+    mode, owner, group = line.split()
+    try:
+        apt_user = pwd.getpwnam("_apt").pw_name
+    except KeyError:
+        apt_user = "root"
+    assert int(mode, 8) & 0o077 == 0, f"apt's download dir is mode {mode}"      # was 777
+    assert (owner, group) == (apt_user, "root")
+    assert list(cfg.staging_dir.iterdir()) == []
+
+
+def test_apt_package_without_sha256_is_refused_before_any_download(cfg, fake_apt):
+    doc = banger_json("kernel", "pull", "knosha", check=False)
+    assert doc["ok"] is False and doc["error"]["code"] == "integrity"
+    assert "SHA256" in doc["error"]["message"] and "apt-get update" in doc["error"]["hint"]
+    assert fake_apt.download_dirs() == []
+    _nothing_left(cfg, "knosha")
+    assert download_log(cfg) == []

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from banger.errors import Conflict, ExternalError, IntegrityError, NotFound, UsageError
-from banger.workspace.service import HostRepo, bundle_heads, classify
+from banger.workspace.host import HostRepo, bundle_heads
+from banger.workspace.planning import classify
 from tests.support.workspace import commit, git, make_repo, refs
 
 
@@ -243,3 +244,109 @@ def test_a_repository_owned_by_someone_else_stays_theirs(tmp_path, request):
     not_theirs = [str(p) for p in (repo / ".git").rglob("*") if p.lstat().st_uid != uid]
     assert not_theirs == []
     assert git(repo, "status", "--porcelain", user=uid) == ""  # the owner can still use it (no root files)
+
+
+def _tree_state(d: Path) -> dict:
+    """Every entry under ``d`` with its owner and mode (and ``d`` itself)."""
+    out = {".": (d.lstat().st_uid, d.lstat().st_mode)}
+    for p in d.rglob("*"):
+        st = p.lstat()
+        out[str(p.relative_to(d))] = (st.st_uid, st.st_mode)
+    return out
+
+
+@pytest.fixture
+def foreign_repo(request):
+    """A repository owned by uid 4242 in a directory that uid can traverse (pytest's tmp is 0700)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to own files as another user")
+    base = Path(tempfile.mkdtemp(prefix="ws-foreign-", dir="/var/tmp"))
+    os.chmod(base, 0o755)
+    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
+    repo = make_repo(base)
+    subprocess.run(["chown", "-R", "4242:4242", str(repo)], check=True)
+    return base, repo, 4242
+
+
+def test_a_planted_git_banger_link_never_gets_a_root_write_or_chown(foreign_repo, tmp_path):
+    """The owner made .git/banger a link to a root-owned directory: banger creates, chowns and renames
+    nothing there (the old code chowned that directory to the owner and made temp dirs in it)."""
+    from banger.errors import HostError
+
+    base, repo, uid = foreign_repo
+    target = base / "root-owned"
+    target.mkdir()
+    os.chmod(target, 0o755)
+    (target / "keep").write_text("root's own\n")
+    os.symlink(target, repo / ".git" / "banger")
+    os.lchown(repo / ".git" / "banger", uid, uid)
+    before = _tree_state(target)
+    work = Path(tempfile.mkdtemp(prefix="ws-work-"))   # banger's private staging (root, 0700)
+    try:
+        r = HostRepo.open(repo)
+        info = r.bundle_all(work / "in.bundle")         # the owner's git writes into banger's descriptor
+        assert (work / "in.bundle").stat().st_uid == 0 and info["bytes"] > 0
+        with pytest.raises(HostError, match="as the repository's owner") as e:
+            r.private_tmp()                              # the owner cannot write there: a clear error
+        assert e.value.hint
+        g = guest_clone(tmp_path, work / "in.bundle")
+        c = commit(g, "g.txt", "g\n", "guest")
+        out = export_bundle(g, work / "out.bundle", ["main"], list(info["branches"].values()))
+        os.chmod(out, 0o600)                             # banger's download: unreadable by path to the owner
+        r.verify_bundle(out)
+        assert r.fetch_exports(out, "vm-a", ["main"])[0]["head"] == c
+        (work / "p.patch").write_text("diff --git a/x b/x\n")
+        with pytest.raises(HostError, match="as the repository's owner"):
+            r.save_patch(work / "p.patch", "vm-a", "uncommitted-main.patch")
+    finally:
+        shutil.rmtree(work)
+    assert _tree_state(target) == before and (target / "keep").read_text() == "root's own\n"
+    assert os.path.islink(repo / ".git" / "banger")
+    assert git(repo, "rev-parse", "banger/vm-a/main") == c
+    assert [str(p) for p in repo.rglob("*") if p.lstat().st_uid != uid] == []
+
+
+def test_the_owner_writes_everything_inside_their_repository(foreign_repo):
+    base, repo, uid = foreign_repo
+    (repo / "wip.txt").write_text("uncommitted\n")
+    os.chown(repo / "wip.txt", uid, uid)
+    (repo / "src" / "app.py").write_text("print('edited')\n")
+    work = Path(tempfile.mkdtemp(prefix="ws-work-"))
+    try:
+        r = HostRepo.open(repo)
+        scratch = r.private_tmp()                       # made by the owner's own process
+        assert scratch.parent == repo / ".git" / "banger" and scratch.stat().st_uid == uid
+        d = r.dirty_patch(work / "d.patch", scratch)
+        assert d["files"] == 2 and (work / "d.patch").stat().st_uid == 0
+        saved = r.save_patch(work / "d.patch", "vm-a", "uncommitted-main.patch")
+        assert saved == repo / ".git" / "banger" / "vm-a" / "uncommitted-main.patch"
+        assert saved.read_bytes() == (work / "d.patch").read_bytes()
+        r.remove_tmp(scratch)
+        assert not scratch.exists()
+    finally:
+        shutil.rmtree(work)
+    assert [str(p) for p in repo.rglob("*") if p.lstat().st_uid != uid] == []
+    assert git(repo, "status", "--porcelain", user=uid).splitlines() == [" M src/app.py", "?? wip.txt"]
+
+
+def test_a_work_tree_and_git_dir_of_different_owners_is_refused(foreign_repo):
+    _base, repo, _uid = foreign_repo
+    os.chown(repo, 0, 0)
+    with pytest.raises(UsageError, match="belongs to uid 0 but its git directory"):
+        HostRepo.open(repo)
+
+
+def test_non_utf8_file_names_in_the_dirty_patch(tmp_path):
+    repo = make_repo(tmp_path)
+    name = b"caf\xe9 \xff.txt"
+    with open(os.path.join(os.fsencode(repo), name), "wb") as f:
+        f.write(b"latin-1 named\n")
+    r = HostRepo.open(repo)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    d = r.dirty_patch(tmp_path / "d.patch", scratch)
+    assert d["files"] == 1
+    clean = tmp_path / "clean"
+    git(tmp_path, "clone", "-q", str(repo), str(clean))
+    git(clean, "apply", str(tmp_path / "d.patch"))
+    assert open(os.path.join(os.fsencode(clean), name), "rb").read() == b"latin-1 named\n"

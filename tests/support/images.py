@@ -2,9 +2,9 @@
 
 ``default_image`` (session scope) builds the default image (debootstrap) ONCE into a
 cache dir reused across tests and test runs (``BANGER_TEST_CACHE``, default
-/var/tmp/banger-test-cache); the cache key hashes the guest files and the package
-list, so a change to banger-init rebuilds it.  ``install_image(cfg, src, name)`` then
-publishes a copy into a test's own isolated BANGER_HOME (the work seed gets that
+/var/tmp/banger-test-cache); the cache key hashes the guest files, the package
+list and the modules that build it (_KEY_SOURCES), so a change to banger-init rebuilds it.
+``install_image(cfg, src, name)`` then publishes a copy into a test's own isolated BANGER_HOME (the work seed gets that
 home's client key on the first resolve()).
 """
 
@@ -25,6 +25,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("BANGER_TEST_CACHE", "/var/tmp/banger-test-cache"))
+# the modules that shape the default image (its files, rows and meta); a change to any rebuilds it
+_KEY_SOURCES = ["banger/images/service.py", "banger/images/finalize.py", "banger/images/sources/debootstrap.py"]
 
 
 # ---------------------------------------------------------------- ext4 inspection
@@ -84,13 +86,14 @@ def assert_nothing_left(cfg, name: str) -> None:
 
 # ---------------------------------------------------------------- the default image, built once
 def _cache_key() -> str:
-    from banger.images.service import DEFAULT_PACKAGES
+    from banger.images.sources.debootstrap import DEFAULT_PACKAGES
 
     h = hashlib.sha256()
     for p in sorted((ROOT / "banger/data/guest").iterdir()):
         h.update(p.name.encode() + p.read_bytes())
     h.update(json.dumps(DEFAULT_PACKAGES).encode())
-    h.update((ROOT / "banger/images/service.py").read_bytes())
+    for rel in _KEY_SOURCES:
+        h.update((ROOT / rel).read_bytes())
     return h.hexdigest()[:12]
 
 

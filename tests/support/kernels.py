@@ -3,18 +3,22 @@
 * ``pulled_default_kernel`` / ``default_kernel`` (session scope): pulls the real default
   kernel (Debian linux-image-cloud-amd64 through the host's apt) ONCE into a shared cache
   home, /var/tmp/banger-test-cache/kernels/<key>/home, keyed by the sources that shape
-  the result (kernels.py, kernelfmt.py, initramfs.py, initramfs-init.sh, kernels.json), so
-  reruns reuse it and a change to the builder rebuilds it. The .deb itself is cached
+  the result (_KEY_SOURCES: the kernels package, kernelfmt.py, initramfs.py,
+  initramfs-init.sh, kernels.json), so reruns reuse it and a change to the builder rebuilds it. The .deb itself is cached
   across keys (cache/debs is shared). Concurrent test sessions are safe: the pull runs
   under banger's own ``kernel/<name>`` flock in that home. Returns resolve()'s dict
   (name, version, dir, vmlinux, bzimage, initrd, modules_dir, manifest).
 * ``install_kernel(cfg, info)``: publish that kernel into a test's own BANGER_HOME via
-  ``kernels.import_kernel`` of the directory (hard links + sha256 verification), fast.
+  ``kernels.import_kernel`` of the directory (copies checked against their sha256, then the
+  same assembly and checks a pull makes; under a second).
 * ``fake_elf_kernel`` / ``fake_bzimage``: small synthetic x86_64 "kernels" (ELF64 with a
   Xen PVH note and a 'Linux version' banner; a bzImage wrapping it with a real lz4 legacy
   / gzip / xz / zstd payload) for the download/lock/format tests, which must be fast.
 * ``KernelServer``: a loopback HTTP server serving given bytes, recording every GET
-  (path, start, end) so tests count downloads and measure overlap; optional throttle.
+  (path, start, end) so tests count downloads and measure overlap; optional throttle, and
+  ``hold_after`` to park a download mid-way until the test sets ``release``.
+* ``FakeApt``: apt-cache / apt-get stand-ins on PATH serving a real .deb (built with dpkg-deb)
+  and recording the directory apt-get downloads into (mode, owner).
 * ``write_catalog``: a test-only catalog file (for $BANGER_KERNEL_CATALOG).
 """
 
@@ -36,7 +40,11 @@ import pytest
 
 CACHE_ROOT = Path(os.environ.get("BANGER_TEST_CACHE", "/var/tmp/banger-test-cache")) / "kernels"
 ROOT = Path(__file__).resolve().parents[2]
-_KEY_SOURCES = ["banger/kernels/service.py", "banger/guest/kernelfmt.py", "banger/guest/initramfs.py",
+# what shapes the pulled kernel: the kernels package (catalog, apt/deb fetchers, assembly, publish),
+# the format and initramfs modules, the guest's /init and the catalog
+_KEY_SOURCES = ["banger/kernels/service.py", "banger/kernels/catalog.py", "banger/kernels/assemble.py",
+                "banger/kernels/sources/__init__.py", "banger/kernels/sources/apt.py",
+                "banger/kernels/sources/deb.py", "banger/guest/kernelfmt.py", "banger/guest/initramfs.py",
                 "banger/data/initramfs-init.sh", "banger/data/kernels.json"]
 
 
@@ -193,6 +201,9 @@ class KernelServer:
     def __init__(self, files: dict[str, bytes], bytes_per_s: float | None = None):
         self.files = dict(files)
         self.bytes_per_s = bytes_per_s
+        self.hold_after: int | None = None      # send this many bytes, then wait for ``release``
+        self.release = threading.Event()
+        self.held = threading.Event()           # set once a response is parked at ``hold_after``
         self.requests: list[dict] = []
         self._lock = threading.Lock()
         server = self
@@ -224,6 +235,10 @@ class KernelServer:
                 t0 = time.monotonic()
                 try:
                     for off in range(0, len(data), chunk):
+                        if server.hold_after is not None and off >= server.hold_after and not server.release.is_set():
+                            self.wfile.flush()
+                            server.held.set()
+                            server.release.wait(300)  # the test releases it (or the test failed)
                         self.wfile.write(data[off:off + chunk])
                         if server.bytes_per_s:
                             ahead = (off + chunk) / server.bytes_per_s - (time.monotonic() - t0)
@@ -319,3 +334,64 @@ def fake_module_tree(root: Path, release: str = "9.9.9-banger-test", extra: dict
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(fake_module(n.replace("-", "_"), d, vermagic=f"{release} SMP mod_unload "))
     return base
+
+
+# ---------------------------------------------------------------- an apt stand-in
+
+def kernel_deb(out: Path, release: str, bzimage: bytes, modules_root: Path | None = None,
+               config: str | None = "CONFIG_PVH=y\n") -> Path:
+    """A real linux-image .deb (dpkg-deb -b): /boot/vmlinuz-<rel>, /boot/config-<rel>, lib/modules."""
+    root = out.parent / f".{out.name}.root"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        f"Package: linux-image-{release}\nVersion: 1.0\nArchitecture: amd64\nMaintainer: t <t@b>\n"
+        f"Description: test kernel\n")
+    (root / "boot").mkdir()
+    (root / "boot" / f"vmlinuz-{release}").write_bytes(bzimage)
+    if config is not None:
+        (root / "boot" / f"config-{release}").write_text(config)
+    if modules_root is not None:
+        import shutil
+
+        shutil.copytree(modules_root / "lib", root / "lib")
+    subprocess.run(["dpkg-deb", "-b", "--root-owner-group", str(root), str(out)], check=True,
+                   capture_output=True)
+    return out
+
+
+class FakeApt:
+    """``apt-cache show`` and ``apt-get download`` stand-ins in ``bindir`` (put it first on PATH).
+
+    ``add(package, deb, sha256=True)`` makes ``apt-cache show`` answer for it (with or without a
+    SHA256 field); ``apt-get download`` copies the .deb into its cwd and appends
+    "<mode> <owner> <group>" of that cwd to ``downloads`` (one line per download)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.bindir = self.root / "bin"
+        self.bindir.mkdir(parents=True)
+        self.downloads = self.root / "downloads"
+        (self.bindir / "apt-cache").write_text(
+            "#!/bin/sh\n# fake apt-cache: show --no-all-versions PKG\n"
+            f"f='{self.root}'/\"$3\".stanza\n[ -f \"$f\" ] || exit 100\ncat \"$f\"\n")
+        (self.bindir / "apt-get").write_text(
+            "#!/bin/sh\n# fake apt-get: download -q PKG=VERSION\n"
+            f"stat -c '%a %U %G' . >> '{self.downloads}'\n"
+            "pkg=${3%%=*}\n"
+            f"cp '{self.root}'/\"$pkg\".deb \"./$(cat '{self.root}'/\"$pkg\".filename)\"\n")
+        for f in ("apt-cache", "apt-get"):
+            os.chmod(self.bindir / f, 0o755)
+
+    def add(self, package: str, deb: Path, sha256: bool = True) -> None:
+        data = Path(deb).read_bytes()
+        fname = f"{package}_1.0_amd64.deb"
+        lines = [f"Package: {package}", "Version: 1.0", "Architecture: amd64", f"Filename: pool/main/l/{fname}",
+                 f"Size: {len(data)}"]
+        if sha256:
+            lines.append(f"SHA256: {hashlib.sha256(data).hexdigest()}")
+        (self.root / f"{package}.stanza").write_text("\n".join(lines) + "\n\n")
+        (self.root / f"{package}.deb").write_bytes(data)
+        (self.root / f"{package}.filename").write_text(fname)
+
+    def download_dirs(self) -> list[str]:
+        return self.downloads.read_text().splitlines() if self.downloads.exists() else []

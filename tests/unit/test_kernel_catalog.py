@@ -8,7 +8,7 @@ import pytest
 
 from banger.config import DEFAULTS
 from banger.errors import UsageError
-from banger.kernels import service as kernels
+from banger.kernels import catalog as kernels
 from tests.support.kernels import write_catalog
 
 

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from banger.errors import HostError, UsageError
-from banger.images.service import default_name, host_mirror, validate_name
+from banger.images.service import validate_name
+from banger.images.sources.debootstrap import host_mirror
 from banger.images.sources.oci.layers import UnsafeLayer, normalise
+from banger.images.sources.oci.pull import default_name
 from banger.images.sources.oci.registry import DOCKER_HUB, _parse_challenge, parse_ref
 
 INIT = Path(__file__).resolve().parents[2] / "banger" / "data" / "guest" / "banger-init"

@@ -1,4 +1,4 @@
-"""`vm promote`: turn a stopped VM into a new image.
+"""Image source ``promoted`` (`vm promote` / `image promote`): turn a stopped VM into a new image.
 
 The image's rootfs and the VM's overlay disk are attached read-only through loop
 devices; a read-only overlayfs with ``lowerdir=scrub:upper:lower`` is the merged
@@ -26,6 +26,7 @@ from banger.state import staging
 from banger.vms import runtime as vms
 from banger.vms.plan import Runner
 
+KIND = "promoted"
 PER_VM_FILES = ("etc/ssh/ssh_host_ed25519_key", "etc/ssh/ssh_host_ed25519_key.pub", "etc/hostname")
 
 
@@ -62,6 +63,7 @@ def _scrub_layer(scrub: Path, lower: Path) -> None:
 
 
 def promote(ctx, ref: str, name: str) -> dict:
+    from banger.images import finalize
     from banger.images import service as images
 
     images.validate_name(name)
@@ -96,14 +98,14 @@ def promote(ctx, ref: str, name: str) -> dict:
                                                      merged), lambda: _umount(merged))
 
             def pack():
-                used, inodes = images._tree_usage(merged)
-                size = max(images._fs_size_mib(used, inodes, 256), 256)
-                ext4.mkfs(out / images.ROOTFS_NAME, size, src_dir=merged, label="banger-root")
+                used, inodes = finalize.tree_usage(merged)
+                size = max(finalize.fs_size_mib(used, inodes, 256), 256)
+                ext4.mkfs(out / finalize.ROOTFS_NAME, size, src_dir=merged, label="banger-root")
                 return {"tree_bytes": used, "fs_size_mib": size,
                         "has_sshd": os.path.exists(merged / "usr" / "sbin" / "sshd")}
 
             facts = steps.run("pack.rootfs", pack, message="packing the merged root (mkfs.ext4 -d)")
-            steps.run("pack.seed", lambda: reflink_or_sparse_copy(d / vms.WORK, out / images.SEED_NAME))
+            steps.run("pack.seed", lambda: reflink_or_sparse_copy(d / vms.WORK, out / finalize.SEED_NAME))
             errs = steps.unwind()  # unmount + detach before publishing
             if errs:
                 from banger.errors import ExternalError
@@ -111,7 +113,7 @@ def promote(ctx, ref: str, name: str) -> dict:
                 raise ExternalError("; ".join(errs), "run banger gc to detach leftover loop devices")
             meta = {**facts, "promoted_from": {"vm": vm["name"], "id": vm["id"], "image": vm["image"]}}
             row = steps.run("publish", lambda: images.publish(
-                ctx, name, out, kind="promoted", source=f"vm:{vm['name']}", digest=None, kernel=vm["kernel"],
+                ctx, name, out, kind=KIND, source=f"vm:{vm['name']}", digest=None, kernel=vm["kernel"],
                 init=vm["options"].get("init"), meta=meta))
         except BaseException:
             steps.unwind()
