@@ -112,3 +112,38 @@ def test_logic_never_imports_the_ui():
                      else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
             bad += [f"{mod} imports {n}" for n in names if n.split(".")[0] in ("typer", "rich", "click")]
     assert not bad, "\n".join(bad)
+
+
+def _reach(g: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for n in g.get(todo.pop(), ()):
+            if n not in seen:
+                seen.add(n)
+                todo.append(n)
+    return seen
+
+
+def test_within_packages_dependencies_point_one_way():
+    """images: finalize <- service <- sources/* (the service reaches a source only through the
+    registry in images/sources/__init__.py, by name); kernels: catalog, assemble <- sources/* <-
+    service; workspace: planning, host, guest <- service; vms: runtime <- plan/plans <- lifecycle."""
+    g = graph()
+    pk = ("banger.images", "banger.kernels", "banger.workspace")
+
+    def ours(m: str) -> set[str]:
+        return {x for x in g[m] if x.startswith(pk)}
+
+    assert ours("banger.images.finalize") <= {"banger.images.sources", "banger.images.sources.oci",
+                                              "banger.images.sources.oci.layers"}
+    assert ours("banger.images.sources") == set()
+    assert {x for x in ours("banger.images.service") if x.startswith("banger.images.sources.")} == set()
+    for low in ("banger.kernels.catalog", "banger.kernels.assemble", "banger.kernels.sources",
+                "banger.kernels.sources.apt", "banger.kernels.sources.url", "banger.kernels.sources.local",
+                "banger.kernels.sources.deb"):
+        assert "banger.kernels.service" not in _reach(g, low), low
+    for low in ("banger.workspace.host", "banger.workspace.guest", "banger.workspace.planning"):
+        assert "banger.workspace.service" not in _reach(g, low), low
+    assert ours("banger.workspace.planning") == set()
+    for low in ("banger.vms.runtime", "banger.vms.plan", "banger.vms.plans", "banger.vms.disks"):
+        assert "banger.vms.lifecycle" not in _reach(g, low), low
