@@ -33,6 +33,7 @@ DEFAULTS = {
     "lock_timeout_s": 600.0,
     "firecracker_bin": "firecracker",
     "qemu_bin": "qemu-system-x86_64",
+    "console_log_max_kib": 1024,           # serial.log rotates to serial.log.1 at this size (2 files kept)
 }
 
 
