@@ -60,7 +60,7 @@ def parse_bytes(value: str | None, flag: str) -> int | None:
         n = float(v) * mult
     except ValueError:
         raise UsageError(f"{flag} {value!r} is not a size", f"e.g. {flag} 500M or {flag} 2G") from None
-    if not n >= 0 or n != int(n):
+    if not 0 <= n < 2 ** 63 or n != int(n):
         raise UsageError(f"{flag} {value!r} must be a whole number of bytes, zero or more", f"e.g. {flag} 2G")
     return int(n)
 

@@ -28,7 +28,11 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
+
+TYPE_CHECKING = False  # (not `typing`: the pump process should start fast)
+
+if TYPE_CHECKING:  # the pump process imports nothing it does not need (start-up competes with the VMM's)
+    from pathlib import Path
 
 ROTATED_SUFFIX = ".1"
 PUMP_LOG = "console-pump.log"
@@ -98,14 +102,14 @@ class Sanitizer:
 
 
 # ---------------------------------------------------------------------------- reading the log
-def rotated(path: Path | str) -> Path:
-    return Path(str(path) + ROTATED_SUFFIX)
+def rotated(path: Path | str) -> str:
+    return os.fspath(path) + ROTATED_SUFFIX
 
 
 def read_all(path: Path | str) -> bytes:
     """The whole retained console: ``serial.log.1`` then ``serial.log`` (consistent across a rotation
     that happens while reading: retried until ``serial.log`` is the file that was read)."""
-    path = Path(path)
+    path = os.fspath(path)
     for _ in range(5):
         try:
             cur = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -126,7 +130,7 @@ def read_all(path: Path | str) -> bytes:
     return old + data
 
 
-def _read_path(p: Path) -> bytes:
+def _read_path(p: str) -> bytes:
     try:
         fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -151,7 +155,7 @@ def _read_fd(fd: int, start: int = 0, limit: int | None = None) -> bytes:
     return b"".join(out)
 
 
-def _tail_bytes(p: Path, nbytes: int) -> bytes:
+def _tail_bytes(p: str, nbytes: int) -> bytes:
     try:
         fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -168,7 +172,7 @@ def tail(path: Path | str, n: int = 20, *, rotation: bool = True) -> str:
 
     With ``rotation`` the end of ``serial.log.1`` is prepended when ``serial.log`` was just rotated
     and holds fewer than ``n`` lines."""
-    path = Path(path)
+    path = os.fspath(path)
     data = _tail_bytes(path, 16384)
     if rotation and data.count(b"\n") < n:
         data = _tail_bytes(rotated(path), 16384) + data
@@ -182,7 +186,7 @@ def follow(path: Path | str, write, *, keep_going, poll_s: float = 0.2, sanitize
     read to its end before switching to the new one)."""
     import time
 
-    path = Path(path)
+    path = os.fspath(path)
     emit = (lambda b: write(sanitizer.feed(b).encode())) if sanitizer else write
     emit(_read_path(rotated(path)))
     fd, pos = -1, 0
@@ -234,14 +238,15 @@ def cap_bytes(cfg) -> int:
 
 
 def isolated_python_argv(module: str, *args) -> list[str]:
-    """``python -I -c ...`` running ``module._main(argv)`` from the banger tree that is running now:
-    no PYTHONPATH, user site or working directory on the path (spawn it with cwd ``/``)."""
+    """``python -I -S -c ...`` running ``module._main(argv)`` from the banger tree that is running now:
+    no PYTHONPATH, site-packages, user site or working directory on the path (spawn it with cwd ``/``);
+    for helpers that need only the standard library and banger."""
     import banger
 
-    root = str(Path(banger.__file__).resolve().parent.parent)
+    root = os.path.dirname(os.path.dirname(os.path.realpath(banger.__file__)))
     boot = (f"import sys; sys.path.insert(0, sys.argv.pop(1)); "
             f"from {module} import _main; sys.exit(_main(sys.argv[1:]))")
-    return [sys.executable, "-I", "-c", boot, root, *map(str, args)]
+    return [sys.executable, "-I", "-S", "-c", boot, root, *map(str, args)]
 
 
 def spawn_pump(*, vm_id: str, vm_dir: Path, log_name: str, cap: int, vmm_fd: int, control_fd: int | None = None,
@@ -250,7 +255,7 @@ def spawn_pump(*, vm_id: str, vm_dir: Path, log_name: str, cap: int, vmm_fd: int
     ``control_fd`` (the caller closes its own) and a directory fd for ``vm_dir``."""
     from banger.host import procs
 
-    dfd = os.open(vm_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    dfd = os.open(vm_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         fds = [vmm_fd, dfd] + ([control_fd] if control_fd is not None else [])
         args = ["pump", "--vm", vm_id, "--vmm-fd", vmm_fd, "--dir-fd", dfd, "--log", log_name, "--cap", cap]
@@ -428,21 +433,25 @@ def pump(vmm_fd: int, dir_fd: int, log_name: str, cap: int, control_fd: int | No
 
 
 def _main(argv: list[str]) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="banger-console-pump")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("pump")
-    p.add_argument("--vm", required=True)        # for `ps` and gc: which VM this pump serves
-    p.add_argument("--vmm-fd", type=int, required=True)
-    p.add_argument("--dir-fd", type=int, required=True)
-    p.add_argument("--log", required=True)
-    p.add_argument("--cap", type=int, required=True)
-    p.add_argument("--control-fd", type=int)
-    a = ap.parse_args(argv)
-    if "/" in a.log or a.log in ("", ".", "..") or a.cap < MIN_MAX_KIB * 1024:
-        ap.error("--log must be a plain file name and --cap at least 16 KiB")
-    return pump(a.vmm_fd, a.dir_fd, a.log, a.cap, a.control_fd)
+    """``pump --vm ID --vmm-fd N --dir-fd N --log NAME --cap BYTES [--control-fd N]`` (no argparse: start-up
+    time matters, it runs while the VMM boots)."""
+    usage = "usage: pump --vm ID --vmm-fd N --dir-fd N --log NAME --cap BYTES [--control-fd N]\n"
+    if not argv or argv[0] != "pump" or len(argv) % 2 != 1:
+        sys.stderr.write(usage)
+        return 2
+    opts = dict(zip(argv[1::2], argv[2::2], strict=True))
+    try:
+        vmm_fd, dir_fd, cap = int(opts["--vmm-fd"]), int(opts["--dir-fd"]), int(opts["--cap"])
+        control = int(opts["--control-fd"]) if "--control-fd" in opts else None
+        log, _vm = opts["--log"], opts["--vm"]  # --vm: for `ps` and gc, which VM this pump serves
+    except (KeyError, ValueError):
+        sys.stderr.write(usage)
+        return 2
+    if "/" in log or log in ("", ".", "..") or cap < MIN_MAX_KIB * 1024 or set(opts) - {
+            "--vm", "--vmm-fd", "--dir-fd", "--log", "--cap", "--control-fd"}:
+        sys.stderr.write(usage + "--log must be a plain file name and --cap at least 16 KiB\n")
+        return 2
+    return pump(vmm_fd, dir_fd, log, cap, control)
 
 
 if __name__ == "__main__":

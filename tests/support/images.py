@@ -90,7 +90,7 @@ def _cache_key() -> str:
     for p in sorted((ROOT / "banger/data/guest").iterdir()):
         h.update(p.name.encode() + p.read_bytes())
     h.update(json.dumps(DEFAULT_PACKAGES).encode())
-    h.update((ROOT / "banger/services/images.py").read_bytes())
+    h.update((ROOT / "banger/images/service.py").read_bytes())
     return h.hexdigest()[:12]
 
 

@@ -36,7 +36,7 @@ import pytest
 
 CACHE_ROOT = Path(os.environ.get("BANGER_TEST_CACHE", "/var/tmp/banger-test-cache")) / "kernels"
 ROOT = Path(__file__).resolve().parents[2]
-_KEY_SOURCES = ["banger/services/kernels.py", "banger/kernelfmt.py", "banger/initramfs.py",
+_KEY_SOURCES = ["banger/kernels/service.py", "banger/guest/kernelfmt.py", "banger/guest/initramfs.py",
                 "banger/data/initramfs-init.sh", "banger/data/kernels.json"]
 
 
