@@ -55,6 +55,7 @@ NAME_MAX = 255
 READ_WINDOW = 1 << 21          # bytes requested in one pipelined round (64 x 32 KiB SFTP reads)
 MARGIN_MIN = 64 << 20
 MARGIN_FRACTION = 0.02
+WARNINGS_MAX = 20              # then one summary line (a guest can hold a million FIFOs)
 
 
 class UnsafeGuestData(SshError):
@@ -149,10 +150,20 @@ class _Download:
         self.max_bytes = max_bytes
         self.left = max_bytes
         self.user_limit = user_limit
-        self.warn = warn
+        self._warn = warn
+        self.skipped = 0
         self.umask = current_umask()
         self.entries = 0
         self.files = 0
+
+    def warn(self, msg: str) -> None:
+        self.skipped += 1
+        if self.skipped <= WARNINGS_MAX:
+            self._warn(msg)
+
+    def summary(self) -> None:
+        if self.skipped > WARNINGS_MAX:
+            self._warn(f"... {self.skipped - WARNINGS_MAX} more entries skipped ({self.skipped} in all)")
 
     # -- bounds
     def _over(self, what: str) -> CopyLimitExceeded:
@@ -393,6 +404,7 @@ def _run(d: _Download, remote: str, pfd: int, name: str, st, parent: Path) -> in
                 d.fill(fd, remote, st.st_size, st.st_mode)
         finally:
             os.close(fd)
+        d.summary()
         return d.files
     except BaseException as e:
         if created:

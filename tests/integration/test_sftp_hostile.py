@@ -171,6 +171,14 @@ def test_links_are_kept_only_when_they_stay_inside_the_copy(sb):
     sb.assert_untouched()
 
 
+def test_a_flood_of_skipped_entries_gives_a_bounded_number_of_warnings(sb):
+    g = HostileGuest()
+    g.dir("/root/d", [g.file(f"fifo{i}", mode=stat.S_IFIFO | 0o644) for i in range(500)] + [g.file("a", b"A")])
+    warnings: list[str] = []
+    assert _get(g, "/root/d", sb.dest, warn=warnings.append) == 1
+    assert len(warnings) == sftpcopy.WARNINGS_MAX + 1 and "480 more" in warnings[-1]
+
+
 def test_link_safety_rule():
     ok = [("a", 0), ("a/b", 0), ("./a", 0), ("../a", 1), ("../../a/b", 2), ("..", 1), ("../..", 2)]
     bad = [("/etc", 5), ("../a", 0), ("../../a", 1), ("a/../..", 3), ("c/../x", 3), ("", 3), ("a\0b", 1)]
