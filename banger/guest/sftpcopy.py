@@ -155,6 +155,7 @@ class _Download:
         self.umask = current_umask()
         self.entries = 0
         self.files = 0
+        self.progress: Callable[[int, int], None] | None = None
 
     def warn(self, msg: str) -> None:
         self.skipped += 1
@@ -269,6 +270,8 @@ class _Download:
                 _write_all(fd, block)
                 self.left -= len(block)
                 pos += len(block)
+                if self.progress is not None:
+                    self.progress(pos, claimed or 0)
                 if len(block) < READ_WINDOW:
                     break
         os.fchmod(fd, file_mode(mode, self.umask))
@@ -413,6 +416,44 @@ def _run(d: _Download, remote: str, pfd: int, name: str, st, parent: Path) -> in
             raise SshError(f"copy from guest:{show(remote)} failed: the guest's SFTP server sent a bad reply "
                            f"({show(str(e))}); nothing was kept", "the VM may have stopped; banger vm show") from None
         raise
+
+
+def fetch_file(sftp, remote: str, local: Path, *, max_bytes: int | None = None,
+               progress: Callable[[int, int], None] | None = None) -> int:
+    """One guest file into a NEW local file (0600, O_EXCL|O_NOFOLLOW in its parent's dir fd), at most
+    ``max_bytes`` (default: free space minus the margin), removed on any failure; returns its size.
+    For callers that hold an SFTP client already (workspace export bundles and patches);
+    ``progress(done, claimed)`` is called after each window."""
+    import paramiko
+
+    local = Path(local)
+    pfd = os.open(local.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = sftp.stat(remote)
+        if not stat.S_ISREG(st.st_mode or 0):
+            raise UnsafeGuestData(f"guest:{show(remote)} is not a regular file", "the guest changed it under us")
+        limit = default_max_bytes(pfd) if max_bytes is None else max_bytes
+        d = _Download(sftp, remote, max_bytes=limit, user_limit=max_bytes is not None, warn=_warn_stderr)
+        d.progress = progress
+        try:
+            fd = os.open(local.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=pfd)
+        except FileExistsError:
+            raise Conflict(f"{local} already exists", "remove it first") from None
+        try:
+            try:
+                d.fill(fd, remote, st.st_size, 0o600)
+            finally:
+                os.close(fd)
+        except BaseException as e:
+            _remove(pfd, local.name, False, _warn_stderr)
+            if isinstance(e, (paramiko.SSHException, EOFError)):
+                raise SshError(f"download of guest:{show(remote)} failed: {show(str(e))}",
+                               "the VM may have stopped; banger vm show") from None
+            raise
+        return d.max_bytes - d.left
+    finally:
+        os.close(pfd)
 
 
 def _remove(pfd: int, name: str, is_dir: bool, warn) -> None:

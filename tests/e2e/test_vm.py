@@ -121,6 +121,8 @@ def test_lifecycle_keeps_root_data_exec_status_cp_and_crash(vmenv, tmp_path):  #
     shown = _on_a_tty(banger_argv("vm", "logs", "life-1"), env.env)
     assert f"END-{nonce}" in shown and "flood red  line" in shown
     assert not [c for c in shown if ord(c) < 32 and c not in "\r\n\t" or 0x7f <= ord(c) <= 0x9f]
+    doc = env.banger_json("vm", "logs", "life-1")["data"]["log"]  # --json is sanitized too
+    assert f"END-{nonce}" in doc and "\x1b" not in doc and "\x07" not in doc
     print(f"console flood: 600000 bytes in {flood_s:.1f}s, kept {sizes} bytes")
     pump = _pump(vdir)
     assert procs.alive(*pump)

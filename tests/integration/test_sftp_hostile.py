@@ -314,6 +314,26 @@ def test_a_guest_that_stops_answering_times_out(sb, monkeypatch):
     _refused(g, sb, code="timeout")
 
 
+def test_fetch_file_for_bundles_is_bounded_and_new(sb):
+    g = HostileGuest()
+    g.top["/tmp/x.bundle"] = g.file("x.bundle", _zeros, size=100)   # claims 100 bytes, never ends
+    g.top["/tmp/ok.bundle"] = g.file("ok.bundle", b"B" * 70000, mode=0o4777)
+    with serve(g) as t:
+        sftp = t.open_sftp_client()
+        seen = []
+        assert sftpcopy.fetch_file(sftp, "/tmp/ok.bundle", sb.dest, progress=lambda d, c: seen.append(d)) == 70000
+        assert sb.dest.read_bytes() == b"B" * 70000 and stat.S_IMODE(os.stat(sb.dest).st_mode) == 0o600
+        assert seen[-1] == 70000
+        with pytest.raises(BangerError) as ei:
+            sftpcopy.fetch_file(sftp, "/tmp/ok.bundle", sb.dest)     # never overwrites
+        assert ei.value.code == "conflict"
+        other = sb.dest_parent / "other"
+        with pytest.raises(BangerError) as ei:
+            sftpcopy.fetch_file(sftp, "/tmp/x.bundle", other, max_bytes=1 << 20)
+        assert ei.value.code == "limit_exceeded" and not other.exists()
+    sb.dest.unlink()
+
+
 # ---------------------------------------------------------------------------- to the guest
 def test_put_recreates_host_symlinks_and_never_reads_their_targets(sb, tmp_path):
     src = tmp_path / "repo"
