@@ -35,6 +35,7 @@ DEFAULTS = {
     "qemu_bin": "qemu-system-x86_64",
     "max_image_size_mib": 16384,           # bound on an image's unpacked size (image pull)
     "pull_stall_timeout_s": 60.0,          # a registry transfer under 1 KiB/s for this long is dropped
+    "console_log_max_kib": 1024,           # serial.log rotates to serial.log.1 at this size (2 files kept)
 }
 
 # Keys checked for type and range (key: (type, lowest, highest)).

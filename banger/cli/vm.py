@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import io
 import sys
-import time
 from typing import Annotated
 
 import typer
@@ -43,6 +42,26 @@ def parse_mib(value: str | None, flag: str) -> int | None:
         raise UsageError(f"{flag} {value!r} is not a size", f"e.g. {flag} 1024 or {flag} 2G") from None
     if n <= 0 or n != int(n):
         raise UsageError(f"{flag} {value!r} must be a positive whole number of MiB", f"e.g. {flag} 2G")
+    return int(n)
+
+
+def parse_bytes(value: str | None, flag: str) -> int | None:
+    """'1048576' (bytes) / '512K' / '100M' / '2G' / '1.5T' (binary units) -> bytes."""
+    from banger.errors import UsageError
+
+    if value is None:
+        return None
+    v = value.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = 1
+    if v and v[-1] in "KMGT":
+        mult = 1024 ** ("KMGT".index(v[-1]) + 1)
+        v = v[:-1]
+    try:
+        n = float(v) * mult
+    except ValueError:
+        raise UsageError(f"{flag} {value!r} is not a size", f"e.g. {flag} 500M or {flag} 2G") from None
+    if not 0 <= n < 2 ** 63 or n != int(n):
+        raise UsageError(f"{flag} {value!r} must be a whole number of bytes, zero or more", f"e.g. {flag} 2G")
     return int(n)
 
 
@@ -233,32 +252,36 @@ def show(vm: Ref, json_out: JsonOpt = False):
     emit(lambda: vms.show(ctx, vm), json_out=json_out, render=_render_vm)
 
 
-@app.command(help="Print the VM's serial console (-f to follow).")
+@app.command(help="Print the VM's serial console (-f to follow). On a terminal (and in --json) the control "
+                  "and escape sequences the guest printed are removed; --raw gives the bytes as they are.")
 def logs(vm: Ref, follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new output.")] = False,
+         raw: Annotated[bool, typer.Option("--raw", help="Print the guest's bytes unfiltered, even on a terminal "
+                                                         "(it can then drive your terminal).")] = False,
          json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
     from banger.vms import access, runtime
-    from banger.vms import lifecycle as vms
 
     def go():
+        from banger.guest import console
+
         path = access.serial_log(ctx, vm)
         if json_out:
-            return {"path": str(path), "log": path.read_text(errors="replace") if path.exists() else ""}
+            data = console.read_all(path)
+            return {"path": str(path), "log": data.decode(errors="replace") if raw else console.sanitize(data)}
         out = sys.stdout.buffer
-        pos = 0
-        while True:
-            if path.exists():
-                with open(path, "rb") as f:
-                    f.seek(pos)
-                    data = f.read()
-                    pos = f.tell()
-                out.write(data)
-                out.flush()
-            if not follow or runtime.effective_state(ctx, runtime.get(ctx, vm)) != vms.RUNNING:
-                if follow and path.exists() and path.stat().st_size > pos:
-                    continue
-                return None
-            time.sleep(0.2)
+
+        def write(b: bytes) -> None:
+            out.write(b)
+            out.flush()
+
+        clean = console.Sanitizer() if not raw and sys.stdout.isatty() else None
+        if not follow:
+            data = console.read_all(path)
+            write((clean.feed(data) + clean.flush()).encode() if clean else data)
+            return None
+        console.follow(path, write, sanitizer=clean,
+                       keep_going=lambda: runtime.effective_state(ctx, runtime.get(ctx, vm)) == runtime.RUNNING)
+        return None
 
     emit(go, json_out=json_out)
 
@@ -299,11 +322,20 @@ def exec_(vm: Ref, cmd: Annotated[list[str], typer.Argument(help="Command (after
 
 @app.command(help="Copy files or directories (recursively) between host and VM: `cp SRC VM:DST` or `cp VM:SRC DST`.")
 def cp(src: Annotated[str, typer.Argument(help="Source (local path or VM:path).")],
-       dst: Annotated[str, typer.Argument(help="Destination (local path or VM:path).")], json_out: JsonOpt = False):
+       dst: Annotated[str, typer.Argument(help="Destination (local path or VM:path).")],
+       max_size: Annotated[str | None, typer.Option(
+           "--max-size", help="From a guest: stop (keeping nothing) after this much file content, e.g. 500M, 2G "
+                              "(default: the destination's free space minus a margin).")] = None,
+       json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
     from banger.vms import access
 
-    emit(lambda: access.copy(ctx, src, dst), json_out=json_out, render=lambda d: say(f"copied {d['files']} files"))
+    def go():
+        max_bytes = parse_bytes(max_size, "--max-size")
+        kw = {} if max_bytes is None else {"max_bytes": max_bytes}  # copy() passes it to ssh.get()
+        return access.copy(ctx, src, dst, **kw)
+
+    emit(go, json_out=json_out, render=lambda d: say(f"copied {d['files']} files"))
 
 
 @app.command("ssh-config", help="Print an OpenSSH config stanza for this VM (for IDEs and plain ssh).")

@@ -122,7 +122,7 @@ def collect(ctx, *, dry_run: bool = False) -> dict:
         if vm["state"] == vms.CREATING:
             return vm_id not in stale  # a live create's VMM is its own business
         h = vms.load_handles(ctx, vm)
-        return pid in {h.get("pid"), h.get("uffd_pid")}
+        return pid in {p["pid"] for p in vms.helper_processes(h)}  # every process the backend recorded
 
     # 2. stray VMM / helper processes
     for p in _our_processes(ctx):

@@ -12,13 +12,12 @@ from __future__ import annotations
 import os
 import shlex
 import socket
-import stat
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from banger.errors import BangerError, ExternalError, GuestTimeout, NotFound
+from banger.errors import ExternalError, GuestTimeout
 
 KEX_FIRST = "curve25519-sha256@libssh.org"
 KEEPALIVE_S = 5
@@ -289,93 +288,19 @@ def interactive_shell(t, argv: list[str] | None = None) -> int:
     return status
 
 
-# ---- sftp copy (recursive, both directions) ----
+# ---- sftp copy (recursive, both directions): the rules live in banger/guest/sftpcopy.py ----
 def put(t, local: Path, remote: str) -> int:
-    """Copy a local file or directory tree to ``remote`` in the guest. Returns files copied."""
-    local = Path(local)
-    if not local.exists():
-        raise NotFound(f"no such local path: {local}", "check the path")
-    sftp = t.open_sftp_client()
-    try:
-        remote = _remote_target(sftp, remote, local.name)
-        if local.is_dir():
-            n = 0
-            for root, _dirs, files in os.walk(local):
-                rel = os.path.relpath(root, local)
-                rdir = remote if rel == "." else f"{remote}/{rel}"
-                _mkdir(sftp, rdir, os.stat(root).st_mode & 0o7777)
-                for f in files:
-                    lp = os.path.join(root, f)
-                    sftp.put(lp, f"{rdir}/{f}")
-                    sftp.chmod(f"{rdir}/{f}", os.stat(lp).st_mode & 0o7777)
-                    n += 1
-            return n
-        sftp.put(str(local), remote)
-        sftp.chmod(remote, local.stat().st_mode & 0o7777)
-        return 1
-    except OSError as e:
-        raise SshError(f"copy to guest:{remote} failed: {e}", "check the path and free space in the guest") from None
-    finally:
-        sftp.close()
+    """Copy a local file or directory tree to ``remote`` in the guest (links below the named path are
+    recreated as links, never followed). Returns files copied."""
+    from banger.guest import sftpcopy
+
+    return sftpcopy.put(t, local, remote)
 
 
-def get(t, remote: str, local: Path) -> int:
-    """Copy a guest file or directory tree to ``local``. Returns files copied."""
-    sftp = t.open_sftp_client()
-    local = Path(local)
-    try:
-        try:
-            st = sftp.stat(remote)
-        except OSError:
-            raise NotFound(f"no such path in the guest: {remote}", "check the path (banger vm exec VM -- ls)") from None
-        if local.is_dir():
-            local = local / os.path.basename(remote.rstrip("/"))
-        if stat.S_ISDIR(st.st_mode):
-            return _get_tree(sftp, remote, local)
-        sftp.get(remote, str(local))
-        os.chmod(local, st.st_mode & 0o7777)
-        return 1
-    except OSError as e:
-        raise SshError(f"copy from guest:{remote} failed: {e}", "check the paths and local free space") from None
-    finally:
-        sftp.close()
+def get(t, remote: str, local: Path, *, max_bytes: int | None = None) -> int:
+    """Copy a guest file or directory tree to ``local``, treating everything the guest says as hostile
+    (validated names, dir-fd relative O_EXCL|O_NOFOLLOW writes, no setuid/setgid/ownership, escaping
+    links skipped, at most ``max_bytes`` of content). Returns files copied."""
+    from banger.guest import sftpcopy
 
-
-def _get_tree(sftp, remote: str, local: Path) -> int:
-    local.mkdir(parents=True, exist_ok=True)
-    n = 0
-    for a in sftp.listdir_attr(remote):
-        rp = f"{remote.rstrip('/')}/{a.filename}"
-        lp = local / a.filename
-        if stat.S_ISDIR(a.st_mode):
-            n += _get_tree(sftp, rp, lp)
-        elif stat.S_ISREG(a.st_mode):
-            sftp.get(rp, str(lp))
-            os.chmod(lp, a.st_mode & 0o7777)
-            n += 1
-        elif stat.S_ISLNK(a.st_mode):
-            target = sftp.readlink(rp)
-            lp.unlink(missing_ok=True)
-            os.symlink(target, lp)
-    return n
-
-
-def _remote_target(sftp, remote: str, base: str) -> str:
-    """`cp x VM:/dir` puts x inside /dir when /dir exists (like cp)."""
-    try:
-        if stat.S_ISDIR(sftp.stat(remote).st_mode):
-            return f"{remote.rstrip('/')}/{base}"
-    except OSError:
-        pass
-    return remote
-
-
-def _mkdir(sftp, path: str, mode: int) -> None:
-    try:
-        sftp.mkdir(path, mode)
-    except OSError:
-        try:
-            if not stat.S_ISDIR(sftp.stat(path).st_mode):
-                raise
-        except OSError as e:
-            raise BangerError(f"cannot create guest directory {path}: {e}", "check the path") from None
+    return sftpcopy.get(t, remote, local, max_bytes=max_bytes)

@@ -49,7 +49,9 @@ def parse_cp_arg(arg: str) -> tuple[str | None, str]:
     return None, arg
 
 
-def copy(ctx, src: str, dst: str) -> dict:
+def copy(ctx, src: str, dst: str, max_bytes: int | None = None) -> dict:
+    """Copy between the host and a running guest. From a guest, every name, mode and link the guest's
+    SFTP side sends is checked (banger.guest.sftpcopy); ``max_bytes`` bounds what is written."""
     from banger.guest import ssh
 
     svm, spath = parse_cp_arg(src)
@@ -58,7 +60,7 @@ def copy(ctx, src: str, dst: str) -> dict:
         raise UsageError("exactly one of SRC and DST must be VM:path", "e.g. banger vm cp ./dir myvm:/root/")
     t = connect(ctx, svm or dvm)
     try:
-        n = ssh.put(t, Path(spath), dpath) if dvm else ssh.get(t, spath, Path(dpath))
+        n = ssh.put(t, Path(spath), dpath) if dvm else ssh.get(t, spath, Path(dpath), max_bytes=max_bytes)
     finally:
         t.close()
     return {"files": n, "direction": "to_guest" if dvm else "from_guest"}

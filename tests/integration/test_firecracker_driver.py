@@ -53,6 +53,14 @@ def all_accepted(record, pid):
     assert not bad, f"the driver sent requests the double rejected: {bad}"
 
 
+def wait_for(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.02)
+
+
 def wait_gone(pid, start, timeout=10.0):
     deadline = time.monotonic() + timeout
     while procs.alive(pid, start):
@@ -89,8 +97,9 @@ def test_boot_sequence_is_accepted_in_order(driver, fc_cfg, fc_record, tmp_path,
     start = events(fc_record, h["pid"], "start")[0]
     assert start["cwd"] == str(spec.vm_dir)
     assert driver.describe(h)["state"] == "Running"
-    # the serial console (the double's stdout) lands in serial.log
-    assert "Command line:" in Path(spec.serial_log).read_text()
+    # the serial console (the double's stdout) lands in serial.log, through the console pump
+    wait_for(lambda: "Command line:" in Path(spec.serial_log).read_text(), 10, "the console in serial.log")
+    assert procs.alive(h["console_pid"], h["console_pid_start"])
 
 
 def test_stale_api_socket_is_removed_before_spawn(driver, fc_cfg, fc_record, tmp_path, tap):
@@ -191,8 +200,31 @@ def test_kill_removes_process_and_sockets(driver, fc_cfg, fc_record, tmp_path, t
     h = launch(driver, make_spec(fc_cfg, tmp_path, tap))
     driver.kill(h)
     assert not driver.is_running(h)
+    assert not procs.alive(h["console_pid"], h["console_pid_start"])
     assert not Path(h["api_sock"]).exists() and not Path(h["serial_in"]).exists()
     driver.kill(h)  # idempotent
+
+
+def test_a_guest_flooding_its_console_stays_under_the_cap(fc_cfg, fc_record, tmp_path, tap, monkeypatch):
+    from banger.guest import console
+    from banger.vmm.firecracker.driver import FirecrackerDriver
+
+    monkeypatch.setenv("FAKE_FIRECRACKER_SERIAL_FLOOD", str(3 << 20))   # 3 MiB, 48 x the cap
+    d = FirecrackerDriver(fc_cfg.replace(console_log_max_kib=64))
+    spec = make_spec(fc_cfg, tmp_path, tap)
+    h = d.launch(spec)
+    try:
+        log = Path(spec.serial_log)
+        wait_for(lambda: b"fake-guest: flood done" in console.read_all(log), 30, "the end of the flood")
+        sizes = [os.path.getsize(p) for p in (log, console.rotated(log))]
+        assert all(0 < n <= 64 * 1024 for n in sizes), sizes
+        text = console.read_all(log).decode()
+        assert "Command line:" not in text  # the oldest output rotated away, the newest kept
+        assert console.tail(log, 1) == "fake-guest: flood done"
+        assert procs.alive(h["console_pid"], h["console_pid_start"])
+    finally:
+        d.kill(h)
+    assert not procs.alive(h["console_pid"], h["console_pid_start"])  # the pump goes with the VM
 
 
 def test_console_line_reaches_the_guest(driver, fc_cfg, fc_record, tmp_path, tap):

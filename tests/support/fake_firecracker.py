@@ -35,6 +35,7 @@ Everything observable is recorded as JSON lines in
 directory) and as human-readable lines in ``--log-path`` (which, as with
 Firecracker, must already exist).  Environment knobs (tests only):
 ``FAKE_FIRECRACKER_TOUCH`` = ``all`` (default) or a number of pages to touch.
+``FAKE_FIRECRACKER_SERIAL_FLOOD`` = N: the guest prints N bytes of lines on its console at boot.
 """
 
 from __future__ import annotations
@@ -672,6 +673,11 @@ class Vmm:
                        entropy=self.entropy is not None, seed=self.seed)
         serial_out("[    0.000000] Linux version (fake-firecracker guest)")
         serial_out(f"[    0.000000] Command line: {cmdline}")
+        flood = int(os.environ.get("FAKE_FIRECRACKER_SERIAL_FLOOD", "0"))  # a guest printing without end
+        for i in range(flood // 32):
+            serial_out(f"fake-guest: flood {i:012d}")  # 32 bytes with CR LF
+        if flood:
+            serial_out("fake-guest: flood done")
         self.deliver_serial()
 
     def patch_vm(self, cfg: dict):

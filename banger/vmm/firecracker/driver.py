@@ -2,7 +2,9 @@
 
 Boot: unlink a stale API socket (Firecracker refuses to bind an existing path and
 never removes its socket), spawn detached with stdin from a FIFO in the VM's run
-dir (the serial console's input: banger's control lines go there), poll for the
+dir (the serial console's input: banger's control lines go there) and stdout a pipe
+to the VM's console pump (banger/guest/console.py: a size-capped, rotated
+``serial.log``; a guest printing forever cannot fill the disk), poll for the
 socket to a deadline, then configure in order: machine-config, boot-source (the
 ELF vmlinux + initrd + banger's command line), drives in guest order (vda image
 read-only, vdb overlay, vdc work; no drive is a root device, so Firecracker
@@ -56,14 +58,10 @@ LOAD_TIMEOUT = 60.0         # PUT /snapshot/load (faults are served during it)
 
 
 def _tail(path: Path | str, n: int = 20) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            data = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(data.replace("\r", "").splitlines()[-n:])
+    """The last lines of a log, stripped of terminal controls (it may carry guest text)."""
+    from banger.guest.console import tail
+
+    return tail(path, n)
 
 
 def _unlink(path) -> None:
@@ -142,25 +140,45 @@ class FirecrackerDriver:
         return paths
 
     def _spawn(self, spec: VmSpec, paths: dict) -> dict:
+        from banger.guest import console
+
         argv = [self._binary(), "--api-sock", paths["api_sock"], "--id", spec.vm_id,
                 "--log-path", paths["vmm_log"], "--level", "Info"]
-        # stdin: the FIFO, opened read-write so the VMM never sees EOF when a writer goes away.
-        fifo = os.open(paths["serial_in"], os.O_RDWR | os.O_CLOEXEC)
-        out = os.open(spec.serial_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        err = os.open(paths["vmm_log"], os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        cap = console.cap_bytes(self.cfg)
+        # stdout: a pipe to the console pump (started first; it exits on EOF once the VMM is gone).
+        rpipe, wpipe = os.pipe2(os.O_CLOEXEC)
         try:
-            p = subprocess.Popen(argv, stdin=fifo, stdout=out, stderr=err, start_new_session=True,
+            cpid, cstart = console.spawn_pump(vm_id=spec.vm_id, vm_dir=Path(spec.vm_dir),
+                                              log_name=Path(spec.serial_log).name, cap=cap, vmm_fd=rpipe,
+                                              diag_path=Path(spec.vm_dir) / console.PUMP_LOG)
+        except BaseException:
+            os.close(rpipe)
+            os.close(wpipe)
+            raise
+        os.close(rpipe)
+        pump = {"console_pid": cpid, "console_pid_start": cstart}
+        # stdin: the FIFO, opened read-write so the VMM never sees EOF when a writer goes away.
+        fifo = err = -1
+        try:
+            fifo = os.open(paths["serial_in"], os.O_RDWR | os.O_CLOEXEC)
+            err = os.open(paths["vmm_log"], os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            p = subprocess.Popen(argv, stdin=fifo, stdout=wpipe, stderr=err, start_new_session=True,
                                  close_fds=True, cwd=str(spec.vm_dir))
         except OSError as e:
+            console.stop_pump(pump, grace=0.5)
             raise HostError(f"cannot start firecracker: {e}", "check firecracker_bin in config.toml") from None
+        except BaseException:
+            console.stop_pump(pump, grace=0.5)
+            raise
         finally:
-            for fd in (fifo, out, err):
-                os.close(fd)
+            for fd in (fifo, wpipe, err):
+                if fd >= 0:
+                    os.close(fd)
         p.returncode = 0  # detached: never reaped through this handle
         start = procs.start_time(p.pid) or 0
         return {"backend": self.name, "pid": p.pid, "pid_start": start, "api_sock": paths["api_sock"],
                 "serial_in": paths["serial_in"], "serial_log": str(spec.serial_log), "vmm_log": paths["vmm_log"],
-                "tap": spec.tap, "run_dir": str(spec.run_dir), "vm_dir": str(spec.vm_dir), "argv": argv}
+                "tap": spec.tap, "run_dir": str(spec.run_dir), "vm_dir": str(spec.vm_dir), "argv": argv, **pump}
 
     def _wait_api(self, handles: dict, timeout: float = START_TIMEOUT) -> float:
         """Poll for the API socket to a deadline; return seconds waited."""
@@ -247,6 +265,9 @@ class FirecrackerDriver:
         if not procs.kill(*u, 0, wait=1.0) and not procs.kill(*u, signal.SIGTERM, wait=1.0):
             procs.kill(*u, signal.SIGKILL)
         procs.kill(handles.get("supervisor_pid"), handles.get("supervisor_pid_start"), signal.SIGKILL)
+        from banger.guest.console import stop_pump
+
+        stop_pump(handles)  # it drains the pipe and exits on EOF by itself
         for k in ("api_sock", "uffd_sock", "serial_in"):
             _unlink(handles.get(k))
 

@@ -2,10 +2,12 @@
 
 The argv is built by a pure function (``build_argv``) so it can be unit-tested.
 QEMU is spawned detached (new session) and found again through pid + start time.
-Serial console: a unix-socket chardev (its input lets banger send the control
-line ``@banger net ...`` to banger-init) with ``logfile=`` so every byte the guest
-prints lands in ``serial.log`` even when nobody is connected.  QMP on a second
-unix socket answers status / stop / cont / quit / migration.
+Serial console: the chardev is one end of a socketpair whose other end belongs to the VM's
+console pump (banger/guest/console.py), started just before QEMU: it writes what the guest
+prints to a size-capped, rotated ``serial.log`` and forwards what banger writes to its
+control socket ``serial.sock`` (the ``@banger net ...`` line for banger-init) into the guest.
+(QEMU's own ``logfile=`` has no size bound: a guest printing forever would fill the disk.)
+QMP on a second unix socket answers status / stop / cont / quit / migration.
 
 Snapshots are QEMU migration streams written to a file descriptor handed over
 with QMP ``getfd`` (no ``exec:`` shell URIs); restore starts QEMU with
@@ -29,8 +31,9 @@ VMM_LOG = "qemu.log"
 SNAPSHOT_FILE = "vmstate.bin"
 
 
-def build_argv(spec: VmSpec, *, qemu_bin: str, accel: str, incoming: bool = False) -> list[str]:
-    """The full QEMU command line for ``spec`` (no shell involved)."""
+def build_argv(spec: VmSpec, *, qemu_bin: str, accel: str, serial_fd: int, incoming: bool = False) -> list[str]:
+    """The full QEMU command line for ``spec`` (no shell involved); ``serial_fd`` is QEMU's (inherited)
+    end of the console socketpair."""
     run = Path(spec.run_dir)
     kernel = spec.vmlinux if spec.vmlinux and Path(spec.vmlinux).exists() else spec.bzimage
     if kernel is None:
@@ -46,8 +49,7 @@ def build_argv(spec: VmSpec, *, qemu_bin: str, accel: str, incoming: bool = Fals
             "-kernel", str(kernel),
             "-initrd", str(spec.initrd),
             "-append", spec.cmdline,
-            "-chardev", f"socket,id=ser0,path={run / SERIAL_SOCK},server=on,wait=off,"
-                        f"logfile={spec.serial_log},logappend=on",
+            "-chardev", f"socket,id=ser0,fd={int(serial_fd)}",
             "-serial", "chardev:ser0",
             "-qmp", f"unix:{run / QMP_SOCK},server=on,wait=off",
             "-object", "rng-random,id=rng0,filename=/dev/urandom",
@@ -66,16 +68,11 @@ def build_argv(spec: VmSpec, *, qemu_bin: str, accel: str, incoming: bool = Fals
 
 
 def log_tail(path: Path, n: int = 20) -> str:
-    """The last ``n`` lines of a (serial / VMM) log, without reading all of a large file."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 16384))
-            data = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(data.replace("\r", "").splitlines()[-n:])
+    """The last ``n`` lines of a (serial / VMM) log, stripped of terminal controls (guest text), without
+    reading all of a large file; includes the end of the rotated ``serial.log.1`` when needed."""
+    from banger.guest.console import tail
+
+    return tail(path, n)
 
 
 class QemuDriver:
@@ -90,19 +87,46 @@ class QemuDriver:
 
         return qemu_accel()
 
-    def _spawn(self, spec: VmSpec, argv: list[str]) -> dict:
+    def _spawn(self, spec: VmSpec, *, incoming: bool = False) -> dict:
+        """Start the console pump, then QEMU with its end of the console socketpair."""
+        import socket
+
+        from banger.guest import console
         from banger.host.runner import require
 
         run = Path(spec.run_dir)
         run.mkdir(parents=True, exist_ok=True)
         for s in (QMP_SOCK, SERIAL_SOCK):
             (run / s).unlink(missing_ok=True)
-        argv = [require(argv[0], "qemu-system-x86"), *argv[1:]]
+        cap = console.cap_bytes(self.cfg)
+        qemu_bin = require(self.cfg.qemu_bin, "qemu-system-x86")
         log = Path(spec.vm_dir) / VMM_LOG
-        pid, start = procs.spawn_detached(argv, stdout_path=str(log))
-        handles = {"backend": self.name, "pid": pid, "pid_start": start, "qmp": str(run / QMP_SOCK),
-                   "serial_sock": str(run / SERIAL_SOCK), "serial_log": str(spec.serial_log),
-                   "vmm_log": str(log), "tap": spec.tap, "run_dir": str(run), "argv": argv}
+        handles = {"backend": self.name, "qmp": str(run / QMP_SOCK), "serial_sock": str(run / SERIAL_SOCK),
+                   "serial_log": str(spec.serial_log), "vmm_log": str(log), "tap": spec.tap, "run_dir": str(run)}
+        vmm_end, pump_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            control.bind(handles["serial_sock"])
+            os.chmod(handles["serial_sock"], 0o600)
+            control.listen(8)
+            cpid, cstart = console.spawn_pump(vm_id=spec.vm_id, vm_dir=Path(spec.vm_dir),
+                                              log_name=Path(spec.serial_log).name, cap=cap,
+                                              vmm_fd=pump_end.fileno(), control_fd=control.fileno(),
+                                              diag_path=Path(spec.vm_dir) / console.PUMP_LOG)
+            handles.update(console_pid=cpid, console_pid_start=cstart)
+            pump_end.close()
+            control.close()
+            argv = build_argv(spec, qemu_bin=qemu_bin, accel=self._accel(), serial_fd=vmm_end.fileno(),
+                              incoming=incoming)
+            pid, start = procs.spawn_detached(argv, stdout_path=str(log), pass_fds=(vmm_end.fileno(),))
+            handles.update(pid=pid, pid_start=start, argv=argv)
+        except BaseException:
+            for s in (vmm_end, pump_end, control):
+                s.close()
+            console.stop_pump(handles, grace=0.5)
+            Path(handles["serial_sock"]).unlink(missing_ok=True)
+            raise
+        vmm_end.close()
         return handles
 
     def _wait_qmp(self, handles: dict, timeout: float = 30.0):
@@ -121,8 +145,7 @@ class QemuDriver:
                                        "the host may be overloaded; try again") from None
 
     def launch(self, spec: VmSpec, progress=None) -> dict:
-        argv = build_argv(spec, qemu_bin=self.cfg.qemu_bin, accel=self._accel())
-        handles = self._spawn(spec, argv)
+        handles = self._spawn(spec)
         try:
             with self._wait_qmp(handles) as q:
                 st = q.status()
@@ -165,6 +188,9 @@ class QemuDriver:
                 pass
             if not procs.kill(handles.get("pid"), handles.get("pid_start"), signal.SIGTERM, wait=0.5):
                 procs.kill(handles.get("pid"), handles.get("pid_start"), signal.SIGKILL, wait=5.0)
+        from banger.guest.console import stop_pump
+
+        stop_pump(handles)  # it drains what QEMU wrote last and exits on EOF by itself
         run = handles.get("run_dir")
         for key in ("qmp", "serial_sock"):
             if handles.get(key):
@@ -190,8 +216,8 @@ class QemuDriver:
         try:
             s.connect(handles["serial_sock"])
             s.sendall(line.rstrip("\n").encode() + b"\n")
-            # QEMU drops what it has not read yet when the client hangs up, and the UART only takes a
-            # FIFO's worth at a time: wait until the peer consumed every byte (SIOCOUTQ == 0).
+            # The console pump reads it and queues it for QEMU (whose UART only takes a FIFO's worth at a
+            # time); wait until the pump took every byte (SIOCOUTQ == 0) before hanging up.
             import fcntl
             import struct
             import termios
@@ -254,8 +280,7 @@ class QemuDriver:
     def restore(self, spec: VmSpec, snapshot_dir: Path, meta: dict, progress=None) -> dict:
         """Start QEMU with ``-incoming defer`` and feed it the migration stream; the VM resumes running."""
 
-        argv = build_argv(spec, qemu_bin=self.cfg.qemu_bin, accel=self._accel(), incoming=True)
-        handles = self._spawn(spec, argv)
+        handles = self._spawn(spec, incoming=True)
         try:
             fd = os.open(Path(snapshot_dir) / meta.get("files", {}).get("state", SNAPSHOT_FILE), os.O_RDONLY)
             try:
