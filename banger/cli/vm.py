@@ -332,7 +332,7 @@ def cp(src: Annotated[str, typer.Argument(help="Source (local path or VM:path)."
 
     def go():
         max_bytes = parse_bytes(max_size, "--max-size")
-        kw = {} if max_bytes is None else {"max_bytes": max_bytes}  # copy() passes it to ssh.get()
+        kw = {} if max_bytes is None else {"max_bytes": max_bytes}  # access.copy() -> sftpcopy.get()
         return access.copy(ctx, src, dst, **kw)
 
     emit(go, json_out=json_out, render=lambda d: say(f"copied {d['files']} files"))

@@ -286,21 +286,3 @@ def interactive_shell(t, argv: list[str] | None = None) -> int:
     status = chan.recv_exit_status() if chan.exit_status_ready() else 255
     chan.close()
     return status
-
-
-# ---- sftp copy (recursive, both directions): the rules live in banger/guest/sftpcopy.py ----
-def put(t, local: Path, remote: str) -> int:
-    """Copy a local file or directory tree to ``remote`` in the guest (links below the named path are
-    recreated as links, never followed). Returns files copied."""
-    from banger.guest import sftpcopy
-
-    return sftpcopy.put(t, local, remote)
-
-
-def get(t, remote: str, local: Path, *, max_bytes: int | None = None) -> int:
-    """Copy a guest file or directory tree to ``local``, treating everything the guest says as hostile
-    (validated names, dir-fd relative O_EXCL|O_NOFOLLOW writes, no setuid/setgid/ownership, escaping
-    links skipped, at most ``max_bytes`` of content). Returns files copied."""
-    from banger.guest import sftpcopy
-
-    return sftpcopy.get(t, remote, local, max_bytes=max_bytes)

@@ -52,7 +52,7 @@ def parse_cp_arg(arg: str) -> tuple[str | None, str]:
 def copy(ctx, src: str, dst: str, max_bytes: int | None = None) -> dict:
     """Copy between the host and a running guest. From a guest, every name, mode and link the guest's
     SFTP side sends is checked (banger.guest.sftpcopy); ``max_bytes`` bounds what is written."""
-    from banger.guest import ssh
+    from banger.guest import sftpcopy
 
     svm, spath = parse_cp_arg(src)
     dvm, dpath = parse_cp_arg(dst)
@@ -60,7 +60,8 @@ def copy(ctx, src: str, dst: str, max_bytes: int | None = None) -> dict:
         raise UsageError("exactly one of SRC and DST must be VM:path", "e.g. banger vm cp ./dir myvm:/root/")
     t = connect(ctx, svm or dvm)
     try:
-        n = ssh.put(t, Path(spath), dpath) if dvm else ssh.get(t, spath, Path(dpath), max_bytes=max_bytes)
+        n = (sftpcopy.put(t, Path(spath), dpath) if dvm
+             else sftpcopy.get(t, spath, Path(dpath), max_bytes=max_bytes))
     finally:
         t.close()
     return {"files": n, "direction": "to_guest" if dvm else "from_guest"}
