@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
+PRIVATE_UMASK = 0o077  # (banger.config.PRIVATE_UMASK; not imported here: `banger --help` imports nothing)
+
 # name -> (module, one-line help). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
     "vm": ("banger.cli.vm", "Create, run, stop and manage microVMs."),
@@ -129,6 +131,7 @@ def _fast_path(argv: list[str]) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    os.umask(PRIVATE_UMASK)  # other local users get nothing: every file banger creates is 0600, dirs 0700
     if _fast_path(argv):
         return
     app = build_app(argv)

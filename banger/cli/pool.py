@@ -10,14 +10,15 @@ app = make_app("Warm, inspect and drain the TAP device pool.")
 
 
 @app.command(help="Make sure at least N idle TAP devices are ready (idempotent; safe to run from cron).")
-def warm(n: Annotated[int, typer.Argument(help="How many idle TAPs to keep ready.", min=0)],
+def warm(n: Annotated[str, typer.Argument(metavar="N", help="How many idle TAPs to keep ready (0-1024).")],
          json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
 
     def go():
+        from banger import validate
         from banger.net import pool
 
-        return pool.warm(ctx, n)
+        return pool.warm(ctx, validate.integer(n, "N", "pool_size"))
 
     def render(d):
         if d["noop"]:

@@ -11,6 +11,8 @@ import subprocess
 
 from banger.errors import CommandFailed, HostError
 
+GUEST_UMASK = 0o022  # inside guest trees: files 0644, dirs 0755 unless a tool says otherwise
+
 
 def which(tool: str) -> str | None:
     found = shutil.which(tool)
@@ -32,14 +34,17 @@ def require(tool: str, package: str | None = None) -> str:
 
 
 def run(argv: list[str], *, check: bool = True, input: bytes | str | None = None, timeout: float | None = None,
-        cwd: str | None = None, env: dict | None = None, capture: bool = True, hint: str | None = None
-        ) -> subprocess.CompletedProcess:
+        cwd: str | None = None, env: dict | None = None, capture: bool = True, hint: str | None = None,
+        umask: int | None = None) -> subprocess.CompletedProcess:
+    """``umask``: the child's (default: banger's own 077). Tools that build a guest's file tree
+    (debootstrap and its maintainer scripts) get GUEST_UMASK, so guest-visible modes stay conventional."""
     if isinstance(argv, str):  # a programming error, never allowed
         raise TypeError("run() takes an argv list, not a shell string")
     argv = [str(a) for a in argv]
     text = not isinstance(input, bytes)
     try:
         cp = subprocess.run(argv, input=input, timeout=timeout, cwd=cwd, env=env, text=text,
+                            umask=-1 if umask is None else umask,
                             stdout=subprocess.PIPE if capture else None,
                             stderr=subprocess.PIPE if capture else None)
     except FileNotFoundError:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from banger.errors import BangerError, Conflict, HostError, InvalidName, NotFound, UsageError
 from banger.host import ext4, fsutil
-from banger.host.runner import require, run
+from banger.host.runner import GUEST_UMASK, require, run
 
 INIT_PATH = "/sbin/banger-init"
 SEED_NAME = "work-seed.ext4"
@@ -417,7 +417,8 @@ def build(ctx, name: str, *, suite: str = "bookworm", packages: list[str] | None
             argv += [suite, str(tree), mirror]
             t0 = time.monotonic()
             ctx.progress.step(f"debootstrap {suite} from {mirror} (about a minute)")
-            run(argv, timeout=3600, hint="check the host's apt mirror is reachable (apt-get update)")
+            run(argv, timeout=3600, hint="check the host's apt mirror is reachable (apt-get update)",
+                umask=GUEST_UMASK)  # the guest's own files keep their usual modes under banger's umask 077
             t_boot = time.monotonic() - t0
             ctx.progress.step("trimming and installing banger-init")
             _trim(tree)

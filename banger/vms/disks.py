@@ -58,6 +58,8 @@ def make_overlay_disk(ctx, vm, size_mib: int) -> None:
         os.chmod(key, 0o600)
         (src / "upper" / (HOST_KEY + ".pub")).write_text(pub + f" root@{vm['name']}\n")
         (src / "upper" / "etc" / "hostname").write_text(vm["name"] + "\n")
+        for p in (src / "upper" / (HOST_KEY + ".pub"), src / "upper" / "etc" / "hostname"):
+            os.chmod(p, 0o644)  # guest-visible modes: conventional, whatever banger's own umask (077)
         ext4.mkfs(d / OVERLAY, size_mib, src_dir=src, label="banger-overlay")
         (d / KNOWN_HOSTS).write_text(f"{vm['ip']} {pub}\n")
     finally:

@@ -146,7 +146,7 @@ class FirecrackerDriver:
                 "--log-path", paths["vmm_log"], "--level", "Info"]
         # stdin: the FIFO, opened read-write so the VMM never sees EOF when a writer goes away.
         fifo = os.open(paths["serial_in"], os.O_RDWR | os.O_CLOEXEC)
-        out = os.open(spec.serial_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        out = os.open(spec.serial_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         err = os.open(paths["vmm_log"], os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         try:
             p = subprocess.Popen(argv, stdin=fifo, stdout=out, stderr=err, start_new_session=True,
@@ -424,6 +424,7 @@ def supervise(vmm_pid: int, vmm_start: int, helper_pid: int, helper_start: int) 
 
 
 def _main(argv: list[str]) -> int:
+    os.umask(0o077)  # banger.config.PRIVATE_UMASK
     if len(argv) == 5 and argv[0] == "supervise":
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         return supervise(*(int(x) for x in argv[1:]))
