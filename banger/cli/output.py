@@ -25,7 +25,7 @@ def _stdout_console():
     return Console(highlight=False, soft_wrap=True)
 
 
-def make_ctx(json_out: bool):
+def make_ctx(json_out: bool, *, tighten: bool = True):
     """The command's Ctx. A bad config file or environment (banger/validate.py) ends the command here
     with the one error envelope, never a traceback; existing homes wider than 0700 are tightened."""
     from banger.cli.progress import CliProgress
@@ -36,7 +36,8 @@ def make_ctx(json_out: bool):
         ctx = Ctx(progress=CliProgress(json_out))
     except BangerError as e:
         _fail(e.to_dict(), e.exit_code, json_out)
-    tighten_top_dirs(ctx.cfg)
+    if tighten:
+        tighten_top_dirs(ctx.cfg)
     return ctx
 
 
