@@ -32,6 +32,7 @@ from pathlib import Path
 from banger.errors import BangerError, Conflict, InvalidState, NotFound
 from banger.guest.names import Subnet, validate_name
 from banger.host.fsutil import atomic_write_json, reflink_or_sparse_copy
+from banger.snapshots import manifest
 from banger.vms import runtime as vms
 
 META = "meta.json"
@@ -119,6 +120,10 @@ def create(ctx, vm_ref: str, name: str | None = None) -> dict:
             published = False
             try:
                 meta = _capture(ctx, vm, h, staging)
+                ctx.progress.step("checksumming the snapshot's files")
+                t_m = time.monotonic()
+                meta["files"] = manifest.build(staging, skip=(META, OWNER_FILE))  # (the guest runs again)
+                meta["manifest_ms"] = round((time.monotonic() - t_m) * 1000, 1)
                 meta["create_ms"] = round((time.monotonic() - t0) * 1000, 1)
                 meta["size_bytes"] = _dir_size(staging)
                 atomic_write_json(staging / META, meta)
@@ -245,17 +250,39 @@ def _check_snapshot(run):
         raise NotFound(f"snapshot {run.snapshot!r} was removed meanwhile", "pick another snapshot")
 
 
+def _start_verify(run):
+    """Under snapshot/<name>: hash the big files (memory, disks) in the background while the restore runs."""
+    files = run.meta.get("files")
+    run.verifier = manifest.Verifier(run.snapshot, run.sdir, files, run.big_files) if files else None
+
+
+def _cancel_verify(run):
+    if getattr(run, "verifier", None) is not None:
+        run.verifier.cancel()
+
+
+def _await_verify(run):
+    """Before the clone counts as restored (and before the snapshot lock goes): every checksum matched."""
+    if run.verifier is not None:
+        t0 = time.monotonic()
+        took = run.verifier.result()
+        run.timings["verify_s"] = round(took, 3)
+        run.timings["verify_wait_ms"] = round((time.monotonic() - t0) * 1000, 1)
+
+
 def restore_plan(*, wait_ssh: bool = True):
     from banger.vms import plans
     from banger.vms.plan import Step
 
     return (plans.boot_plan("restore", wait_ssh=wait_ssh)
-            .insert_before("prepare", Step("snapshot.check", _check_snapshot))
+            .insert_before("prepare", Step("snapshot.check", _check_snapshot),
+                           Step("snapshot.verify", _start_verify, _cancel_verify))
             .replace("disk.work", Step("disk.copy", _copy_disks, _uncopy_disks, "copying disks"))
             .without("disk.overlay")
             .replace("vmm.launch",
                      Step("vmm.restore", _vmm_restore, plans.unlaunch,
                           lambda run: f"restoring with {run.vm['backend']}"),
+                     Step("snapshot.verified", _await_verify, None, "verifying the snapshot's checksums"),
                      Step("snapshot.release", _release_snapshot),
                      Step("guest.net", _readdress, None, "giving the guest its new address")))
 
@@ -272,6 +299,14 @@ def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = Tru
     if not (sdir / META).exists():
         raise NotFound(f"snapshot {snapshot!r} has no files at {sdir}",
                        f"remove the stale entry: banger snapshot rm {snapshot}")
+    big_files: list[str] = []
+    if meta.get("files"):  # sizes + small files now (ms); memory and disks hash during the restore
+        try:
+            big_files = manifest.check_present(snapshot, sdir, meta["files"])
+        except manifest.IntegrityError:
+            if _row(ctx, snapshot) is None:  # an rm won meanwhile: that is not damage
+                raise NotFound(f"snapshot {snapshot!r} was removed meanwhile", "pick another snapshot") from None
+            raise
     o = dict(meta.get("options") or {})
     for k in ("rootfs", "initrd"):
         if not o.get(k) or not Path(o[k]).exists():
@@ -304,6 +339,7 @@ def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = Tru
         snap_lock.enter_context(ctx.locks.hold(f"snapshot/{snapshot}", purpose="restore"))
         run = plan.execute(ctx, vm, restore_plan(wait_ssh=wait_ssh), delete_on_unwind=True,
                            snapshot=snapshot, sdir=sdir, meta=meta, snap_lock=snap_lock, timings=timings,
+                           big_files=big_files,
                            t0=time.monotonic())
         if wait_ssh:
             timings["ssh_ready_ms"] = round((time.monotonic() - run.t0) * 1000, 1)

@@ -23,7 +23,7 @@ def offenders(*roots: Path) -> list[str]:
     """Independent walk (not banger's own doctor code): every path with a group/other bit, symlinks aside."""
     bad = []
     for root in roots:
-        for d, dirs, files in os.walk(root):
+        for d, _dirs, files in os.walk(root):
             for p in [d, *(os.path.join(d, f) for f in files)]:
                 st = os.lstat(p)
                 if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077:
@@ -83,7 +83,7 @@ def test_doctor_flags_an_open_home_and_fix_closes_it(banger_env):
     disk = home / "vms" / "abc" / "overlay.ext4"
     disk.write_bytes(b"\0" * 4096)
     # a home laid out by an older banger (umask 022): every dir 0755, every file 0644
-    for d, dirs, files in os.walk(home):
+    for d, _dirs, files in os.walk(home):
         os.chmod(d, 0o755)
         for f in files:
             os.chmod(os.path.join(d, f), 0o644)
