@@ -9,10 +9,13 @@ on disk cannot take its own checksum with it); checked when a clone is restored:
   starts the VMM; the restore joins it before the clone counts as restored (so its cost hides behind
   work that happens anyway), and unwinds the clone if a checksum is wrong.
 
-The checksum (``sha256z``) is SHA-256 over the file's non-zero 1 MiB blocks, each prefixed by its
-offset, then the file size: any changed byte changes it, and it does not depend on how the
-filesystem stores zeros (a hole and a written zero block hash alike), so sparse disks hash in the
-time their data takes to read.
+Both checksums run over the file's non-zero 1 MiB blocks, each prefixed by its offset, then the file
+size: any changed byte changes them, and they do not depend on how the filesystem stores zeros (a
+hole and a written zero block hash alike), so sparse disks cost the time their data takes to read.
+Small files get SHA-256 (``sha256z``); the big ones (guest memory, disks) CRC-32 (``crc32z``): it
+catches every flipped byte and every burst up to 32 bits, which is what damage on a disk or a partial
+copy looks like, at a third of SHA-256's cost (0.2 vs 0.6 s per GiB here). It is not meant to stop a
+forger: the files are 0600 in 0700 directories, and whoever can write them is root on the host.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import zlib
 from pathlib import Path
 
 from banger.errors import EXIT_NOT_FOUND, IntegrityError
 
 BLOCK = 1 << 20
 SMALL = 8 << 20  # files up to this size are verified synchronously, before the restore reserves anything
-ALGO = "sha256z"
+ALGOS = ("sha256z", "crc32z")
 _ZERO = bytes(BLOCK)
 
 
@@ -61,8 +65,19 @@ def _blocks(fd: int, size: int):
         off = end
 
 
-def checksum(path: Path | str, stop: threading.Event | None = None) -> str:
-    h = hashlib.sha256()
+class _Crc:
+    def __init__(self):
+        self.v = 0
+
+    def update(self, b) -> None:
+        self.v = zlib.crc32(b, self.v)  # releases the GIL for big buffers, like hashlib
+
+    def hexdigest(self) -> str:
+        return f"{self.v:08x}"
+
+
+def checksum(path: Path | str, stop: threading.Event | None = None, algo: str = "sha256z") -> str:
+    h = hashlib.sha256() if algo == "sha256z" else _Crc()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
@@ -80,12 +95,14 @@ def checksum(path: Path | str, stop: threading.Event | None = None) -> str:
 
 
 def build(d: Path, skip: tuple[str, ...] = ()) -> dict:
-    """{name: {"size", "sha256z"}} for every regular file directly in ``d`` (but ``skip``)."""
+    """{name: {"size", "sha256z" | "crc32z"}} for every regular file directly in ``d`` (but ``skip``)."""
     out = {}
     for p in sorted(d.iterdir()):
         if p.name in skip or p.is_symlink() or not p.is_file():
             continue
-        out[p.name] = {"size": p.stat().st_size, ALGO: checksum(p)}
+        size = p.stat().st_size
+        algo = "sha256z" if size <= SMALL else "crc32z"
+        out[p.name] = {"size": size, algo: checksum(p, algo=algo)}
     return out
 
 
@@ -112,11 +129,15 @@ def check_present(snapshot: str, d: Path, files: dict) -> list[str]:
 
 
 def _compare(snapshot: str, p: Path, want: dict, stop: threading.Event | None = None) -> None:
-    got = checksum(p, stop)
-    if got and got != want[ALGO]:
+    algo = next((a for a in ALGOS if a in want), None)
+    if algo is None:
+        raise SnapshotDamaged(f"snapshot {snapshot!r} damaged: no known checksum recorded for {p.name}",
+                              _hint(snapshot))
+    got = checksum(p, stop, algo)
+    if got and got != want[algo]:
         raise SnapshotDamaged(f"snapshot {snapshot!r} damaged: {p.name} does not match its checksum "
-                              f"({ALGO} {got[:16]}..., recorded {want[ALGO][:16]}...)", _hint(snapshot),
-                              details={"file": p.name, "checksum": got, "expected": want[ALGO]})
+                              f"({algo} {got[:16]}, recorded {want[algo][:16]})", _hint(snapshot),
+                              details={"file": p.name, "checksum": got, "expected": want[algo]})
 
 
 class Verifier:
@@ -135,6 +156,10 @@ class Verifier:
         import time
 
         t0 = time.monotonic()
+        try:  # this thread only (Linux: a tid is a PRIO_PROCESS target): the VMM and handler come first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
         try:
             for n in names:
                 _compare(snapshot, d / n, files[n], self.stop)

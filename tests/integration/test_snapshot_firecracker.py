@@ -250,7 +250,8 @@ def test_damaged_and_incomplete_snapshots_are_refused(fcns):
     snap = ns.banger_json("snapshot", "create", "src-6", "whole")["data"]
     files = ns.banger_json("snapshot", "show", "whole")["data"]["meta"]["files"]
     assert set(files) == {"vm.mem", "vm.state", "overlay.ext4", "work.ext4", "known_hosts"}
-    assert files["vm.mem"]["size"] == 128 << 20 and len(files["vm.mem"]["sha256z"]) == 64
+    assert files["vm.mem"]["size"] == 128 << 20 and len(files["vm.mem"]["crc32z"]) == 8
+    assert len(files["vm.state"]["sha256z"]) == 64
     sdir = Path(snap["dir"])
     before_rows = {v["name"] for v in ns.banger_json("vm", "list")["data"]}
     before_taps = set(_claimed_taps(ns))
