@@ -240,6 +240,11 @@ def load_config(env: dict | None = None) -> Config:
                                    f"{', '.join(known)}", f"rename it to {close[0]} in {cfg_path}")
             warnings.append(f"warning: {where}: unknown key ignored (known keys: {', '.join(known)})")
             extra[k] = val
+    from banger.validate import boolean
+
+    for var in ("BANGER_UFFD", "BANGER_UFFD_PREFETCH"):  # read later (restore); checked before anything runs
+        if var in env:
+            boolean(env[var], var)
     # environment overrides for a few keys tests and CI need
     for k in ENV_OVERRIDES:
         ev = env.get(f"BANGER_{k.upper()}")

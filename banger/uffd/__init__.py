@@ -20,12 +20,13 @@ from banger.uffd.spawn import spawn_handler
 
 __all__ = ["enabled", "prefetch_enabled", "spawn_handler"]
 
-_OFF = {"0", "false", "no", "off"}
 
 
 def _flag(name: str, env: dict | None) -> bool:
     value = (env if env is not None else os.environ).get(name, "1")
-    return value.strip().lower() not in _OFF
+    from banger.validate import boolean  # strict: BANGER_UFFD=maybe is an error naming the variable
+
+    return boolean(value, name)
 
 
 def enabled(env: dict | None = None) -> bool:

@@ -171,6 +171,7 @@ ENV_ROWS = [
     ({"BANGER_SUBNET": "300.1.1.0/24"}, "BANGER_SUBNET"),
     ({"BANGER_BRIDGE": "bad name"}, "BANGER_BRIDGE"),
     ({"BANGER_CONFIG": "/nonexistent/banger.toml"}, "BANGER_CONFIG"),
+    ({"BANGER_UFFD": "maybe"}, "BANGER_UFFD: invalid value 'maybe': true or false"),
     ({"BANGER_HOME": "relative/home"}, "BANGER_HOME: invalid value 'relative/home': an absolute path"),
 ]
 
