@@ -74,119 +74,154 @@ class Smoke:
         cp = self.ns.banger("vm", "exec", vm, "--", "sh", "-c", script, "sh", *args, check=ok, timeout=300)
         return cp.stdout
 
+    def diagnose(self) -> str:
+        """What the bridge had learned when a scenario failed (MAC -> port), the neighbours, the VMs."""
+        out = []
+        for argv in (["bridge", "fdb", "show", "br", "banger0"], ["ip", "neigh", "show", "dev", "banger0"],
+                     ["ip", "-br", "link"]):
+            cp = self.ns.run(argv)
+            out.append(f"$ {' '.join(argv)}\n{cp.stdout}{cp.stderr}")
+        try:
+            rows = self.b("vm", "list", ok=False).get("data") or []
+            out.append("vms: " + ", ".join(f"{v['name']} {v['state']} {v['ip']} {v['mac']} {v['tap']}" for v in rows))
+        except Exception as e:  # noqa: BLE001 - diagnostics only
+            out.append(f"vm list failed: {e}")
+        return "\n--- diagnostics ---\n" + "\n".join(out)
+
     def tmp(self, name: str) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.work))
 
 
+def wide_modes(s: Smoke) -> list[str]:
+    """Paths under the home or run dir that group/other can reach (an independent walk; other scenarios
+    run meanwhile, so vanishing paths are fine; a staging dir's contents are a guest tree in the making)."""
+    import stat
+
+    wide = []
+    for root in (s.ns.home, s.ns.run_dir):
+        for d, dirs, files in os.walk(root):
+            for p in [d, *(os.path.join(d, f) for f in files)]:
+                try:
+                    st = os.lstat(p)
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077:
+                    wide.append(f"{p} {stat.S_IMODE(st.st_mode):04o}")
+            if d == str(s.ns.home / "staging"):
+                dirs[:] = []
+    return wide
+
+
 # ---------------------------------------------------------------------------------------------- parallel
 @scenario()
-def create_exec_cp_stop_start(s: Smoke):
-    v = s.b("vm", "create", "--name", "s-life", "--memory", "512")["data"]
+def create_exec_cp_stop_start(s: Smoke, t: str):
+    v = s.b("vm", "create", "--name", f"s-life{t}", "--memory", "512")["data"]
     assert v["state"] == "running", v
-    assert s.sh("s-life", "cat /etc/hostname; hostname").split() == ["s-life", "s-life"]
+    assert s.sh(f"s-life{t}", "cat /etc/hostname; hostname").split() == [f"s-life{t}", f"s-life{t}"]
     local = s.tmp("cp") / "payload.bin"
     local.write_bytes(os.urandom(300_000))
-    s.b("vm", "cp", str(local), "s-life:/root/payload.bin")
-    assert s.sh("s-life", "sha256sum /root/payload.bin").split()[0] == __import__("hashlib").sha256(
+    s.b("vm", "cp", str(local), f"s-life{t}:/root/payload.bin")
+    assert s.sh(f"s-life{t}", "sha256sum /root/payload.bin").split()[0] == __import__("hashlib").sha256(
         local.read_bytes()).hexdigest()
     back = local.parent / "back.bin"
-    s.b("vm", "cp", "s-life:/root/payload.bin", str(back))
+    s.b("vm", "cp", f"s-life{t}:/root/payload.bin", str(back))
     assert back.read_bytes() == local.read_bytes()
-    assert s.b("vm", "stop", "s-life")["data"]["state"] == "stopped"
-    s.b("vm", "set", "s-life", "--vcpu", "2")
-    assert s.b("vm", "start", "s-life")["data"]["state"] == "running"
-    assert s.sh("s-life", "nproc; cat /root/payload.bin | wc -c").split() == ["2", "300000"]  # /root persisted
-    s.b("vm", "delete", "-f", "s-life")
+    assert s.b("vm", "stop", f"s-life{t}")["data"]["state"] == "stopped"
+    s.b("vm", "set", f"s-life{t}", "--vcpu", "2")
+    assert s.b("vm", "start", f"s-life{t}")["data"]["state"] == "running"
+    assert s.sh(f"s-life{t}", "nproc; cat /root/payload.bin | wc -c").split() == ["2", "300000"]  # /root persisted
+    s.b("vm", "delete", "-f", f"s-life{t}")
 
 
 @scenario()
-def run_rm(s: Smoke):
+def run_rm(s: Smoke, t: str):
     from tests.support.netns import banger_argv
 
-    cp = s.ns.run(banger_argv("vm", "run", "--name", "s-run", "--memory", "512", "--rm", "--",
+    cp = s.ns.run(banger_argv("vm", "run", "--name", f"s-run{t}", "--memory", "512", "--rm", "--",
                               "sh", "-c", "echo smoke-ran; exit 3"), timeout=900)
     assert cp.returncode == 3 and "smoke-ran" in cp.stdout, (cp.returncode, cp.stdout, cp.stderr[-2000:])
-    assert "s-run" not in {v["name"] for v in s.b("vm", "list")["data"]}
+    assert f"s-run{t}" not in {v["name"] for v in s.b("vm", "list")["data"]}
 
 
 @scenario()
-def snapshot_restore(s: Smoke):
-    s.b("vm", "create", "--name", "s-snap", "--memory", "512")
-    s.sh("s-snap", "echo disk > /root/d.txt; echo mem > /tmp/m.txt; sync")
-    snap = s.b("snapshot", "create", "s-snap", "s-snap-1")["data"]
+def snapshot_restore(s: Smoke, t: str):
+    s.b("vm", "create", "--name", f"s-snap{t}", "--memory", "512")
+    s.sh(f"s-snap{t}", "echo disk > /root/d.txt; echo mem > /tmp/m.txt; sync")
+    snap = s.b("snapshot", "create", f"s-snap{t}", f"s-snap-1{t}")["data"]
     assert snap["backend"] == "qemu"
-    meta = s.b("snapshot", "show", "s-snap-1")["data"]["meta"]
+    meta = s.b("snapshot", "show", f"s-snap-1{t}")["data"]["meta"]
     assert meta["files"], meta  # the manifest restore verifies
-    s.sh("s-snap", "echo later > /root/d.txt")
-    clone = s.b("vm", "restore", "s-snap-1", "--name", "s-clone")["data"]
+    s.sh(f"s-snap{t}", "echo later > /root/d.txt")
+    clone = s.b("vm", "restore", f"s-snap-1{t}", "--name", f"s-clone{t}")["data"]
     assert clone["state"] == "running" and "verify_s" in clone["restore"], clone["restore"]
-    out = s.sh("s-clone", "cat /root/d.txt /tmp/m.txt; hostname; cat /etc/hostname").split()
-    assert out == ["disk", "mem", "s-clone", "s-clone"], out
-    assert s.sh("s-snap", "cat /root/d.txt; hostname").split() == ["later", "s-snap"]
-    s.b("vm", "delete", "-f", "s-clone", "s-snap")
-    s.b("snapshot", "rm", "s-snap-1")
+    assert wide_modes(s) == []  # while a clone runs and the snapshot (guest memory, disks) exists
+    out = s.sh(f"s-clone{t}", "cat /root/d.txt /tmp/m.txt; hostname; cat /etc/hostname").split()
+    assert out == ["disk", "mem", f"s-clone{t}", f"s-clone{t}"], out
+    assert s.sh(f"s-snap{t}", "cat /root/d.txt; hostname").split() == ["later", f"s-snap{t}"]
+    s.b("vm", "delete", "-f", f"s-clone{t}", f"s-snap{t}")
+    s.b("snapshot", "rm", f"s-snap-1{t}")
 
 
 @scenario()
-def workspace_roundtrip(s: Smoke):
+def workspace_roundtrip(s: Smoke, t: str):
     from tests.support.workspace import make_repo, refs
 
     repo = make_repo(s.tmp("ws"))
-    s.b("vm", "create", "--name", "s-ws", "--memory", "512")
-    d = s.b("workspace", "import", "s-ws", str(repo))["data"]
+    s.b("vm", "create", "--name", f"s-ws{t}", "--memory", "512")
+    d = s.b("workspace", "import", f"s-ws{t}", str(repo))["data"]
     assert d["fresh"] and d["dest"] == "/root/proj", d
-    s.sh("s-ws", "cd /root/proj && echo g > g.txt && git add g.txt && "
+    s.sh(f"s-ws{t}", "cd /root/proj && echo g > g.txt && git add g.txt && "
                  "git -c user.name=G -c user.email=g@example.invalid commit -q -m guest")
-    e = s.b("workspace", "export", "s-ws", "--dest-repo", str(repo))["data"]
-    assert [b["ref"] for b in e["branches"]] == ["refs/heads/banger/s-ws/main"], e
-    assert "refs/heads/banger/s-ws/main" in refs(repo, "refs/heads/banger/")
-    s.b("vm", "delete", "-f", "s-ws")
+    e = s.b("workspace", "export", f"s-ws{t}", "--dest-repo", str(repo))["data"]
+    assert [b["ref"] for b in e["branches"]] == [f"refs/heads/banger/s-ws{t}/main"], e
+    assert f"refs/heads/banger/s-ws{t}/main" in refs(repo, "refs/heads/banger/")
+    s.b("vm", "delete", "-f", f"s-ws{t}")
 
 
 @scenario()
-def pull_single_flight(s: Smoke):
+def pull_single_flight(s: Smoke, t: str):
     """Two pulls of one reference at once (host namespace: the registry is on the host's loopback)."""
     from concurrent.futures import ThreadPoolExecutor as Pool
 
     from tests.support.registry import layer
 
-    img = s.registry.push_image("smoke/tiny", "v1", [layer([
+    img = s.registry.push_image(f"smoke/tiny{t}", "v1", [layer([
         ("dir", "etc", 0o755, 0, 0), ("file", "etc/os-release", b"ID=smoke\n", 0o644, 0, 0),
         ("dir", "bin", 0o755, 0, 0), ("file", "bin/sh", b"#!fake\n", 0o755, 0, 0)])])
-    ref = f"{s.registry.host}/smoke/tiny:v1"
+    ref = f"{s.registry.host}/smoke/tiny{t}:v1"
     with Pool(2) as p:
-        docs = list(p.map(lambda _: s.b("image", "pull", ref, "--name", "s-tiny", host_ns=True), range(2)))
-    assert all(d["data"]["name"] == "s-tiny" for d in docs), docs
+        docs = list(p.map(lambda _: s.b("image", "pull", ref, "--name", f"s-tiny{t}", host_ns=True), range(2)))
+    assert all(d["data"]["name"] == f"s-tiny{t}" for d in docs), docs
     assert sum(1 for d in docs if d["data"].get("existing")) == 1, docs  # one pulled, the other found it
-    assert s.b("image", "show", "s-tiny")["data"]["digest"] == img["digest"]
-    s.b("image", "delete", "s-tiny")
+    assert s.b("image", "show", f"s-tiny{t}")["data"]["digest"] == img["digest"]
+    s.b("image", "delete", f"s-tiny{t}")
 
 
 @scenario()
-def name_race(s: Smoke):
+def name_race(s: Smoke, t: str):
     from tests.support.netns import banger_argv
 
-    procs = [s.ns.spawn(banger_argv("vm", "create", "--name", "s-race", "--no-start", "--json")) for _ in range(2)]
+    procs = [s.ns.spawn(banger_argv("vm", "create", "--name", f"s-race{t}", "--no-start", "--json")) for _ in range(2)]
     codes = sorted(p.wait(timeout=600) for p in procs)
     for p in procs:
         p.communicate()
     assert codes == [0, 4], codes  # exactly one wins the name, the other is a conflict
-    s.b("vm", "delete", "s-race")
+    s.b("vm", "delete", f"s-race{t}")
 
 
 @scenario()
-def bad_input_reserves_nothing(s: Smoke):
-    before = {v["name"] for v in s.b("vm", "list")["data"]}
-    for args in (["--vcpu", "0"], ["--memory", "1e9T"], ["--backend", "xen"], ["--name", ""]):
+def bad_input_reserves_nothing(s: Smoke, t: str):
+    for args in (["--vcpu", "0"], ["--memory", "1e9T"], ["--backend", "xen"], ["--name", f"Bad{t}"],
+                 ["--name", f"s-bad{t}", "--overlay-size", "16T"]):
         r = s.b("vm", "create", *args, ok=False)
         assert r["_exit"] == 2 and r["error"]["code"] == "invalid_input", r
-    assert {v["name"] for v in s.b("vm", "list")["data"]} <= before | {"s-life", "s-snap", "s-clone", "s-ws",
-                                                                       "s-race", "s-run"}
+    rows = s.b("vm", "list")["data"]
+    assert not [v for v in rows if v["name"] == f"s-bad{t}" or v["state"] == "error"], rows
 
 
 # ---------------------------------------------------------------------------------------------- serial
 @scenario("serial")
-def prune(s: Smoke):
+def prune(s: Smoke, t: str = ""):
     s.b("vm", "create", "--name", "s-prune", "--no-start")
     keep = s.b("vm", "create", "--name", "s-keep", "--memory", "512")["data"]
     gone = {x["name"] for x in s.b("vm", "prune", "-f")["data"]}
@@ -197,13 +232,13 @@ def prune(s: Smoke):
 
 
 @scenario("serial")
-def gc_finds_nothing(s: Smoke):
+def gc_finds_nothing(s: Smoke, t: str = ""):
     r = s.b("gc")["data"]
     assert r["errors"] == [] and r["total"] == 0, r  # every scenario cleaned up after itself
 
 
 @scenario("serial")
-def pool_drain(s: Smoke):
+def pool_drain(s: Smoke, t: str = ""):
     d = s.b("pool", "drain")["data"]
     assert d["claimed_kept"] == 0, d
     st = s.b("pool", "status")["data"]
@@ -211,33 +246,25 @@ def pool_drain(s: Smoke):
 
 
 @scenario("serial")
-def nothing_left_and_private(s: Smoke):
-    import stat
-
+def nothing_left_and_private(s: Smoke, t: str = ""):
     from tests.support.e2e import leaks
 
     assert s.b("vm", "list")["data"] == []
     found = leaks(s.ns)
     assert not found, found
-    wide = []
-    for root in (s.ns.home, s.ns.run_dir):
-        for d, _dirs, files in os.walk(root):
-            for p in [d, *(os.path.join(d, f) for f in files)]:
-                st = os.lstat(p)
-                if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077:
-                    wide.append(f"{p} {stat.S_IMODE(st.st_mode):04o}")
-    assert not wide, wide
+    assert wide_modes(s) == []
 
 
 # ---------------------------------------------------------------------------------------------- runner
-def _run_one(s: Smoke, name: str, fn) -> tuple[str, bool, float, str]:
+def _run_one(s: Smoke, name: str, fn, tag: str = "") -> tuple[str, bool, float, str]:
     t0 = time.monotonic()
+    name = f"{name}{'#' + tag if tag else ''}"
     s.say(name, "start")
     try:
-        fn(s)
+        fn(s, tag)
         ok, err = True, ""
     except BaseException as e:  # noqa: BLE001 - reported, the suite goes on
-        ok, err = False, "".join(traceback.format_exception(e))[-4000:]
+        ok, err = False, "".join(traceback.format_exception(e))[-4000:] + s.diagnose()
     dt = time.monotonic() - t0
     s.say(name, f"{'ok' if ok else 'FAILED'} in {dt:.1f}s" + (f"\n{err}" if err else ""))
     return name, ok, dt, err
@@ -246,6 +273,7 @@ def _run_one(s: Smoke, name: str, fn) -> tuple[str, bool, float, str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=2, help="run each parallel scenario this many times at once")
     ap.add_argument("--only", nargs="*", default=None, help="scenario names")
     ap.add_argument("--list", action="store_true")
     a = ap.parse_args(argv)
@@ -283,15 +311,16 @@ def main(argv: list[str] | None = None) -> int:
         reg_proc, url = start_registry(work / "registry")
         s = Smoke(NetNS(name=nsname, env=env, home=home, run_dir=run), work, Registry(url))
         s.b("pool", "warm", str(a.jobs))
-        par = [(n, f) for n, ph, f in chosen if ph == "parallel"]
+        # interleaved, so copies of one scenario overlap with each other and with every other one
+        par = [(n, f, str(i + 1)) for i in range(a.repeat) for n, ph, f in chosen if ph == "parallel"]
         ser = [(n, f) for n, ph, f in chosen if ph == "serial"]
         print(f"smoke: {len(par)} scenarios, {a.jobs} at a time, on one home ({home}) and one netns ({nsname})",
               flush=True)
         with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-            results += list(pool.map(lambda nf: _run_one(s, *nf), par))
+            results += list(pool.map(lambda nft: _run_one(s, *nft), par))
         print(f"smoke: serial phase ({len(ser)})", flush=True)
         for n, f in ser:
-            results.append(_run_one(s, n, f))
+            results.append(_run_one(s, n, f, ""))
     finally:
         try:
             from tests.support.netns import banger_argv, run_in_ns
