@@ -153,6 +153,11 @@ def snapshot_restore(s: Smoke, t: str):
     assert meta["files"], meta  # the manifest restore verifies
     s.sh(f"s-snap{t}", "echo later > /root/d.txt")
     clone = s.b("vm", "restore", f"s-snap-1{t}", "--name", f"s-clone{t}")["data"]
+    src = s.b("vm", "show", f"s-snap{t}")["data"]
+    # the bridge must not have learned the source's MAC on the clone's TAP (the clone's memory still held
+    # the source's address when it resumed): traffic to the running source would go to the clone
+    fdb = s.ns.run(["bridge", "fdb", "show", "br", "banger0"]).stdout.splitlines()
+    assert not [ln for ln in fdb if ln.startswith(src["mac"] + " ") and f" dev {clone['tap']} " in ln], fdb
     assert clone["state"] == "running" and "verify_s" in clone["restore"], clone["restore"]
     assert wide_modes(s) == []  # while a clone runs and the snapshot (guest memory, disks) exists
     out = s.sh(f"s-clone{t}", "cat /root/d.txt /tmp/m.txt; hostname; cat /etc/hostname").split()
