@@ -77,20 +77,24 @@ class _Crc:
 
 
 def checksum(path: Path | str, stop: threading.Event | None = None, algo: str = "sha256z") -> str:
-    h = hashlib.sha256() if algo == "sha256z" else _Crc()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
-        for i in _blocks(fd, size):
-            if stop is not None and stop.is_set():
-                return ""
-            data = os.pread(fd, BLOCK, i * BLOCK)
-            if data != _ZERO[:len(data)]:
-                h.update((i * BLOCK).to_bytes(8, "little"))
-                h.update(data)
-        h.update(size.to_bytes(8, "little"))
+        return checksum_fd(fd, stop, algo)
     finally:
         os.close(fd)
+
+
+def checksum_fd(fd: int, stop: threading.Event | None = None, algo: str = "sha256z") -> str:
+    h = hashlib.sha256() if algo == "sha256z" else _Crc()
+    size = os.fstat(fd).st_size
+    for i in _blocks(fd, size):
+        if stop is not None and stop.is_set():
+            return ""
+        data = os.pread(fd, BLOCK, i * BLOCK)
+        if data != _ZERO[:len(data)]:
+            h.update((i * BLOCK).to_bytes(8, "little"))
+            h.update(data)
+    h.update(size.to_bytes(8, "little"))
     return h.hexdigest()
 
 
@@ -128,12 +132,12 @@ def check_present(snapshot: str, d: Path, files: dict) -> list[str]:
     return big
 
 
-def _compare(snapshot: str, p: Path, want: dict, stop: threading.Event | None = None) -> None:
+def _compare(snapshot: str, p: Path, want: dict, stop: threading.Event | None = None, fd: int | None = None) -> None:
     algo = next((a for a in ALGOS if a in want), None)
     if algo is None:
         raise SnapshotDamaged(f"snapshot {snapshot!r} damaged: no known checksum recorded for {p.name}",
                               _hint(snapshot))
-    got = checksum(p, stop, algo)
+    got = checksum(p, stop, algo) if fd is None else checksum_fd(fd, stop, algo)
     if got and got != want[algo]:
         raise SnapshotDamaged(f"snapshot {snapshot!r} damaged: {p.name} does not match its checksum "
                               f"({algo} {got[:16]}, recorded {want[algo][:16]})", _hint(snapshot),
@@ -141,16 +145,31 @@ def _compare(snapshot: str, p: Path, want: dict, stop: threading.Event | None = 
 
 
 class Verifier:
-    """Hash the big files in a background thread (hashlib releases the GIL); ``result()`` joins it and
-    raises what it found. ``cancel()`` (an unwinding restore) stops it at the next block."""
+    """Hash the big files in a background thread (hashlib and zlib release the GIL); ``result()`` joins it
+    and raises what it found. ``cancel()`` (an unwinding restore) stops it at the next block. Every file is
+    opened up front (the caller holds snapshot/<name>), so the caller may release that lock and join later:
+    an `rm` meanwhile unlinks names, not the open files."""
 
     def __init__(self, snapshot: str, d: Path, files: dict, names: list[str]):
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.seconds = 0.0
+        self._fds: dict[str, int] = {}
+        try:
+            for n in names:
+                self._fds[n] = os.open(d / n, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as e:
+            self._close()
+            raise SnapshotIncomplete(f"snapshot {snapshot!r} incomplete: {Path(e.filename).name} is missing "
+                                     f"from {d}", _hint(snapshot)) from None
         self._t = threading.Thread(target=self._run, args=(snapshot, d, files, names), daemon=True,
                                    name="snapshot-verify")
         self._t.start()
+
+    def _close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
 
     def _run(self, snapshot, d, files, names):
         import time
@@ -162,12 +181,11 @@ class Verifier:
             pass
         try:
             for n in names:
-                _compare(snapshot, d / n, files[n], self.stop)
-        except FileNotFoundError as e:
-            self.error = SnapshotIncomplete(f"snapshot {snapshot!r} incomplete: {Path(e.filename).name} vanished",
-                                            _hint(snapshot))
+                _compare(snapshot, d / n, files[n], self.stop, self._fds[n])
         except BaseException as e:  # noqa: BLE001 - handed to the joining thread
             self.error = e
+        finally:
+            self._close()
         self.seconds = time.monotonic() - t0
 
     def result(self) -> float:

@@ -251,7 +251,8 @@ def _check_snapshot(run):
 
 
 def _start_verify(run):
-    """Under snapshot/<name>: hash the big files (memory, disks) in the background while the restore runs."""
+    """Under snapshot/<name>: open the big files (memory, disks) and hash them in the background while the
+    restore copies disks, starts the VMM, re-addresses the guest and waits for SSH."""
     files = run.meta.get("files")
     run.verifier = manifest.Verifier(run.snapshot, run.sdir, files, run.big_files) if files else None
 
@@ -262,7 +263,7 @@ def _cancel_verify(run):
 
 
 def _await_verify(run):
-    """Before the clone counts as restored (and before the snapshot lock goes): every checksum matched."""
+    """The last step: the clone counts as restored only once every checksum matched (else it is unwound)."""
     if run.verifier is not None:
         t0 = time.monotonic()
         took = run.verifier.result()
@@ -274,7 +275,7 @@ def restore_plan(*, wait_ssh: bool = True):
     from banger.vms import plans
     from banger.vms.plan import Step
 
-    return (plans.boot_plan("restore", wait_ssh=wait_ssh)
+    plan = (plans.boot_plan("restore", wait_ssh=wait_ssh)
             .insert_before("prepare", Step("snapshot.check", _check_snapshot),
                            Step("snapshot.verify", _start_verify, _cancel_verify))
             .replace("disk.work", Step("disk.copy", _copy_disks, _uncopy_disks, "copying disks"))
@@ -282,9 +283,10 @@ def restore_plan(*, wait_ssh: bool = True):
             .replace("vmm.launch",
                      Step("vmm.restore", _vmm_restore, plans.unlaunch,
                           lambda run: f"restoring with {run.vm['backend']}"),
-                     Step("snapshot.verified", _await_verify, None, "verifying the snapshot's checksums"),
                      Step("snapshot.release", _release_snapshot),
                      Step("guest.net", _readdress, None, "giving the guest its new address")))
+    return plan.insert_after(plan.names()[-1],
+                             Step("snapshot.verified", _await_verify, None, "verifying the snapshot's checksums"))
 
 
 def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = True) -> dict:

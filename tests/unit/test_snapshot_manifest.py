@@ -56,3 +56,17 @@ def test_check_present_and_verifier(tmp_path):
     with pytest.raises(m.SnapshotIncomplete, match="incomplete: vm.state is missing") as ei:
         m.check_present("s", d, files)
     assert ei.value.exit_code == 3
+
+
+def test_verifier_reads_files_opened_before_an_rm(tmp_path):
+    """The restore releases snapshot/<name> before it joins the verifier: a concurrent `snapshot rm` unlinks
+    the names, but the verifier already holds the files open."""
+    d = tmp_path / "snap"
+    d.mkdir()
+    _file(d / "vm.mem", 64 << 20, [(9 << 20, b"mem"), (40 << 20, os.urandom(4 << 20))])
+    files = m.build(d)
+    v = m.Verifier("s", d, files, ["vm.mem"])
+    os.unlink(d / "vm.mem")
+    assert v.result() >= 0
+    with pytest.raises(m.SnapshotIncomplete, match="vm.mem is missing"):
+        m.Verifier("s", d, files, ["vm.mem"])
