@@ -271,6 +271,27 @@ def _await_verify(run):
         run.timings["verify_wait_ms"] = round((time.monotonic() - t0) * 1000, 1)
 
 
+def _unlearn_source(run):
+    """Forget every MAC the bridge learned on the clone's TAP but the clone's own. Until the guest applied
+    the control line it still sent with the source's MAC (IPv6 neighbour traffic, retransmits), and the
+    bridge then delivered the running source's traffic to the clone's TAP: the source went unreachable
+    until it happened to send a frame itself (found by the smoke suite; per-TAP anti-spoofing in the
+    network layer is the complete fix). Runs after the guest answered on its new address (or, with
+    --no-wait, after the verify join gave it time to)."""
+    from banger.host.runner import run as run_cmd
+    from banger.host.runner import which
+
+    if not run.tap or not which("bridge"):
+        return
+    cp = run_cmd(["bridge", "fdb", "show", "dev", run.tap], check=False, timeout=10)
+    own = run.vm["mac"].lower()
+    for line in (cp.stdout or "").splitlines():
+        parts = line.split()
+        if (len(parts) >= 2 and "master" in parts and not {"permanent", "static", "self"} & set(parts)
+                and parts[0].lower() != own):
+            run_cmd(["bridge", "fdb", "del", parts[0], "dev", run.tap, "master"], check=False, timeout=10)
+
+
 def restore_plan(*, wait_ssh: bool = True):
     from banger.vms import plans
     from banger.vms.plan import Step
@@ -286,7 +307,8 @@ def restore_plan(*, wait_ssh: bool = True):
                      Step("snapshot.release", _release_snapshot),
                      Step("guest.net", _readdress, None, "giving the guest its new address")))
     return plan.insert_after(plan.names()[-1],
-                             Step("snapshot.verified", _await_verify, None, "verifying the snapshot's checksums"))
+                             Step("snapshot.verified", _await_verify, None, "verifying the snapshot's checksums"),
+                             Step("net.unlearn", _unlearn_source))
 
 
 def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = True) -> dict:
