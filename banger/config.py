@@ -156,9 +156,9 @@ def _key_line(text: str, key: str) -> int | None:
 
 def _check_dir_env(var: str, path: Path) -> None:
     """BANGER_HOME / BANGER_RUN: a directory banger can write (or a path it can create)."""
-    from banger.validate import InvalidInput
-
     if not path.is_absolute():
+        from banger.validate import InvalidInput
+
         raise InvalidInput(var, str(path), "an absolute path", f"e.g. {var}={DEFAULT_HOME if var == 'BANGER_HOME' else DEFAULT_RUN}")
     p = path
     while True:
@@ -170,18 +170,23 @@ def _check_dir_env(var: str, path: Path) -> None:
             p = p.parent
             continue
         except OSError as e:
+            from banger.validate import InvalidInput
+
             raise InvalidInput(var, str(path), f"a directory banger can use ({e.strerror})") from None
         import stat as _stat
 
-        if not _stat.S_ISDIR(st.st_mode):
+        is_dir = _stat.S_ISDIR(st.st_mode)
+        if is_dir and os.access(p, os.W_OK | os.X_OK):
+            return
+        from banger.validate import InvalidInput
+
+        if not is_dir:
             what = "exists and is not a directory" if p == path else f"cannot be created: {p} is not a directory"
             raise InvalidInput(var, str(path), f"a writable directory; it {what}",
                                f"point {var} at a directory, or remove {p}")
-        if not os.access(p, os.W_OK | os.X_OK):
-            what = "is not writable" if p == path else f"cannot be created: {p} is not writable"
-            raise InvalidInput(var, str(path), f"a writable directory; it {what} (read-only filesystem or "
-                               "permissions)", f"point {var} at a writable directory")
-        return
+        what = "is not writable" if p == path else f"cannot be created: {p} is not writable"
+        raise InvalidInput(var, str(path), f"a writable directory; it {what} (read-only filesystem or "
+                           "permissions)", f"point {var} at a writable directory")
 
 
 def load_config(env: dict | None = None) -> Config:
@@ -192,8 +197,6 @@ def load_config(env: dict | None = None) -> Config:
     InvalidInput naming the file, the line and the key. An unknown key that resembles none is a
     warning on stderr, not an error: a config written for a newer banger keeps working here.
     """
-    from banger.validate import InvalidInput
-
     env = os.environ if env is None else env
     home = Path(env.get("BANGER_HOME", DEFAULT_HOME))
     run = Path(env.get("BANGER_RUN", DEFAULT_RUN))
@@ -204,6 +207,8 @@ def load_config(env: dict | None = None) -> Config:
     values: dict = {}
     text = ""
     if explicit and not cfg_path.is_file():
+        from banger.validate import InvalidInput
+
         raise InvalidInput("BANGER_CONFIG", explicit, "the path of a TOML file; "
                            + ("it is not a regular file" if cfg_path.exists() else "it does not exist"),
                            "fix BANGER_CONFIG or unset it")
@@ -219,6 +224,12 @@ def load_config(env: dict | None = None) -> Config:
         except tomllib.TOMLDecodeError as e:
             raise UsageError(f"invalid config file {cfg_path}: {e}", "fix the TOML syntax or remove the file",
                              details={"file": str(cfg_path)}) from e
+    overrides = {k: env[f"BANGER_{k.upper()}"] for k in ENV_OVERRIDES if env.get(f"BANGER_{k.upper()}")}
+    flags = [var for var in ("BANGER_UFFD", "BANGER_UFFD_PREFETCH") if var in env]
+    if not values and not overrides and not flags:
+        return Config(home=home, run=run)  # nothing to check: no validate import on the common path
+    from banger.validate import InvalidInput, boolean
+
     schema, extra_schema = _schema(), _extra_schema()
     kwargs: dict = {}
     extra: dict = {}
@@ -240,16 +251,11 @@ def load_config(env: dict | None = None) -> Config:
                                    f"{', '.join(known)}", f"rename it to {close[0]} in {cfg_path}")
             warnings.append(f"warning: {where}: unknown key ignored (known keys: {', '.join(known)})")
             extra[k] = val
-    from banger.validate import boolean
-
-    for var in ("BANGER_UFFD", "BANGER_UFFD_PREFETCH"):  # read later (restore); checked before anything runs
-        if var in env:
-            boolean(env[var], var)
+    for var in flags:  # read later (restore); checked before anything runs
+        boolean(env[var], var)
     # environment overrides for a few keys tests and CI need
-    for k in ENV_OVERRIDES:
-        ev = env.get(f"BANGER_{k.upper()}")
-        if ev:
-            kwargs[k] = schema[k](ev, f"BANGER_{k.upper()}")
+    for k, ev in overrides.items():
+        kwargs[k] = schema[k](ev, f"BANGER_{k.upper()}")
     if warnings:
         import sys
 
