@@ -1,4 +1,4 @@
-"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s bench`.
+"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s bench`, `nox -s smoke`.
 
 Tests need root (netns, TAP, loop devices, userfaultfd) and the Debian packages
 that scripts/test.sh installs.
@@ -34,6 +34,15 @@ def unit(session):
     """Fast tests only: no root facilities, no guests."""
     _install(session)
     session.run("python", "-m", "pytest", "tests/unit", "-q", *session.posargs)
+
+
+@nox.session
+def smoke(session):
+    """User-level scenarios 4 at a time on one shared BANGER_HOME + one netns, then prune/gc/pool drain
+    alone (tests/smoke/run.py; root, real QEMU guests; a few minutes). Pass --jobs N / --only NAME."""
+    _install(session)
+    session.run("python", "-m", "tests.smoke.run", *(session.posargs or ["--jobs", "4"]),
+                env={"PYTHONDONTWRITEBYTECODE": "1"})
 
 
 @nox.session

@@ -13,6 +13,10 @@ from pathlib import Path
 
 from banger.errors import UsageError
 
+PRIVATE_UMASK = 0o077   # every command and helper process runs with it (banger/cli/main.py)
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+
 DEFAULT_HOME = "/var/lib/banger"
 DEFAULT_RUN = "/run/banger"
 
@@ -114,16 +118,95 @@ class Config:
         return self.run / "vms" / vm_id
 
 
-def _coerce(name: str, value, typ):
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        return str(value).lower() in ("1", "true", "yes", "on")
-    if typ is int:
-        return int(value)
-    if typ is float:
-        return float(value)
-    return str(value)
+# one checker per key (banger/validate.py); the limits are shared with the flags
+def _schema():
+    from banger import validate as v
+    from banger.vmm.registry import choices  # the registry imports no backend
+
+    return {
+        "default_image": lambda x, f: v.text(x, f, max_len=128),
+        "default_kernel": lambda x, f: v.text(x, f, max_len=128),
+        "backend": lambda x, f: v.choice(x, f, choices()),
+        "vcpu": lambda x, f: v.integer(x, f, "vcpu"),
+        "memory_mib": lambda x, f: v.size_mib(x, f, "memory_mib"),
+        "overlay_size_mib": lambda x, f: v.size_mib(x, f, "overlay_size_mib"),
+        "work_disk_size_mib": lambda x, f: v.size_mib(x, f, "work_disk_size_mib"),
+        "bridge": v.ifname,
+        "subnet": v.subnet,
+        "nat": v.boolean,
+        "ssh_timeout_s": lambda x, f: v.number(x, f, "ssh_timeout_s"),
+        "stop_timeout_s": lambda x, f: v.number(x, f, "stop_timeout_s"),
+        "lock_timeout_s": lambda x, f: v.number(x, f, "lock_timeout_s"),
+        "firecracker_bin": lambda x, f: v.text(x, f),
+        "qemu_bin": lambda x, f: v.text(x, f),
+        "max_image_size_mib": lambda x, f: _check_range("max_image_size_mib", x, f),
+        "pull_stall_timeout_s": lambda x, f: _check_range("pull_stall_timeout_s", x, f),
+        "console_log_max_kib": lambda x, f: v.integer(x, f, lo=16, hi=1 << 20),
+    }
+
+
+# keys kept in Config.extra (read by the module that needs them), with their checker
+def _extra_schema():
+    from banger import validate as v
+
+    def dns(x, f):  # one resolver or a list of them
+        if isinstance(x, list):
+            if not 1 <= len(x) <= 3:
+                raise v.InvalidInput(f, repr(x), "1 to 3 IPv4 resolvers", 'e.g. dns = ["192.168.1.1"]')
+            return [v.ipv4(i, f) for i in x]
+        return [v.ipv4(x, f)]
+
+    return {"dns": dns, "image_catalog": lambda x, f: v.text(x, f),
+            "domain": lambda x, f: v.text(x, f, max_len=253), "hosts_file": lambda x, f: v.text(x, f)}
+
+
+ENV_OVERRIDES = ("backend", "default_image", "default_kernel", "bridge", "subnet")
+
+
+def _key_line(text: str, key: str) -> int | None:
+    import re
+
+    k = re.escape(key)
+    pat = re.compile(rf"^\s*(?:(?:{k}|\"{k}\"|'{k}')\s*=|\[\[?\s*(?:{k}|\"{k}\")\s*[.\]])")
+    for i, line in enumerate(text.splitlines(), 1):
+        if pat.match(line):
+            return i
+    return None
+
+
+def _check_dir_env(var: str, path: Path) -> None:
+    """BANGER_HOME / BANGER_RUN: a directory banger can write (or a path it can create)."""
+    if not path.is_absolute():
+        from banger.validate import InvalidInput
+
+        raise InvalidInput(var, str(path), "an absolute path", f"e.g. {var}={DEFAULT_HOME if var == 'BANGER_HOME' else DEFAULT_RUN}")
+    p = path
+    while True:
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            if p.parent == p:
+                return
+            p = p.parent
+            continue
+        except OSError as e:
+            from banger.validate import InvalidInput
+
+            raise InvalidInput(var, str(path), f"a directory banger can use ({e.strerror})") from None
+        import stat as _stat
+
+        is_dir = _stat.S_ISDIR(st.st_mode)
+        if is_dir and os.access(p, os.W_OK | os.X_OK):
+            return
+        from banger.validate import InvalidInput
+
+        if not is_dir:
+            what = "exists and is not a directory" if p == path else f"cannot be created: {p} is not a directory"
+            raise InvalidInput(var, str(path), f"a writable directory; it {what}",
+                               f"point {var} at a directory, or remove {p}")
+        what = "is not writable" if p == path else f"cannot be created: {p} is not writable"
+        raise InvalidInput(var, str(path), f"a writable directory; it {what} (read-only filesystem or "
+                           "permissions)", f"point {var} at a writable directory")
 
 
 def _check_range(name: str, value, where) -> int | float:
@@ -141,35 +224,92 @@ def _check_range(name: str, value, where) -> int | float:
 
 
 def load_config(env: dict | None = None) -> Config:
+    """Read config.toml and the environment; every value goes through banger/validate.py.
+
+    A malformed file, a value of the wrong type or range, or an unknown key close to a known one
+    (a typo: `memroy_mib` silently ignored would leave the user on the default without a word) is an
+    InvalidInput naming the file, the line and the key. An unknown key that resembles none is a
+    warning on stderr, not an error: a config written for a newer banger keeps working here.
+    """
     env = os.environ if env is None else env
     home = Path(env.get("BANGER_HOME", DEFAULT_HOME))
     run = Path(env.get("BANGER_RUN", DEFAULT_RUN))
-    cfg_path = Path(env.get("BANGER_CONFIG", str(home / "config.toml")))
+    _check_dir_env("BANGER_HOME", home)
+    _check_dir_env("BANGER_RUN", run)
+    explicit = env.get("BANGER_CONFIG")
+    cfg_path = Path(explicit or str(home / "config.toml"))
     values: dict = {}
+    text = ""
+    if explicit and not cfg_path.is_file():
+        from banger.validate import InvalidInput
+
+        raise InvalidInput("BANGER_CONFIG", explicit, "the path of a TOML file; "
+                           + ("it is not a regular file" if cfg_path.exists() else "it does not exist"),
+                           "fix BANGER_CONFIG or unset it")
     if cfg_path.is_file():
         import tomllib
 
         try:
-            values = tomllib.loads(cfg_path.read_text())
+            text = cfg_path.read_bytes().decode("utf-8")
+            values = tomllib.loads(text)
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read config file {cfg_path}: {e}", "fix its permissions/encoding or remove it",
+                             details={"file": str(cfg_path)}) from e
         except tomllib.TOMLDecodeError as e:
-            raise UsageError(f"invalid config file {cfg_path}: {e}", "fix the TOML syntax or remove the file") from e
-    known = {k: type(v) for k, v in DEFAULTS.items()}
-    kwargs = {}
-    extra = {}
-    for k, v in values.items():
-        if k in RANGES:
-            kwargs[k] = _check_range(k, v, cfg_path)
-        elif k in known:
-            kwargs[k] = _coerce(k, v, known[k])
-        else:
-            extra[k] = v
-    # environment overrides for a few keys tests and CI need
-    for k in ("backend", "default_image", "default_kernel", "bridge", "subnet"):
-        ev = env.get(f"BANGER_{k.upper()}")
-        if ev:
-            kwargs[k] = ev
-    from banger.vmm.registry import choices  # the registry imports no backend
+            raise UsageError(f"invalid config file {cfg_path}: {e}", "fix the TOML syntax or remove the file",
+                             details={"file": str(cfg_path)}) from e
+    overrides = {k: env[f"BANGER_{k.upper()}"] for k in ENV_OVERRIDES if env.get(f"BANGER_{k.upper()}")}
+    flags = [var for var in ("BANGER_UFFD", "BANGER_UFFD_PREFETCH") if var in env]
+    if not values and not overrides and not flags:
+        return Config(home=home, run=run)  # nothing to check: no validate import on the common path
+    from banger.validate import InvalidInput, boolean
 
-    if kwargs.get("backend", "auto") not in choices():
-        raise UsageError(f"unknown backend {kwargs['backend']!r}", f"use one of: {', '.join(choices())}")
+    schema, extra_schema = _schema(), _extra_schema()
+    kwargs: dict = {}
+    extra: dict = {}
+    warnings = []
+    for k, val in values.items():
+        line = _key_line(text, k)
+        where = f"{cfg_path}{f' line {line}' if line else ''}: {k}"
+        if k in schema:
+            kwargs[k] = schema[k](val, where)
+        elif k in extra_schema:
+            extra[k] = extra_schema[k](val, where)
+        else:
+            import difflib
+
+            known = sorted([*schema, *extra_schema])
+            close = difflib.get_close_matches(k, known, n=1, cutoff=0.75)
+            if close:
+                raise InvalidInput(where, k, f"an unknown key; did you mean {close[0]!r}? known keys: "
+                                   f"{', '.join(known)}", f"rename it to {close[0]} in {cfg_path}")
+            warnings.append(f"warning: {where}: unknown key ignored (known keys: {', '.join(known)})")
+            extra[k] = val
+    for var in flags:  # read later (restore); checked before anything runs
+        boolean(env[var], var)
+    # environment overrides for a few keys tests and CI need
+    for k, ev in overrides.items():
+        kwargs[k] = schema[k](ev, f"BANGER_{k.upper()}")
+    if warnings:
+        import sys
+
+        sys.stderr.write("\n".join(warnings) + "\n")
     return Config(home=home, run=run, extra=extra, **kwargs)
+
+
+def tighten_top_dirs(cfg: Config) -> list[str]:
+    """First use of an existing home: BANGER_HOME and BANGER_RUN wider than 0700 are made 0700 (two stats
+    per command). Deeper offenders are reported by `banger doctor` and fixed by `doctor --fix`."""
+    fixed = []
+    for d in (cfg.home, cfg.run):
+        try:
+            mode = os.stat(d).st_mode
+        except OSError:
+            continue
+        if mode & 0o077:
+            try:
+                os.chmod(d, PRIVATE_DIR)
+                fixed.append(str(d))
+            except OSError:
+                pass
+    return fixed

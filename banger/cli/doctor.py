@@ -11,25 +11,28 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_mar
 
 @app.command(help="Check the host: KVM kind, VMM backends, tools, devices, disk. Each problem has a fix hint.")
 def doctor(
-    fix: Annotated[bool, typer.Option("--fix", help="apt-get install the missing Debian packages (root).")] = False,
+    fix: Annotated[bool, typer.Option("--fix", help="apt-get install the missing Debian packages (root) and make "
+                                                    "banger's files private (0600/0700).")] = False,
     json_out: JsonOpt = False,
 ):
     from banger.doctor import service as svc
 
-    ctx = make_ctx(json_out)
+    ctx = make_ctx(json_out, tighten=False)  # doctor reports a home left open; --fix tightens it
 
     def go():
         checks = svc.run_checks(ctx.cfg)
-        installed = []
+        installed, tightened = [], []
         if fix:
+            tightened = svc.fix_modes(ctx.cfg)
             installed = svc.fix(checks, ctx.progress)
-            if installed:
+            if installed or tightened:
                 checks = svc.run_checks(ctx.cfg)
         from banger.host.hostinfo import qemu_accel
         from banger.vmm import registry
 
         backend = registry.choose(ctx.cfg.backend, ctx.cfg)
-        return {"checks": [c.to_dict() for c in checks], "installed": installed, "backend": backend,
+        return {"checks": [c.to_dict() for c in checks], "installed": installed, "tightened": tightened,
+                "backend": backend,
                 "accel": qemu_accel() if backend == "qemu" else "kvm",
                 "ok": all(c.status != "fail" for c in checks)}
 
@@ -46,5 +49,7 @@ def doctor(
         con.print(f"\nbackend: [bold]{d['backend']}[/] ({d['accel']})")
         if d["installed"]:
             con.print(f"installed: {' '.join(d['installed'])}")
+        if d["tightened"]:
+            con.print(f"made private: {len(d['tightened'])} paths")
 
     emit(go, json_out=json_out, render=render, exit_code=lambda d: 0 if d["ok"] else 6)

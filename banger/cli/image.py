@@ -51,7 +51,16 @@ def pull_cmd(
     from banger.images.sources.oci import pull as svc
 
     ctx = make_ctx(json_out)
-    emit(lambda: _summary(svc.pull(ctx, ref, name, insecure=True if insecure else None)), json_out=json_out,
+
+    def go():
+        from banger import validate
+
+        validate.text(ref, "REF", max_len=1024)
+        if name is not None:
+            validate.text(name, "--name", max_len=63)
+        return _summary(svc.pull(ctx, ref, name, insecure=True if insecure else None))
+
+    emit(go, json_out=json_out,
          render=_render_one("pulled"))
 
 

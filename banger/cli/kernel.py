@@ -52,8 +52,15 @@ def pull_cmd(
         verb = "pulled" if d.get("downloaded") else "already present:"
         say(f"{verb} kernel [bold]{d['name']}[/] ({d['version']}) in {d['dir']}")
 
-    emit(lambda: _summary(svc.pull(ctx, name or ctx.cfg.default_kernel, force=force, sha256=sha256)),
-         json_out=json_out, render=render)
+    def go():
+        from banger import validate
+
+        if name is not None:
+            validate.text(name, "NAME", max_len=63)
+        digest = None if sha256 is None else validate.sha256_hex(sha256, "--sha256")
+        return _summary(svc.pull(ctx, name or ctx.cfg.default_kernel, force=force, sha256=digest))
+
+    emit(go, json_out=json_out, render=render)
 
 
 @app.command("import", help="Import a local kernel (bzImage or ELF vmlinux); banger generates the initramfs.")
@@ -68,8 +75,16 @@ def import_cmd(
     from banger.kernels import service as svc
 
     ctx = make_ctx(json_out)
-    emit(lambda: _summary(svc.import_kernel(ctx, name, kernel_path, initrd=initrd, modules=modules, force=force)),
-         json_out=json_out,
+    def go():
+        from banger import validate
+
+        validate.text(name, "--name", max_len=63)
+        for flag, val in (("KERNEL_PATH", kernel_path), ("--initrd", initrd), ("--modules", modules)):
+            if val is not None:
+                validate.text(val, flag)
+        return _summary(svc.import_kernel(ctx, name, kernel_path, initrd=initrd, modules=modules, force=force))
+
+    emit(go, json_out=json_out,
          render=lambda d: say(f"imported kernel [bold]{d['name']}[/] ({d['version']}) in {d['dir']}"))
 
 

@@ -13,6 +13,8 @@ import sys
 
 from banger.cli.commands import COMMANDS
 
+PRIVATE_UMASK = 0o077  # (banger.config.PRIVATE_UMASK; not imported here: `banger --help` imports nothing)
+
 
 def _invoked(argv: list[str]) -> str | None:
     for a in argv:
@@ -124,6 +126,7 @@ def _fast_path(argv: list[str]) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    os.umask(PRIVATE_UMASK)  # other local users get nothing: every file banger creates is 0600, dirs 0700
     if _fast_path(argv):
         return
     app = build_app(argv)

@@ -25,11 +25,20 @@ def _stdout_console():
     return Console(highlight=False, soft_wrap=True)
 
 
-def make_ctx(json_out: bool):
+def make_ctx(json_out: bool, *, tighten: bool = True):
+    """The command's Ctx. A bad config file or environment (banger/validate.py) ends the command here
+    with the one error envelope, never a traceback; existing homes wider than 0700 are tightened."""
     from banger.cli.progress import CliProgress
+    from banger.config import tighten_top_dirs
     from banger.context import Ctx
 
-    return Ctx(progress=CliProgress(json_out))
+    try:
+        ctx = Ctx(progress=CliProgress(json_out))
+    except BangerError as e:
+        _fail(e.to_dict(), e.exit_code, json_out)
+    if tighten:
+        tighten_top_dirs(ctx.cfg)
+    return ctx
 
 
 def emit(fn: Callable[[], Any], *, json_out: bool, render: Callable[[Any], None] | None = None,

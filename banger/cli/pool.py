@@ -11,18 +11,21 @@ app = make_app("Warm, inspect and drain the TAP device pool.")
 
 @app.command(help="Make sure at least N idle TAP devices and N ready-made disk sets (default image, default "
                   "sizes) are ready (idempotent; safe to run from cron).")
-def warm(n: Annotated[int, typer.Argument(help="How many idle TAPs to keep ready.", min=0)],
-         disks: Annotated[int | None, typer.Option("--disks", min=0, help="How many disk sets to keep ready "
+def warm(n: Annotated[str, typer.Argument(metavar="N", help="How many idle TAPs to keep ready (0-1024).")],
+         disks: Annotated[str | None, typer.Option("--disks", metavar="M", help="How many disk sets to keep ready "
                                                    "(default: N).")] = None,
          json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
 
     def go():
+        from banger import validate
         from banger.net import pool
         from banger.vms import lifecycle
 
-        out = pool.warm(ctx, n)
-        out["disks"] = lifecycle.warm_disks(ctx, n if disks is None else disks)
+        count = validate.integer(n, "N", "pool_size")
+        out = pool.warm(ctx, count)
+        out["disks"] = lifecycle.warm_disks(ctx, count if disks is None else validate.integer(disks, "--disks",
+                                                                                              "pool_size"))
         return out
 
     def render(d):

@@ -31,8 +31,11 @@ def create(vm: Annotated[str, typer.Argument(metavar="VM", help="VM name or id."
     ctx = make_ctx(json_out)
 
     def go():
+        from banger import validate
         from banger.snapshots import service as snapshots
 
+        if name is not None:
+            validate.name(name, "NAME", "snapshot name")
         return snapshots.create(ctx, vm, name)
 
     emit(go, json_out=json_out,
@@ -96,8 +99,11 @@ def restore(snapshot: SnapArg,
     ctx = make_ctx(json_out)
 
     def go():
+        from banger import validate
         from banger.snapshots import service as snapshots
 
+        if name is not None:
+            validate.name(name, "--name")
         return snapshots.restore(ctx, snapshot, name=name, wait_ssh=not no_wait)
 
     def render(v):

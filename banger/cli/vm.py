@@ -15,7 +15,7 @@ Cmd = Annotated[list[str] | None, typer.Argument(help="Command to run in the gue
 ImageOpt = Annotated[str | None, typer.Option("--image", help="Image name (default: config default_image).")]
 KernelOpt = Annotated[str | None, typer.Option("--kernel", help="Kernel name (default: the image's kernel).")]
 NameOpt = Annotated[str | None, typer.Option("--name", help="VM name (a DNS label); generated if absent.")]
-VcpuOpt = Annotated[int | None, typer.Option("--vcpu", help="Virtual CPUs.")]
+VcpuOpt = Annotated[str | None, typer.Option("--vcpu", help="Virtual CPUs (1-64).")]
 MemOpt = Annotated[str | None, typer.Option("--memory", help="Memory, e.g. 1024, 512M, 2G (MiB by default).")]
 OverlayOpt = Annotated[str | None, typer.Option("--overlay-size", help="Copy-on-write root disk size, e.g. 4G.")]
 WorkOpt = Annotated[str | None, typer.Option("--work-disk-size", help="/root disk size, e.g. 2G.")]
@@ -26,23 +26,33 @@ NoSeedOpt = Annotated[bool, typer.Option("--no-work-seed", help="Build /root fro
 
 
 def parse_mib(value: str | None, flag: str) -> int | None:
-    """'1024' / '512M' / '2G' / '1.5G' -> MiB."""
-    from banger.errors import UsageError
-
+    """'1024' / '512M' / '2G' / '1.5G' -> MiB, through banger/validate.py (limits per field)."""
     if value is None:
         return None
-    v = value.strip().upper().removesuffix("IB").removesuffix("B")
-    mult = 1
-    if v and v[-1] in "MGT":
-        mult = {"M": 1, "G": 1024, "T": 1024 * 1024}[v[-1]]
-        v = v[:-1]
-    try:
-        n = float(v) * mult
-    except ValueError:
-        raise UsageError(f"{flag} {value!r} is not a size", f"e.g. {flag} 1024 or {flag} 2G") from None
-    if n <= 0 or n != int(n):
-        raise UsageError(f"{flag} {value!r} must be a positive whole number of MiB", f"e.g. {flag} 2G")
-    return int(n)
+    from banger import validate
+
+    key = {"--memory": "memory_mib", "--overlay-size": "overlay_size_mib",
+           "--work-disk-size": "work_disk_size_mib"}[flag]
+    return validate.size_mib(value, flag, key)
+
+
+def parse_vcpu(value: str | None) -> int | None:
+    if value is None:
+        return None
+    from banger import validate
+
+    return validate.integer(value, "--vcpu", "vcpu")
+
+
+def _check_flags(name: str | None, backend: str | None) -> None:
+    from banger import validate
+
+    if name is not None:
+        validate.name(name, "--name")
+    if backend is not None:
+        from banger.vmm.registry import choices
+
+        validate.choice(backend, "--backend", choices())
 
 
 def parse_bytes(value: str | None, flag: str) -> int | None:
@@ -78,7 +88,13 @@ def _render_vm(v: dict) -> None:
 
 
 def _create_kwargs(image, kernel, name, vcpu, memory, overlay_size, work_disk_size, nat, backend, no_work_seed):
-    return dict(image=image, kernel=kernel, name=name, vcpu=vcpu, memory_mib=parse_mib(memory, "--memory"),
+    _check_flags(name, backend)
+    for flag, val in (("--image", image), ("--kernel", kernel)):
+        if val is not None:
+            from banger import validate
+
+            validate.text(val, flag, max_len=128)
+    return dict(image=image, kernel=kernel, name=name, vcpu=parse_vcpu(vcpu), memory_mib=parse_mib(memory, "--memory"),
                 overlay_size_mib=parse_mib(overlay_size, "--overlay-size"),
                 work_disk_size_mib=parse_mib(work_disk_size, "--work-disk-size"), nat=nat or None,
                 backend=backend, work_seed=not no_work_seed)
@@ -111,6 +127,7 @@ def create(image: ImageOpt = None, kernel: KernelOpt = None, name: NameOpt = Non
                                  "only --name and --no-wait apply")
             from banger.snapshots import service as snapshots
 
+            _check_flags(name, None)
             return snapshots.restore(ctx, from_snapshot, name=name, wait_ssh=not no_wait)
         kw = _create_kwargs(image, kernel, name, vcpu, memory, overlay_size, work_disk_size, nat, backend,
                             no_work_seed)
@@ -172,13 +189,19 @@ def start(vm: Ref, no_wait: Annotated[bool, typer.Option("--no-wait", help="Do n
 
 @app.command(help="Stop a VM: ask the guest to power off, force it after the stop timeout.")
 def stop(vm: Ref, force: Annotated[bool, typer.Option("-f", "--force", help="Kill at once.")] = False,
-         timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds before forcing "
-                                                       "(default: config stop_timeout_s).")] = None,
+         timeout: Annotated[str | None, typer.Option("--timeout", help="Seconds before forcing "
+                                                     "(default: config stop_timeout_s).")] = None,
          json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
     from banger.vms import lifecycle as vms
 
-    emit(lambda: vms.stop(ctx, vm, force=force, timeout=timeout), json_out=json_out,
+    def go():
+        from banger import validate
+
+        t = None if timeout is None else validate.number(timeout, "--timeout", "stop_timeout_s")
+        return vms.stop(ctx, vm, force=force, timeout=t)
+
+    emit(go, json_out=json_out,
          render=lambda v: say(f"{v['name']} {v['state']}" + (f" ({v['error']})" if v.get("error") else "")))
 
 
@@ -231,7 +254,7 @@ def set_(vm: Ref, vcpu: VcpuOpt = None, memory: MemOpt = None, work_disk_size: W
     ctx = make_ctx(json_out)
     from banger.vms import lifecycle as vms
 
-    emit(lambda: vms.set_resources(ctx, vm, vcpu=vcpu, memory_mib=parse_mib(memory, "--memory"),
+    emit(lambda: vms.set_resources(ctx, vm, vcpu=parse_vcpu(vcpu), memory_mib=parse_mib(memory, "--memory"),
                                    work_disk_size_mib=parse_mib(work_disk_size, "--work-disk-size")),
          json_out=json_out, render=_render_vm)
 
@@ -355,6 +378,7 @@ def restore(snapshot: Annotated[str, typer.Argument(help="Snapshot name.")], nam
     def go():
         from banger.snapshots import service as snapshots
 
+        _check_flags(name, None)
         return snapshots.restore(ctx, snapshot, name=name, wait_ssh=not no_wait)
 
     emit(go, json_out=json_out, render=lambda v: say(f"{v.get('name')} {v.get('state')} {v.get('ip')}"))

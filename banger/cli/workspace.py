@@ -42,8 +42,12 @@ def import_(vm: VmArg,
     ctx = make_ctx(json_out)
 
     def go():
+        from banger import validate
         from banger.workspace import service as workspace
 
+        for flag, val in (("REPO_PATH", repo), ("--dest", dest), ("--branch", branch)):
+            if val is not None:
+                validate.text(val, flag)
         return workspace.import_repo(ctx, vm, repo, dest=dest, branch=branch, include_dirty=include_dirty)
 
     def render(d):
@@ -82,8 +86,12 @@ def export(vm: VmArg,
     ctx = make_ctx(json_out)
 
     def go():
+        from banger import validate
         from banger.workspace import service as workspace
 
+        for flag, val in (("--dest-repo", dest_repo), ("--path", path)):
+            if val is not None:
+                validate.text(val, flag)
         return workspace.export_repo(ctx, vm, dest_repo=dest_repo, path=path, include_dirty=include_dirty)
 
     def render(d):

@@ -54,7 +54,67 @@ def run_checks(cfg) -> list[Check]:
     checks.append(_uffd())
     checks.append(_reflink(cfg))
     checks.append(_disk(cfg))
+    checks.append(_private(cfg))
     return checks
+
+
+def wide_modes(cfg) -> list[tuple[str, int]]:
+    """Every file and directory under BANGER_HOME and BANGER_RUN that group or other can read, write or
+    enter (symlinks have no mode of their own and are skipped). In-progress build trees under
+    staging/<dir>/ are not descended into: they hold a guest's files, whose modes are the guest's own
+    (the staging dirs themselves are 0700, so nothing inside is reachable by others)."""
+    import stat
+
+    out: list[tuple[str, int]] = []
+
+    def check(p: str) -> None:
+        try:
+            st = os.lstat(p)
+        except OSError:
+            return
+        if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077:
+            out.append((p, stat.S_IMODE(st.st_mode)))
+
+    for root in dict.fromkeys((str(cfg.home), str(cfg.run))):
+        if not os.path.isdir(root):
+            continue
+        staging = os.path.join(root, "staging")
+        for d, dirs, files in os.walk(root):
+            check(d)
+            for f in files:
+                check(os.path.join(d, f))
+            if d == staging:  # a staging dir's contents are a guest tree in the making
+                for sub in dirs:
+                    check(os.path.join(d, sub))
+                dirs[:] = []
+    return out
+
+
+def _private(cfg) -> Check:
+    wide = wide_modes(cfg)
+    if not wide:
+        return Check("private-files", "ok", f"nothing under {cfg.home} or {cfg.run} is open to other users")
+    shown = ", ".join(f"{p} ({m:04o})" for p, m in wide[:5]) + (f" and {len(wide) - 5} more" if len(wide) > 5
+                                                                   else "")
+    return Check("private-files", "fail", f"{len(wide)} paths are readable or writable by group/other "
+                 f"(VM disks, memory files and keys must be private): {shown}",
+                 "banger doctor --fix (makes them 0600 files / 0700 dirs)")
+
+
+def fix_modes(cfg) -> list[str]:
+    """Tighten what wide_modes reports: drop every group/other bit (0644 -> 0600, 0755 -> 0700)."""
+    fixed = []
+    for p, m in wide_modes(cfg):
+        try:
+            os.chmod(p, m & ~0o077, follow_symlinks=False)
+            fixed.append(p)
+        except (OSError, NotImplementedError):
+            try:
+                os.chmod(p, m & ~0o077)
+                fixed.append(p)
+            except OSError:
+                pass
+    return fixed
 
 
 def _is_static(path: str) -> bool:

@@ -51,7 +51,7 @@ class ClientKey:
             with FileLock(str(self.dir / ".keygen.lock")):
                 if not self.private.exists() or not self.public.exists():
                     atomic_write_bytes(self.private, priv, 0o600)
-                    atomic_write_bytes(self.public, (pub + " banger\n").encode(), 0o644)
+                    atomic_write_bytes(self.public, (pub + " banger\n").encode(), 0o600)
         return self
 
     @property

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def atomic_write_bytes(path: Path | str, data: bytes, mode: int = 0o644, *, mkdir: bool = True) -> None:
+def atomic_write_bytes(path: Path | str, data: bytes, mode: int = 0o600, *, mkdir: bool = True) -> None:
     """Write ``data`` to a sibling temp file, fsync it, then rename over ``path``.
 
     Readers see either the old or the new content, never a torn one. With ``mkdir=False`` a
@@ -43,7 +43,7 @@ def publish_by_rename(tmp: Path | str, dest: Path | str):
         raise
 
 
-def atomic_write_json(path: Path | str, obj, mode: int = 0o644) -> None:
+def atomic_write_json(path: Path | str, obj, mode: int = 0o600) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode)
 
 

@@ -39,7 +39,8 @@ def spawn_detached(argv: list[str], *, stdout_path: str | None = None, env: dict
     out = open(stdout_path, "ab") if stdout_path else subprocess.DEVNULL
     try:
         p = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                             start_new_session=True, close_fds=True, pass_fds=pass_fds, env=env, cwd=cwd)
+                             start_new_session=True, close_fds=True, pass_fds=pass_fds, env=env, cwd=cwd,
+                             umask=0o077)  # banger.config.PRIVATE_UMASK: helpers' files are private too
     finally:
         if stdout_path:
             out.close()

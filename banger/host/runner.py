@@ -11,6 +11,8 @@ import subprocess
 
 from banger.errors import CommandFailed, HostError
 
+GUEST_UMASK = 0o022  # inside guest trees: files 0644, dirs 0755 unless a tool says otherwise
+
 
 def which(tool: str) -> str | None:
     found = shutil.which(tool)
@@ -33,11 +35,13 @@ def require(tool: str, package: str | None = None) -> str:
 
 def run(argv: list[str], *, check: bool = True, input: bytes | str | None = None, timeout: float | None = None,
         cwd: str | None = None, env: dict | None = None, capture: bool = True, hint: str | None = None,
-        stdin=None, stdout=None, pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess:
+        stdin=None, stdout=None, pass_fds: tuple[int, ...] = (), umask: int | None = None) -> subprocess.CompletedProcess:
     """Run ``argv``. Text results (``input`` not bytes): stdout is decoded as UTF-8 with
     surrogateescape (non-UTF-8 names from git -z or debugfs survive, and encode back to the same
     bytes), stderr with replacement characters (it is for people). ``stdout=`` (a file or fd)
-    sends the output there instead of capturing it; ``stdin=`` reads input from a file or fd."""
+    sends the output there instead of capturing it; ``stdin=`` reads input from a file or fd.
+    ``umask``: the child's (default: banger's own 077). Tools that build a guest's file tree
+    (debootstrap and its maintainer scripts) get GUEST_UMASK, so guest-visible modes stay conventional."""
     if isinstance(argv, str):  # a programming error, never allowed
         raise TypeError("run() takes an argv list, not a shell string")
     argv = [str(a) for a in argv]
@@ -45,6 +49,7 @@ def run(argv: list[str], *, check: bool = True, input: bytes | str | None = None
     data = input.encode() if isinstance(input, str) else input
     try:
         cp = subprocess.run(argv, input=data, timeout=timeout, cwd=cwd, env=env, pass_fds=pass_fds,
+                            umask=-1 if umask is None else umask,
                             **({"stdin": stdin} if stdin is not None else {}),
                             stdout=stdout if stdout is not None else subprocess.PIPE if capture else None,
                             stderr=subprocess.PIPE if capture else None)

@@ -32,6 +32,7 @@ from pathlib import Path
 from banger.errors import BangerError, Conflict, InvalidState, NotFound
 from banger.host.fsutil import atomic_write_json, reflink_or_sparse_copy
 from banger.names import Subnet, validate_name
+from banger.snapshots import manifest
 from banger.vms import runtime as vms
 
 META = "meta.json"
@@ -119,6 +120,10 @@ def create(ctx, vm_ref: str, name: str | None = None) -> dict:
             published = False
             try:
                 meta = _capture(ctx, vm, h, staging)
+                ctx.progress.step("checksumming the snapshot's files")
+                t_m = time.monotonic()
+                meta["files"] = manifest.build(staging, skip=(META, OWNER_FILE))  # (the guest runs again)
+                meta["manifest_ms"] = round((time.monotonic() - t_m) * 1000, 1)
                 meta["create_ms"] = round((time.monotonic() - t0) * 1000, 1)
                 meta["size_bytes"] = _dir_size(staging)
                 atomic_write_json(staging / META, meta)
@@ -245,12 +250,55 @@ def _check_snapshot(run):
         raise NotFound(f"snapshot {run.snapshot!r} was removed meanwhile", "pick another snapshot")
 
 
+def _start_verify(run):
+    """Under snapshot/<name>: open the big files (memory, disks) and hash them in the background while the
+    restore copies disks, starts the VMM, re-addresses the guest and waits for SSH."""
+    files = run.meta.get("files")
+    run.verifier = manifest.Verifier(run.snapshot, run.sdir, files, run.big_files) if files else None
+
+
+def _cancel_verify(run):
+    if getattr(run, "verifier", None) is not None:
+        run.verifier.cancel()
+
+
+def _await_verify(run):
+    """The last step: the clone counts as restored only once every checksum matched (else it is unwound)."""
+    if run.verifier is not None:
+        t0 = time.monotonic()
+        took = run.verifier.result()
+        run.timings["verify_s"] = round(took, 3)
+        run.timings["verify_wait_ms"] = round((time.monotonic() - t0) * 1000, 1)
+
+
+def _unlearn_source(run):
+    """Forget every MAC the bridge learned on the clone's TAP but the clone's own. Until the guest applied
+    the control line it still sent with the source's MAC (IPv6 neighbour traffic, retransmits), and the
+    bridge then delivered the running source's traffic to the clone's TAP: the source went unreachable
+    until it happened to send a frame itself (found by the smoke suite; per-TAP anti-spoofing in the
+    network layer is the complete fix). Runs after the guest answered on its new address (or, with
+    --no-wait, after the verify join gave it time to)."""
+    from banger.host.runner import run as run_cmd
+    from banger.host.runner import which
+
+    if not run.tap or not which("bridge"):
+        return
+    cp = run_cmd(["bridge", "fdb", "show", "dev", run.tap], check=False, timeout=10)
+    own = run.vm["mac"].lower()
+    for line in (cp.stdout or "").splitlines():
+        parts = line.split()
+        if (len(parts) >= 2 and "master" in parts and not {"permanent", "static", "self"} & set(parts)
+                and parts[0].lower() != own):
+            run_cmd(["bridge", "fdb", "del", parts[0], "dev", run.tap, "master"], check=False, timeout=10)
+
+
 def restore_plan(*, wait_ssh: bool = True):
     from banger.vms import plans
     from banger.vms.plan import Step
 
-    return (plans.boot_plan("restore", wait_ssh=wait_ssh)
-            .insert_before("prepare", Step("snapshot.check", _check_snapshot))
+    plan = (plans.boot_plan("restore", wait_ssh=wait_ssh)
+            .insert_before("prepare", Step("snapshot.check", _check_snapshot),
+                           Step("snapshot.verify", _start_verify, _cancel_verify))
             .replace("disk.work", Step("disk.copy", _copy_disks, _uncopy_disks, "copying disks"))
             .without("disk.overlay")
             .replace("vmm.launch",
@@ -258,6 +306,9 @@ def restore_plan(*, wait_ssh: bool = True):
                           lambda run: f"restoring with {run.vm['backend']}"),
                      Step("snapshot.release", _release_snapshot),
                      Step("guest.net", _readdress, None, "giving the guest its new address")))
+    return plan.insert_after(plan.names()[-1],
+                             Step("snapshot.verified", _await_verify, None, "verifying the snapshot's checksums"),
+                             Step("net.unlearn", _unlearn_source))
 
 
 def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = True) -> dict:
@@ -272,6 +323,14 @@ def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = Tru
     if not (sdir / META).exists():
         raise NotFound(f"snapshot {snapshot!r} has no files at {sdir}",
                        f"remove the stale entry: banger snapshot rm {snapshot}")
+    big_files: list[str] = []
+    if meta.get("files"):  # sizes + small files now (ms); memory and disks hash during the restore
+        try:
+            big_files = manifest.check_present(snapshot, sdir, meta["files"])
+        except manifest.IntegrityError:
+            if _row(ctx, snapshot) is None:  # an rm won meanwhile: that is not damage
+                raise NotFound(f"snapshot {snapshot!r} was removed meanwhile", "pick another snapshot") from None
+            raise
     o = dict(meta.get("options") or {})
     for k in ("rootfs", "initrd"):
         if not o.get(k) or not Path(o[k]).exists():
@@ -304,6 +363,7 @@ def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = Tru
         snap_lock.enter_context(ctx.locks.hold(f"snapshot/{snapshot}", purpose="restore"))
         run = plan.execute(ctx, vm, restore_plan(wait_ssh=wait_ssh), delete_on_unwind=True,
                            snapshot=snapshot, sdir=sdir, meta=meta, snap_lock=snap_lock, timings=timings,
+                           big_files=big_files,
                            t0=time.monotonic())
         if wait_ssh:
             timings["ssh_ready_ms"] = round((time.monotonic() - run.t0) * 1000, 1)

@@ -51,7 +51,7 @@ class Locks:
 
         p = self.path(name)
         p.parent.mkdir(parents=True, exist_ok=True)
-        lk = FileLock(str(p), mode=0o644)
+        lk = FileLock(str(p), mode=0o600)
         t = self.default_timeout if timeout is None else timeout
         try:
             lk.acquire(timeout=t, poll_interval=0.02)

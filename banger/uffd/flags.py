@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 
-_OFF = {"0", "false", "no", "off"}
-
 
 def _flag(name: str, env: dict | None) -> bool:
     value = (env if env is not None else os.environ).get(name, "1")
-    return value.strip().lower() not in _OFF
+    from banger.validate import boolean  # strict: BANGER_UFFD=maybe is an error naming the variable
+
+    return boolean(value, name)
 
 
 def enabled(env: dict | None = None) -> bool:

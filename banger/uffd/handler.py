@@ -408,6 +408,7 @@ class Handler:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.umask(0o077)  # banger.config.PRIVATE_UMASK: the access log it writes is private
     args = build_parser().parse_args(argv)
     return Handler(args).run()
 

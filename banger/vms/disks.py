@@ -57,6 +57,8 @@ def make_overlay_files(path: Path, size_mib: int, *, hostname: str) -> str:
         os.chmod(key, 0o600)
         (src / "upper" / (HOST_KEY + ".pub")).write_text(pub + "\n")
         (src / "upper" / "etc" / "hostname").write_text(hostname + "\n")
+        for p in (src / "upper" / (HOST_KEY + ".pub"), src / "upper" / "etc" / "hostname"):
+            os.chmod(p, 0o644)  # guest-visible modes: conventional, whatever banger's own umask (077)
         ext4.mkfs(path, size_mib, src_dir=src, label="banger-overlay")
     finally:
         shutil.rmtree(src, ignore_errors=True)

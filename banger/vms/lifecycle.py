@@ -100,6 +100,50 @@ def show(ctx, ref: str) -> dict:
 
 
 # ---------------------------------------------------------------- create
+FIELD = {"vcpu": "--vcpu", "memory_mib": "--memory", "overlay_size_mib": "--overlay-size",
+         "work_disk_size_mib": "--work-disk-size"}
+
+
+def _check_resources(**values) -> None:
+    """Every value (a flag or its config default) through banger/validate.py, named by its flag."""
+    from banger import validate
+
+    for key, val in values.items():
+        if val is None:
+            continue
+        if key == "vcpu":
+            validate.integer(val, FIELD[key], key)
+        else:
+            validate.size_mib(val, FIELD[key], key)
+
+
+def check_disk_room(ctx, disks_mib: dict, *, writes_mib: int = 0) -> None:
+    """Up front, before anything is reserved or written: no (sparse) disk may be larger than the filesystem
+    holding BANGER_HOME (it could never be filled, and mkfs/truncate would fail half-way), and that
+    filesystem must have room for what create writes now (the work seed's clone, plus metadata)."""
+    from banger import validate
+    from banger.errors import HostError
+
+    p = ctx.cfg.home
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return
+    total_mib = st.f_blocks * st.f_frsize >> 20
+    free_mib = st.f_bavail * st.f_frsize >> 20
+    for key, mib in disks_mib.items():
+        if mib is not None and mib > total_mib:
+            raise validate.InvalidInput(FIELD.get(key, key), validate._human_mib(mib),
+                                        f"at most the size of the filesystem holding {ctx.cfg.home} "
+                                        f"({total_mib} MiB)", "ask for a smaller disk")
+    need = writes_mib + 64
+    if free_mib < need:
+        raise HostError(f"not enough free space for a VM: {free_mib} MiB free where {ctx.cfg.home} lives, "
+                        f"{need} MiB needed", "free some space (banger vm prune, banger image delete)")
+
+
 def resolve(ctx, *, image: str | None, kernel: str | None, backend: str | None):
     """Phase 1 (no lock): find or auto-pull the image and kernel; pick the backend."""
     from banger.images import service as images
@@ -120,14 +164,15 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
     from banger.state.reservation import reserve_vm
 
     cfg = ctx.cfg
-    vcpu = vcpu or cfg.vcpu
-    memory_mib = memory_mib or cfg.memory_mib
-    overlay_size_mib = overlay_size_mib or cfg.overlay_size_mib
+    vcpu = cfg.vcpu if vcpu is None else vcpu
+    memory_mib = cfg.memory_mib if memory_mib is None else memory_mib
+    overlay_size_mib = cfg.overlay_size_mib if overlay_size_mib is None else overlay_size_mib
     asked_work = work_disk_size_mib
-    work_disk_size_mib = work_disk_size_mib or cfg.work_disk_size_mib
+    work_disk_size_mib = cfg.work_disk_size_mib if work_disk_size_mib is None else work_disk_size_mib
     nat = cfg.nat if nat is None else nat
-    if vcpu < 1 or memory_mib < 128 or overlay_size_mib < 64 or work_disk_size_mib < 64:
-        raise UsageError("vcpu must be >= 1, memory >= 128 MiB, disks >= 64 MiB", "check the size flags")
+    _check_resources(vcpu=vcpu, memory_mib=memory_mib, overlay_size_mib=overlay_size_mib,
+                     work_disk_size_mib=work_disk_size_mib)
+    check_disk_room(ctx, {"overlay_size_mib": overlay_size_mib, "work_disk_size_mib": work_disk_size_mib})
     if name is not None:
         from banger.names import validate_name
 
@@ -147,6 +192,8 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
     if seed_mib > work_disk_size_mib:
         raise UsageError(f"--work-disk-size {work_disk_size_mib} MiB is smaller than the image's work seed "
                          f"({seed_mib} MiB)", "ask for a larger work disk")
+    check_disk_room(ctx, {"overlay_size_mib": overlay_size_mib, "work_disk_size_mib": work_disk_size_mib},
+                    writes_mib=seed_mib)  # before the name is reserved: a failure leaves no row
     options = {"rootfs": str(img["rootfs"]), "work_seed": bool(work_seed and seed), "init": img.get("init"),
                "vmlinux": str(ker["vmlinux"]) if ker.get("vmlinux") else None,
                "bzimage": str(ker["bzimage"]) if ker.get("bzimage") else None, "initrd": str(ker["initrd"]),
@@ -351,15 +398,13 @@ def set_resources(ctx, ref: str, *, vcpu: int | None = None, memory_mib: int | N
             raise InvalidState(f"VM {vm['name']} is {st}; settings change only while stopped",
                                f"banger vm stop {vm['name']}")
         fields = {}
+        _check_resources(vcpu=vcpu, memory_mib=memory_mib, work_disk_size_mib=work_disk_size_mib)
         if vcpu is not None:
-            if vcpu < 1:
-                raise UsageError("--vcpu must be at least 1", "e.g. --vcpu 2")
             fields["vcpu"] = vcpu
         if memory_mib is not None:
-            if memory_mib < 128:
-                raise UsageError("--memory must be at least 128 MiB", "e.g. --memory 1024")
             fields["memory_mib"] = memory_mib
         if work_disk_size_mib is not None:
+            check_disk_room(ctx, {"work_disk_size_mib": work_disk_size_mib})
             if work_disk_size_mib < vm["work_disk_size_mib"]:
                 raise UsageError(f"the work disk only grows (now {vm['work_disk_size_mib']} MiB)",
                                  f"ask for {vm['work_disk_size_mib']} MiB or more")

@@ -84,7 +84,7 @@ def _load(ctx, vm) -> dict:
 def _save(ctx, vm, doc: dict) -> None:
     if not ctx.cfg.vm_dir(vm["id"]).is_dir():
         raise NotFound(f"VM {vm['name']} was deleted meanwhile", "create a new VM and import again")
-    atomic_write_json(_state_path(ctx, vm), doc, 0o644)
+    atomic_write_json(_state_path(ctx, vm), doc, 0o600)
 
 
 def list_workspaces(ctx, vm_ref: str) -> dict:

@@ -44,6 +44,8 @@ def test_snapshot_restore_keeps_disk_root_and_memory_state(vmenv):  # noqa: F811
     assert out[4] == "snap-clone"
     assert f" {clone['ip']}/" in out[5] and f" {src['ip']}/" not in out[5]
     assert out[6] == clone["mac"]
+    # its own name in /etc/hostname too (banger-init writes it when it applies the console control line)
+    assert _exec(env, "snap-clone", "cat /etc/hostname").stdout.strip() == "snap-clone"
 
     # the source is unaffected by the clone
     assert _exec(env, "snap-src", "cat /root/f.txt /tmp/mem.txt; hostname").stdout.split() == \

@@ -236,7 +236,8 @@ def stop_double(p: subprocess.Popen):
 
 # ---------------------------------------------------------------------------- whole-product helpers (netns)
 _RUNNING_FC_VM = """
-import json, sys
+import json, os, sys
+os.umask(0o077)  # as every banger command (banger/cli/main.py)
 from pathlib import Path
 from banger.context import Ctx
 from banger.names import Subnet

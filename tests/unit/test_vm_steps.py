@@ -108,9 +108,11 @@ def test_vm_plans_are_edits_of_one_boot_plan():
                                            "guest.ssh"]
     assert plans.create_plan(start=False).names() == ["prepare", "disk.work", "disk.overlay"]
     assert plans.start_plan(wait_ssh=False).names() == ["net.tap", "vmm.launch"]
-    assert restore_plan().names() == ["snapshot.check", "prepare", "disk.copy", "net.tap", "vmm.restore",
-                                      "snapshot.release", "guest.net", "guest.ssh"]
-    assert plans.create_plan().steps[3] is restore_plan().steps[3]  # shared steps, not copies
+    assert restore_plan().names() == ["snapshot.check", "snapshot.verify", "prepare", "disk.copy", "net.tap",
+                                      "vmm.restore", "snapshot.release", "guest.net", "guest.ssh",
+                                      "snapshot.verified", "net.unlearn"]
+    assert restore_plan(wait_ssh=False).names()[-3:] == ["guest.net", "snapshot.verified", "net.unlearn"]
+    assert plans.create_plan().steps[3] is restore_plan().steps[4]  # shared steps (net.tap), not copies
 
 
 def _row(ctx, name):

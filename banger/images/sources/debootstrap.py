@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 from banger.errors import Conflict, HostError, UsageError
-from banger.host.runner import require, run
+from banger.host.runner import GUEST_UMASK, require, run
 from banger.images import finalize
 from banger.images import service as images
 
@@ -149,7 +149,8 @@ def build(ctx, name: str, *, suite: str = "bookworm", packages: list[str] | None
             argv += [suite, str(tree), mirror]
             t0 = time.monotonic()
             ctx.progress.step(f"debootstrap {suite} from {mirror} (about a minute)")
-            run(argv, timeout=3600, hint="check the host's apt mirror is reachable (apt-get update)")
+            run(argv, timeout=3600, hint="check the host's apt mirror is reachable (apt-get update)",
+                umask=GUEST_UMASK)  # the guest's own files keep their usual modes under banger's umask 077
             t_boot = time.monotonic() - t0
             ctx.progress.step("trimming and installing banger-init")
             _trim(tree)

@@ -40,7 +40,7 @@ def log_download(ctx, record: dict) -> None:
     """One JSON line per real download in cfg.cache_dir/kernel-downloads.log."""
     ctx.cfg.cache_dir.mkdir(parents=True, exist_ok=True)
     line = (json.dumps({**record, "pid": os.getpid(), "at": time.time()}, sort_keys=True) + "\n").encode()
-    fd = os.open(ctx.cfg.cache_dir / DOWNLOAD_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(ctx.cfg.cache_dir / DOWNLOAD_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, line)
     finally:

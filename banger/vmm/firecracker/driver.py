@@ -445,6 +445,7 @@ def supervise(vmm_pid: int, vmm_start: int, helper_pid: int, helper_start: int) 
 
 
 def _main(argv: list[str]) -> int:
+    os.umask(0o077)  # banger.config.PRIVATE_UMASK
     if len(argv) == 5 and argv[0] == "supervise":
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         return supervise(*(int(x) for x in argv[1:]))

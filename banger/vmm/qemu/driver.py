@@ -286,6 +286,11 @@ class QemuDriver:
             try:
                 with self._wait_qmp(handles) as q:
                     q.execute("getfd", {"fdname": "bangerrestore"}, fds=[fd])
+                    # no self-announce after the load: QEMU would broadcast RARPs (and ask the guest for
+                    # gratuitous ARPs) with the SOURCE's MAC, teaching the bridge that the source lives on
+                    # the clone's TAP: the running source went unreachable until it sent a frame itself
+                    # (found by the smoke suite). The clone announces its own address (guest.net).
+                    q.execute("migrate-set-parameters", {"announce-rounds": 0})
                     q.execute("migrate-incoming", {"uri": "fd:bangerrestore"})
                     deadline = time.monotonic() + 600
                     while True:

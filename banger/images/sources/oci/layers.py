@@ -297,6 +297,7 @@ class LayerApplier:
                 if not create:
                     raise
                 os.mkdir(p, 0o755)
+                os.chmod(p, 0o755)  # an implicit parent: 0755 in the guest whatever banger's umask (077)
                 done.append(comp)
                 continue
             if stat.S_ISLNK(st.st_mode):
@@ -314,6 +315,7 @@ class LayerApplier:
                 # a file where a directory must go: the later layer wins
                 os.unlink(p)
                 os.mkdir(p, 0o755)
+                os.chmod(p, 0o755)
             done.append(comp)
         return tuple(done)
 
