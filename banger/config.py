@@ -143,6 +143,8 @@ def load_config(env: dict | None = None) -> Config:
         ev = env.get(f"BANGER_{k.upper()}")
         if ev:
             kwargs[k] = ev
+    if env.get("BANGER_HOSTS_FILE"):  # where VM names go (tests: a per-netns or temporary hosts file)
+        extra["hosts_file"] = env["BANGER_HOSTS_FILE"]
     from banger.vmm.registry import choices  # the registry imports no backend
 
     if kwargs.get("backend", "auto") not in choices():

@@ -23,7 +23,7 @@ from pathlib import Path
 from banger.errors import LockTimeout, UsageError
 
 _KINDS = {"vm", "workspace", "image", "kernel", "snapshot"}
-_SINGLETONS = {"pool", "hostnet", "diskpool"}
+_SINGLETONS = {"pool", "hostnet", "diskpool", "names"}  # names: VM name sync (banger.vms.hostnames)
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 

@@ -28,11 +28,33 @@ def serial_log(ctx, ref: str) -> Path:
     return vm_dir(ctx, get(ctx, ref)) / SERIAL
 
 
+def resolvable_name(ctx, vm) -> str | None:
+    """``<name>.<domain>`` if it resolves to the VM's address here (it is in banger's block of the
+    hosts file and the system resolver agrees), else None. Never asks DNS for a name not in the block."""
+    import socket
+
+    from banger.errors import BangerError
+    from banger.net import hosts
+
+    try:
+        fqdn = hosts.fqdn(ctx.cfg, vm["name"])
+        if (fqdn, vm["ip"]) not in hosts.entries(hosts.hosts_path(ctx.cfg)):
+            return None
+        found = {a[4][0] for a in socket.getaddrinfo(fqdn, None, socket.AF_INET, socket.SOCK_STREAM)}
+    except (BangerError, OSError):
+        return None
+    return fqdn if found == {vm["ip"]} else None
+
+
 def ssh_config(ctx, ref: str) -> str:
+    """An OpenSSH stanza; HostName is the VM's name (``<name>.<domain>``) when that resolves, else its IP.
+    The pinned host key is recorded for the IP, so HostKeyAlias keeps it matching either way."""
     vm = get(ctx, ref)
     f = ssh_files(ctx, vm)
+    host = resolvable_name(ctx, vm) or vm["ip"]
     return (f"Host {vm['name']}\n"
-            f"    HostName {vm['ip']}\n"
+            f"    HostName {host}\n"
+            f"    HostKeyAlias {vm['ip']}\n"
             f"    User root\n"
             f"    IdentityFile {f['key_path']}\n"
             f"    IdentitiesOnly yes\n"
