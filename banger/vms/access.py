@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from banger.errors import InvalidState, UsageError
-from banger.vms.runtime import RUNNING, SERIAL, effective_state, get, ssh_files, vm_dir
+from banger.vms.runtime import NET_NONE, RUNNING, SERIAL, effective_state, get, net_mode, ssh_files, vm_dir
 
 
 def running(ctx, ref: str):
@@ -21,6 +21,10 @@ def connect(ctx, ref: str):
     from banger.guest import ssh
 
     vm = running(ctx, ref)
+    if net_mode(vm) == NET_NONE:
+        raise InvalidState(f"VM {vm['name']} has no network card (--net none): there is no SSH to reach",
+                           f"read its console with banger vm logs {vm['name']}, or give it a network: "
+                           f"banger vm stop {vm['name']} && banger vm set {vm['name']} --net isolated")
     return ssh.connect(vm["ip"], **ssh_files(ctx, vm))
 
 
