@@ -333,6 +333,7 @@ def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = Tru
                            timings=timings, t0=time.monotonic(), ports=specs)
         if wait_ssh:
             timings["ssh_ready_ms"] = round((time.monotonic() - run.t0) * 1000, 1)
+            hostnames.mark_ready(ctx, vm)
     if run.transport is not None:
         run.transport.close()
     names = hostnames.after_change(ctx, fresh=[vm["id"]])

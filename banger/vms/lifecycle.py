@@ -223,6 +223,8 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
             if e.details.get("step") == "net.ports":  # refused before anything was built: no row either
                 ctx.store.delete_vm_row(vm["id"])
             raise
+        if run.transport is not None:
+            hostnames.mark_ready(ctx, vm)
     names = hostnames.after_change(ctx, fresh=[vm["id"]]) if start else None
     out = view(ctx, ctx.store.vm_by_id(vm["id"]), stages=True)
     out["work_disk_method"] = getattr(run, "work_method", None)
@@ -315,6 +317,8 @@ def start(ctx, ref: str, *, wait_ssh: bool = True, keep_ssh: bool = False):
         if wait_ssh:
             _preload_ssh()
         run = plan.execute(ctx, vm, plans.start_plan(wait_ssh=wait_ssh, net=has_net), unwound_state=STOPPED)
+        if run.transport is not None:
+            hostnames.mark_ready(ctx, vm)
     names = hostnames.after_change(ctx, fresh=[vm["id"]])
     out = view(ctx, get(ctx, vm["id"]), stages=True)
     out["names"] = names

@@ -197,6 +197,7 @@ def test_names_resolve_from_host_and_guests_and_allow_opens_only_what_it_names(v
                         "--allow", "172.30.0.1:9091/tcp", "--memory", "512", timeout=400)["data"]
     b = env.banger_json("vm", "create", "--name", "beta", "--nat", "--memory", "512", timeout=400)["data"]
     assert (a["net"], a["allow"], b["net"]) == ("isolated", [f"{OUTSIDE_IP}:8000", "172.30.0.1:9091/tcp"], "nat")
+    assert b["names"]["pushed"] == {"alpha": None, "beta": None}  # both guests read the new names
 
     # names: from the host (the namespace's /etc/hosts is banger's file) and from each guest
     assert getent(env.name, "alpha.banger") == a["ip"] and getent(env.name, "beta.banger") == b["ip"]
