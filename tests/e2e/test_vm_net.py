@@ -106,6 +106,15 @@ def dnat_rules(env) -> list[dict]:
     return out
 
 
+def guarded(env) -> dict:
+    """TAP -> chain of the layer-2 guard map in banger's bridge table."""
+    for item in env.nft_ruleset():
+        m = item.get("map")
+        if m and m["family"] == "bridge" and m["name"] == "guard":
+            return {e[0]: e[1]["jump"]["target"] for e in m.get("elem", [])}
+    return {}
+
+
 def claims(env) -> list[tuple]:
     with sqlite3.connect(env.home / "state.db") as c:
         return sorted(c.execute("SELECT vm_id, proto, host_port, guest_port FROM published_ports").fetchall())
@@ -124,6 +133,7 @@ def test_published_ports_reach_the_guest_follow_it_and_a_taken_port_is_refused(v
     assert v["net"] == "isolated" and [p["spec"] for p in v["ports"]] == ["5353:53/udp", "8080:80/tcp"]
     assert all(p["active"] for p in v["ports"])
     assert {(d["addr"], d["port"]) for d in dnat_rules(env)} == {(v["ip"], 80), (v["ip"], 53)}
+    assert guarded(env) == {v["tap"]: f"vm-{v['id']}"}  # anti-spoofing on its TAP, whatever its mode
     start_servers(env, "web", tmp_path, ("tcp", 80), ("udp", 53))
 
     # TCP: from the host itself via 127.0.0.1 and via one of its addresses, and from outside the host
@@ -178,7 +188,7 @@ def test_published_ports_reach_the_guest_follow_it_and_a_taken_port_is_refused(v
 
     # delete: rules and claims are gone
     env.banger_json("vm", "delete", "-f", "web", timeout=120)
-    assert dnat_rules(env) == [] and claims(env) == []
+    assert dnat_rules(env) == [] and claims(env) == [] and guarded(env) == {}
     assert curl(env.name, "http://127.0.0.1:8080/").returncode != 0
 
 

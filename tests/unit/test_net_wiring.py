@@ -200,3 +200,37 @@ def test_dns_stub_upstreams_come_from_config(tmp_path):
     with pytest.raises(UsageError):
         dns.resolve(Config(home=tmp_path, run=tmp_path, extra={"dns_stub_upstreams": ["relative"]}),
                     resolv_conf=str(tmp_path / "resolv.conf"), resolvectl=None)
+
+
+def test_a_port_lost_to_a_racing_create_leaves_no_row(cfg, monkeypatch):
+    """Two creates for one host port both pass the early check; the loser's net.ports step (the atomic
+    claim) refuses it, and the row it had reserved goes too: nothing half-done. (The race is staged by
+    letting the early check pass; the claim and the store are real.)"""
+    import time as _time
+
+    from banger.errors import Conflict
+    from banger.names import Subnet
+    from banger.net import ports, publish
+    from banger.state.reservation import reserve_vm
+    from banger.vms import lifecycle
+
+    ctx = Ctx(cfg)
+    now = _time.time()
+    with ctx.store.immediate() as c:
+        c.execute("INSERT INTO images (name, kind, rootfs, created_at) VALUES ('img', 'test', '/nonexistent', ?)",
+                  (now,))
+        c.execute("INSERT INTO kernels (name, dir, created_at) VALUES ('ker', '/nonexistent', ?)", (now,))
+    winner = reserve_vm(ctx.store, Subnet(cfg.subnet), name="winner", image="img", kernel="ker", backend="qemu",
+                        vcpu=1, memory_mib=256, overlay_size_mib=64, work_disk_size_mib=64, state="stopped")
+    ports._insert(ctx, winner["id"], ports.parse_many(["7000:80"]))
+    img = {"name": "img", "rootfs": "/nonexistent", "work_seed": None, "init": None, "key_fingerprint": "x"}
+    ker = {"name": "ker", "vmlinux": None, "bzimage": None, "initrd": "/nonexistent", "version": "6.1"}
+    monkeypatch.setattr(lifecycle, "resolve", lambda ctx, **kw: (img, ker, "qemu"))
+    monkeypatch.setattr(publish, "precheck", lambda ctx, specs: None)  # the winner claimed after our check
+    with pytest.raises(Conflict) as ei:
+        lifecycle.create(ctx, name="loser", publish=["7000:80"], start=False)
+    assert ei.value.exit_code == 4 and "already published by VM winner" in ei.value.message
+    assert [v["name"] for v in ctx.store.list_vms()] == ["winner"]
+    assert ports.claims(ctx, winner["id"]) == ports.parse_many(["7000:80"])
+    assert not cfg.vms_dir.exists() or list(cfg.vms_dir.iterdir()) == []
+    ctx.close()

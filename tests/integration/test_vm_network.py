@@ -1,8 +1,9 @@
 # ruff: noqa: F811  (pytest fixtures imported from tests.support are re-declared as arguments)
-"""`banger gc`'s network and expiry part on the Firecracker backend (the strict double), in a netns:
-expired VMs deleted under their lock (a busy one skipped), stale nftables policy reaped once its
-VM is not running (and for ids without a row), VM names written to the hosts file and pushed to
-every running guest's console, where the double checks them as strictly as banger-init does."""
+"""The VM commands' network side on the Firecracker backend (the strict double), in a netns: `banger gc`
+deleting expired VMs under their lock (a busy one skipped), reaping stale nftables policy once its VM
+is not running (and for ids without a row), writing VM names to the hosts file and pushing them to
+every running guest's console (the double checks them as strictly as banger-init does); restored
+clones that publish only what they are asked; `vm set --net/--allow` on a stopped VM; --net none."""
 
 from __future__ import annotations
 
@@ -178,3 +179,33 @@ def test_a_restored_clone_publishes_only_what_it_is_asked_for(fcns):
         ns.banger_json("vm", "delete", "-f", name)
     assert _claims(ns) == {} and result(ns.call("policy.active(ctx)")) == []
     ns.banger_json("snapshot", "rm", "s1")
+
+
+def test_set_net_and_allow_on_a_stopped_vm_and_net_none_boots_without_a_nic(fcns):
+    ns = fcns
+    v = running_fc_vm(ns, "box", ns.shared)
+    ns.banger_json("vm", "port", "add", "box", "8080:80")
+    s = ns.banger_json("vm", "stop", "box", timeout=120)["data"]
+    assert s["state"] == "stopped" and _live_policy(ns) == set()  # the policy goes with the VMM
+    r = ns.banger_json("vm", "set", "box", "--net", "nat", "--allow", "10.0.0.0/8", "--allow", "172.30.0.1:22")
+    assert (r["data"]["net"], r["data"]["allow"], r["data"]["nat"]) == ("nat", ["10.0.0.0/8", "172.30.0.1:22"], True)
+    assert ns.banger_json("vm", "set", "box", "--no-allow")["data"]["allow"] == []
+    bad = ns.banger_json("vm", "set", "box", "--allow", "10.0.0.0/8", "--no-allow", check=False)
+    assert bad["_exit"] == 2 and "contradict" in bad["error"]["message"]
+    taken = ns.banger_json("vm", "set", "box", "--net", "none", check=False)
+    assert taken["_exit"] == 4 and "publishes ports" in taken["error"]["message"]
+    ns.banger_json("vm", "port", "rm", "box", "8080")
+    r = ns.banger_json("vm", "set", "box", "--net", "none")["data"]
+    assert (r["net"], r["nat"], r["ports"]) == ("none", False, [])
+    refused = ns.banger_json("vm", "port", "add", "box", "8080:80", check=False)
+    assert refused["_exit"] == 2 and "--net none" in refused["error"]["message"]
+
+    started = ns.banger_json("vm", "start", "box", "--no-wait", timeout=120)["data"]
+    assert started["state"] == "running" and started["tap"] is None
+    assert [x["stage"] for x in started["stages"] if x["op"] == "start"] == ["vmm.launch"]
+    h = json.loads((ns.home / "vms" / v["id"] / "handles.json").read_text())
+    boot = events(ns.rec, h["pid"], "boot")[0]
+    assert boot["ifaces"] == [] and "banger.ip=" not in boot["cmdline"] and "banger.hostname=box" in boot["cmdline"]
+    assert v["id"] not in _live_policy(ns)
+    with sqlite3.connect(ns.home / "state.db") as c:
+        assert c.execute("SELECT count(*) FROM taps WHERE vm_id = ?", (v["id"],)).fetchone()[0] == 0
