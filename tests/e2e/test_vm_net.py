@@ -17,7 +17,16 @@ import time
 import pytest
 
 from tests.support.e2e import default_image, default_kernel, netns, pulled_default_kernel, vmenv, wait_for  # noqa: F401
-from tests.support.guestnet import OUTSIDE_HOST_IP, OUTSIDE_IP, Procs, connect, make_outside, serve
+from tests.support.guestnet import (
+    OUTSIDE_HOST_IP,
+    OUTSIDE_IP,
+    Procs,
+    connect,
+    frames_seen,
+    make_outside,
+    serve,
+    sniff,
+)
 from tests.support.netns import delete_netns, run_in_ns
 
 # a tiny server for the guest (the default image has perl-base, not python): HTTP on TCP, echo on UDP
@@ -192,6 +201,18 @@ def test_published_ports_reach_the_guest_follow_it_and_a_taken_port_is_refused(v
     assert curl(env.name, "http://127.0.0.1:8080/").returncode != 0
 
 
+def echo_sources(lines) -> set[str]:
+    """Source addresses of the ICMP echo requests a sniffer saw."""
+    import socket
+
+    out = set()
+    lines.poll(0.1)
+    for f in frames_seen(lines):
+        if len(f) > 34 and f[12:14] == b"\x08\x00" and f[23] == 1 and f[14 + (f[14] & 0x0F) * 4] == 8:
+            out.add(socket.inet_ntoa(f[26:30]))
+    return out
+
+
 def getent(ns: str, name: str) -> str | None:
     cp = run_in_ns(ns, ["getent", "hosts", name], timeout=30)
     return cp.stdout.split()[0] if cp.returncode == 0 and cp.stdout.strip() else None
@@ -230,6 +251,13 @@ def test_names_resolve_from_host_and_guests_and_allow_opens_only_what_it_names(v
     # the nat guest goes out anywhere, but reaches no host service it was not given
     assert "hello from outside-2" in (guest_reaches(env, "beta", OUTSIDE_IP, 8001) or "")
     assert guest_reaches(env, "beta", "172.30.0.1", 9092) is None
+
+    # a guest sending with another VM's address is dropped before the host sees it (the TAP guard)
+    sn = sniff(env.name, procs, "banger0")
+    sh(env, "beta", f"ip addr add {a['ip']}/32 dev eth0; ping -c2 -W1 -I {a['ip']} 172.30.0.1; "
+                    f"ping -c2 -W1 172.30.0.1; ip addr del {a['ip']}/32 dev eth0", check=False)
+    wait_for(lambda: b["ip"] in echo_sources(sn), 20, "beta's own pings on the bridge")
+    assert a["ip"] not in echo_sources(sn)
 
     # --net/--allow change only on a stopped VM; --ttl works on a running one
     busy = env.banger_json("vm", "set", "alpha", "--net", "nat", check=False)
