@@ -157,7 +157,8 @@ def _extra_schema():
         return [v.ipv4(x, f)]
 
     return {"dns": dns, "image_catalog": lambda x, f: v.text(x, f),
-            "domain": lambda x, f: v.text(x, f, max_len=253), "hosts_file": lambda x, f: v.text(x, f)}
+            "domain": lambda x, f: v.text(x, f, max_len=253), "hosts_file": lambda x, f: v.text(x, f),
+            "dns_stub_upstreams": lambda x, f: [v.text(i, f) for i in (x if isinstance(x, list) else [x])]}
 
 
 ENV_OVERRIDES = ("backend", "default_image", "default_kernel", "bridge", "subnet")
@@ -260,7 +261,7 @@ def load_config(env: dict | None = None) -> Config:
                              details={"file": str(cfg_path)}) from e
     overrides = {k: env[f"BANGER_{k.upper()}"] for k in ENV_OVERRIDES if env.get(f"BANGER_{k.upper()}")}
     flags = [var for var in ("BANGER_UFFD", "BANGER_UFFD_PREFETCH") if var in env]
-    if not values and not overrides and not flags:
+    if not values and not overrides and not flags and not env.get("BANGER_HOSTS_FILE"):
         return Config(home=home, run=run)  # nothing to check: no validate import on the common path
     from banger.validate import InvalidInput, boolean
 
@@ -290,6 +291,8 @@ def load_config(env: dict | None = None) -> Config:
     # environment overrides for a few keys tests and CI need
     for k, ev in overrides.items():
         kwargs[k] = schema[k](ev, f"BANGER_{k.upper()}")
+    if env.get("BANGER_HOSTS_FILE"):  # where VM names go (tests: a per-netns or temporary hosts file)
+        extra["hosts_file"] = extra_schema["hosts_file"](env["BANGER_HOSTS_FILE"], "BANGER_HOSTS_FILE")
     if warnings:
         import sys
 

@@ -86,7 +86,7 @@ def main() -> None:
 
     home = Path(tempfile.mkdtemp(prefix="banger-bench-"))
     run = Path(tempfile.mkdtemp(prefix="bgb-", dir="/tmp"))
-    env = {**os.environ, "BANGER_HOME": str(home), "BANGER_RUN": str(run)}
+    env = {**os.environ, "BANGER_HOME": str(home), "BANGER_RUN": str(run), "BANGER_HOSTS_FILE": str(home / "hosts")}
     ns = create_netns("bgbench")
     results = {}
     try:

@@ -33,6 +33,8 @@ def banger_env(tmp_path, monkeypatch):
     home.mkdir()
     monkeypatch.setenv("BANGER_HOME", str(home))
     monkeypatch.setenv("BANGER_RUN", str(run))
+    # VM names go to a hosts file of this test, never the real /etc/hosts (netns tests: /etc/netns/NS/hosts)
+    monkeypatch.setenv("BANGER_HOSTS_FILE", str(tmp_path / "hosts"))
     yield {"home": home, "run": run, "env": dict(os.environ)}
     shutil.rmtree(run, ignore_errors=True)
 

@@ -9,7 +9,8 @@ from banger.cli.app import JsonOpt, emit, make_ctx, say
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
-@app.command(help="Remove leaked TAPs, stray VMM processes, sockets, loop devices, staging dirs and stuck rows.")
+@app.command(help="Remove leaked TAPs, stray VMM processes, sockets, loop devices, staging dirs and stuck rows; "
+                  "delete expired VMs (--ttl); reap stale network rules; refresh VM names.")
 def gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only report what would be removed.")] = False,
        json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
@@ -19,11 +20,13 @@ def gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only report what
         verb = "would remove" if r["dry_run"] else "removed"
         labels = {"rows": "stuck VM row", "processes": "stray process", "taps": "leaked TAP",
                   "sockets": "runtime dir", "loops": "loop device", "vm_dirs": "orphan VM dir",
-                  "staging": "staging dir"}
+                  "staging": "staging dir", "expired": "expired VM", "rules": "stale network rules"}
         for k, label in labels.items():
-            for item in r[k]:
+            for item in r.get(k, []):
                 what = (item.get("name") or item.get("pid")) if isinstance(item, dict) else item
                 say(f"{verb} {label}: {what}")
+        for item in r.get("busy", []):
+            say(f"skipped expired VM {item['name']}: busy (the next gc gets it)")
         for e in r["errors"]:
             say(f"[red]error:[/] {e}")
         if not r["total"]:

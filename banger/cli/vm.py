@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import sys
+import time
 from typing import Annotated
 
 import typer
@@ -23,6 +24,19 @@ NatOpt = Annotated[bool, typer.Option("--nat", help="Give the guest outbound int
 BackendOpt = Annotated[str | None, typer.Option("--backend", help="auto | qemu | firecracker.")]
 NoSeedOpt = Annotated[bool, typer.Option("--no-work-seed", help="Build /root from scratch (mkfs) instead of "
                                                                 "cloning the image's work seed.")]
+PublishOpt = Annotated[list[str] | None, typer.Option(
+    "-p", "--publish", metavar="[HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp]",
+    help="Publish a guest port on the host (repeatable), e.g. -p 8080:80 -p 5353:53/udp.")]
+NetModeOpt = Annotated[str | None, typer.Option(
+    "--net", metavar="nat|isolated|none",
+    help="Network: nat (outbound through the host), isolated (host only; the default unless --nat or "
+         "config nat = true), none (no network card).")]
+AllowOpt = Annotated[list[str] | None, typer.Option(
+    "--allow", metavar="CIDR[:PORT][/tcp|/udp]",
+    help="Let the guest reach this destination (repeatable): outside the host for an isolated VM, "
+         "or a host service, e.g. --allow 10.0.0.0/8 --allow 172.30.0.1:5432.")]
+TtlOpt = Annotated[str | None, typer.Option(
+    "--ttl", metavar="DURATION", help="Expire after this long (30m, 90s, 2h, 1d): banger gc deletes it.")]
 
 
 def parse_mib(value: str | None, flag: str) -> int | None:
@@ -76,9 +90,17 @@ def parse_bytes(value: str | None, flag: str) -> int | None:
 
 
 def _render_vm(v: dict) -> None:
-    keys = ["name", "id", "state", "image", "kernel", "backend", "vcpu", "memory_mib", "ip", "mac", "nat",
+    keys = ["name", "id", "state", "image", "kernel", "backend", "vcpu", "memory_mib", "ip", "mac", "net",
             "work_disk_size_mib", "overlay_size_mib", "pid", "tap", "dir", "error"]
-    print_kv({k: v.get(k) for k in keys if v.get(k) is not None}, title=v["name"])
+    kv = {k: v.get(k) for k in keys if v.get(k) is not None}
+    if v.get("allow"):
+        kv["allow"] = ", ".join(v["allow"])
+    if v.get("ports"):
+        kv["ports"] = ", ".join(p["spec"] + ("" if p.get("active") in (True, None) else " (not live)")
+                                for p in v["ports"])
+    if v.get("expires_at"):
+        kv["expires"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["expires_at"])) + f" ({v['ttl']})"
+    print_kv(kv, title=v["name"])
     if v.get("timings"):
         print_kv(v["timings"], title="timings")
     if v.get("stages"):
@@ -87,7 +109,8 @@ def _render_vm(v: dict) -> None:
                       (s["error"] or "")[:80]] for s in v["stages"]], title="stages")
 
 
-def _create_kwargs(image, kernel, name, vcpu, memory, overlay_size, work_disk_size, nat, backend, no_work_seed):
+def _create_kwargs(image, kernel, name, vcpu, memory, overlay_size, work_disk_size, nat, backend, no_work_seed,
+                   publish=None, net=None, allow=None, ttl=None):
     _check_flags(name, backend)
     for flag, val in (("--image", image), ("--kernel", kernel)):
         if val is not None:
@@ -97,13 +120,14 @@ def _create_kwargs(image, kernel, name, vcpu, memory, overlay_size, work_disk_si
     return dict(image=image, kernel=kernel, name=name, vcpu=parse_vcpu(vcpu), memory_mib=parse_mib(memory, "--memory"),
                 overlay_size_mib=parse_mib(overlay_size, "--overlay-size"),
                 work_disk_size_mib=parse_mib(work_disk_size, "--work-disk-size"), nat=nat or None,
-                backend=backend, work_seed=not no_work_seed)
+                backend=backend, work_seed=not no_work_seed, publish=publish, net=net, allow=allow, ttl=ttl)
 
 
 @app.command(help="Create a VM (and start it, waiting for SSH, unless --no-start).")
 def create(image: ImageOpt = None, kernel: KernelOpt = None, name: NameOpt = None, vcpu: VcpuOpt = None,
            memory: MemOpt = None, overlay_size: OverlayOpt = None, work_disk_size: WorkOpt = None,
            nat: NatOpt = False, backend: BackendOpt = None, no_work_seed: NoSeedOpt = False,
+           publish: PublishOpt = None, net: NetModeOpt = None, allow: AllowOpt = None, ttl: TtlOpt = None,
            no_start: Annotated[bool, typer.Option("--no-start", help="Only build the disks.")] = False,
            no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not wait for SSH.")] = False,
            from_snapshot: Annotated[str | None, typer.Option(
@@ -118,19 +142,20 @@ def create(image: ImageOpt = None, kernel: KernelOpt = None, name: NameOpt = Non
             given = [f for f, v in (("--image", image), ("--kernel", kernel), ("--vcpu", vcpu), ("--memory", memory),
                                     ("--overlay-size", overlay_size), ("--work-disk-size", work_disk_size),
                                     ("--backend", backend), ("--no-work-seed", no_work_seed),
-                                    ("--no-start", no_start), ("--nat", nat)) if v]
+                                    ("--no-start", no_start), ("--nat", nat), ("--net", net), ("--allow", allow),
+                                    ("--ttl", ttl)) if v]
             if given:
                 from banger.errors import UsageError
 
                 raise UsageError(f"{', '.join(given)} cannot be combined with --from-snapshot",
-                                 "a restored VM keeps the snapshot's image, kernel, size and backend; "
-                                 "only --name and --no-wait apply")
+                                 "a restored VM keeps the snapshot's image, kernel, size, backend and network; "
+                                 "only --name, -p and --no-wait apply")
             from banger.snapshots import service as snapshots
 
             _check_flags(name, None)
-            return snapshots.restore(ctx, from_snapshot, name=name, wait_ssh=not no_wait)
+            return snapshots.restore(ctx, from_snapshot, name=name, wait_ssh=not no_wait, publish=publish)
         kw = _create_kwargs(image, kernel, name, vcpu, memory, overlay_size, work_disk_size, nat, backend,
-                            no_work_seed)
+                            no_work_seed, publish, net, allow, ttl)
         return vms.create(ctx, start=not no_start, wait_ssh=not no_wait, **kw)
 
     emit(go, json_out=json_out, render=lambda v: say(f"{v['name']} {v['state']} {v['ip']}"
@@ -156,6 +181,7 @@ def _run_in_guest(t, cmd: list[str] | None, json_out: bool) -> dict:
 def run(cmd: Cmd = None, image: ImageOpt = None, kernel: KernelOpt = None, name: NameOpt = None,
         vcpu: VcpuOpt = None, memory: MemOpt = None, overlay_size: OverlayOpt = None, work_disk_size: WorkOpt = None,
         nat: NatOpt = False, backend: BackendOpt = None, no_work_seed: NoSeedOpt = False,
+        publish: PublishOpt = None, net: NetModeOpt = None, allow: AllowOpt = None, ttl: TtlOpt = None,
         rm: Annotated[bool, typer.Option("--rm", help="Delete the VM afterwards.")] = False,
         json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
@@ -163,8 +189,13 @@ def run(cmd: Cmd = None, image: ImageOpt = None, kernel: KernelOpt = None, name:
     def go():
         from banger.vms import lifecycle as vms
 
+        if net == "none":
+            from banger.errors import UsageError
+
+            raise UsageError("vm run needs SSH, and --net none gives the VM no network card",
+                             "use vm create --net none, or --net isolated")
         kw = _create_kwargs(image, kernel, name, vcpu, memory, overlay_size, work_disk_size, nat, backend,
-                            no_work_seed)
+                            no_work_seed, publish, net, allow, ttl)
         v, t = vms.create(ctx, keep_ssh=True, **kw)
         try:
             res = _run_in_guest(t, cmd, json_out)
@@ -248,14 +279,23 @@ def prune(force: Annotated[bool, typer.Option("-f", "--force", help="Do not ask.
     emit(go, json_out=json_out, render=lambda d: say(f"deleted {len(d)} VMs"))
 
 
-@app.command("set", help="Change vCPUs, memory or the work disk size (grow only) of a stopped VM.")
+@app.command("set", help="Change vCPUs, memory, the work disk size (grow only), --net or --allow of a stopped "
+                         "VM (from its next start); --ttl (from now) also on a running one.")
 def set_(vm: Ref, vcpu: VcpuOpt = None, memory: MemOpt = None, work_disk_size: WorkOpt = None,
-        json_out: JsonOpt = False):
+         net: NetModeOpt = None,
+         allow: Annotated[list[str] | None, typer.Option(
+             "--allow", metavar="CIDR[:PORT][/tcp|/udp]", help="Replace the --allow list (repeatable).")] = None,
+         no_allow: Annotated[bool, typer.Option("--no-allow", help="Empty the --allow list.")] = False,
+         ttl: Annotated[str | None, typer.Option(
+             "--ttl", metavar="DURATION", help="Expire this long from now (extends or shortens), e.g. 2h.")] = None,
+         no_ttl: Annotated[bool, typer.Option("--no-ttl", help="Never expire.")] = False,
+         json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
     from banger.vms import lifecycle as vms
 
     emit(lambda: vms.set_resources(ctx, vm, vcpu=parse_vcpu(vcpu), memory_mib=parse_mib(memory, "--memory"),
-                                   work_disk_size_mib=parse_mib(work_disk_size, "--work-disk-size")),
+                                   work_disk_size_mib=parse_mib(work_disk_size, "--work-disk-size"),
+                                   net=net, allow=allow, clear_allow=no_allow, ttl=ttl, clear_ttl=no_ttl),
          json_out=json_out, render=_render_vm)
 
 
@@ -369,17 +409,17 @@ def ssh_config(vm: Ref, json_out: JsonOpt = False):
     emit(lambda: access.ssh_config(ctx, vm), json_out=json_out, render=lambda s: sys.stdout.write(s))
 
 
-@app.command(help="Create a new running VM from a snapshot.")
+@app.command(help="Create a new running VM from a snapshot (it publishes no ports unless -p is given).")
 def restore(snapshot: Annotated[str, typer.Argument(help="Snapshot name.")], name: NameOpt = None,
             no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not wait for SSH.")] = False,
-            json_out: JsonOpt = False):
+            publish: PublishOpt = None, json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
 
     def go():
         from banger.snapshots import service as snapshots
 
         _check_flags(name, None)
-        return snapshots.restore(ctx, snapshot, name=name, wait_ssh=not no_wait)
+        return snapshots.restore(ctx, snapshot, name=name, wait_ssh=not no_wait, publish=publish)
 
     emit(go, json_out=json_out, render=lambda v: say(f"{v.get('name')} {v.get('state')} {v.get('ip')}"))
 
@@ -395,3 +435,44 @@ def promote(vm: Ref, image_name: Annotated[str, typer.Argument(metavar="IMAGE", 
         return svc.promote(ctx, vm, image_name)
 
     emit(go, json_out=json_out, render=lambda d: say(f"image {d.get('name')} published"))
+
+
+# ---------------------------------------------------------------- vm port add|rm|list
+port_app = make_app("Publish guest ports on the host: [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp].")
+app.add_typer(port_app, name="port", help="Publish guest ports on the host (add, rm, list).")
+
+
+def _render_ports(rows: list[dict]) -> None:
+    if not rows:
+        say("no published ports")
+        return
+    print_table(["VM", "HOST", "GUEST", "PROTO", "LIVE"],
+                [[r.get("vm_name") or r.get("vm_id"), f"{r['host_ip'] or '*'}:{r['host_port']}", r["guest_port"],
+                  r["proto"], {True: "yes", False: "no", None: "?"}[r.get("active")]] for r in rows])
+
+
+@port_app.command("add", help="Publish guest ports (live at once on a running VM, else from its next start).")
+def port_add(vm: Ref, specs: Annotated[list[str], typer.Argument(
+        metavar="[HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp]...", help="e.g. 8080:80 127.0.0.1:5432:5432 5353:53/udp")],
+        json_out: JsonOpt = False):
+    ctx = make_ctx(json_out)
+    from banger.vms import lifecycle as vms
+
+    emit(lambda: vms.port_add(ctx, vm, specs), json_out=json_out, render=lambda d: _render_ports(d["ports"]))
+
+
+@port_app.command("rm", help="Stop publishing host ports (HOSTPORT removes both protocols, HOSTPORT/udp one).")
+def port_rm(vm: Ref, refs: Annotated[list[str], typer.Argument(
+        metavar="HOSTPORT[/tcp|/udp]...", help="Host ports (or full specs) to remove.")], json_out: JsonOpt = False):
+    ctx = make_ctx(json_out)
+    from banger.vms import lifecycle as vms
+
+    emit(lambda: vms.port_rm(ctx, vm, refs), json_out=json_out, render=lambda d: _render_ports(d["ports"]))
+
+
+@port_app.command("list", help="List a VM's published ports and whether their rules are live.")
+def port_list(vm: Ref, json_out: JsonOpt = False):
+    ctx = make_ctx(json_out)
+    from banger.vms import lifecycle as vms
+
+    emit(lambda: vms.port_list(ctx, vm), json_out=json_out, render=_render_ports)

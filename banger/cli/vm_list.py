@@ -20,9 +20,9 @@ def run(*, quiet: bool = False, json_out: bool = False) -> None:
             for r in rows:
                 sys.stdout.write(r["id"] + "\n")
             return
-        print_table(["NAME", "ID", "STATE", "IMAGE", "BACKEND", "IP", "VCPU", "MEM"],
-                    [[r["name"], r["id"], r["state"], r["image"], r["backend"], r["ip"], r["vcpu"],
-                      f"{r['memory_mib']}M"] for r in rows])
+        print_table(["NAME", "ID", "STATE", "IMAGE", "BACKEND", "IP", "NET", "VCPU", "MEM", "TTL"],
+                    [[r["name"], r["id"], r["state"], r["image"], r["backend"], r["ip"], r.get("net"), r["vcpu"],
+                      f"{r['memory_mib']}M", r.get("ttl") or "-"] for r in rows])
 
     emit(lambda: vms.list_vms(ctx) if not (quiet and json_out) else [v["id"] for v in vms.list_vms(ctx)],
          json_out=json_out, render=render)

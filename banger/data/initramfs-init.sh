@@ -3,7 +3,7 @@
 #
 # Kernel command line keys: banger.root (read-only ext4, lower layer), banger.overlay
 # (ext4 holding upper/ + work/; tmpfs if absent), banger.work (ext4 mounted on /root),
-# banger.ip=A.B.C.D/N, banger.gw, banger.dns, banger.hostname, banger.init (default
+# banger.ip=A.B.C.D/N, banger.gw, banger.dns=A[,B,...], banger.hostname, banger.init (default
 # /sbin/init), banger.emergency=shell (debug: a shell instead of rebooting on failure),
 # banger.disk_timeout=SECONDS (default 20).
 #
@@ -122,8 +122,15 @@ if [ -n "$ip" ]; then
 fi
 
 if [ -n "$dns" ]; then
+    # banger.dns=A[,B[,C]]: one nameserver line each, in order (the host's upstream resolvers)
     [ -L /newroot/etc/resolv.conf ] && rm -f /newroot/etc/resolv.conf
-    echo "nameserver $dns" >/newroot/etc/resolv.conf || fail "cannot write /etc/resolv.conf"
+    : >/newroot/etc/resolv.conf || fail "cannot write /etc/resolv.conf"
+    ifs=$IFS
+    IFS=,
+    for s in $dns; do
+        [ -n "$s" ] && echo "nameserver $s" >>/newroot/etc/resolv.conf
+    done
+    IFS=$ifs
 fi
 
 [ -e "/newroot$init" ] || [ -L "/newroot$init" ] || fail "init $init not found in the image (banger.init=)"

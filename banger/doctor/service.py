@@ -49,7 +49,11 @@ def run_checks(cfg) -> list[Check]:
     checks.append(Check("apt", "ok", apt) if apt else
                   Check("apt", "warn", "apt-get not found: catalog kernels from Debian packages cannot be pulled",
                         "use `banger kernel import` or a URL catalog entry"))
-    checks.append(_tool("nftables", "nft", "nftables", required=False))
+    # every VM with a network gets its policy in nftables (anti-spoofing, egress, published ports)
+    nft = _tool("nftables", "nft", "nftables")
+    checks.append(nft)
+    if nft.status == "ok":
+        checks.append(_ip_forward(cfg))
     checks.append(_dev("tun", "/dev/net/tun", "modprobe tun"))
     checks.append(_uffd())
     checks.append(_reflink(cfg))
@@ -115,6 +119,17 @@ def fix_modes(cfg) -> list[str]:
             except OSError:
                 pass
     return fixed
+
+
+def _ip_forward(cfg) -> Check:
+    """Is IPv4 forwarding on, which VMs need it and why (banger.net.policy.doctor_check)."""
+    from banger.errors import BangerError
+    from banger.net import policy
+
+    try:
+        return Check(**policy.doctor_check(cfg))
+    except BangerError as e:
+        return Check("ip_forward", "warn", f"cannot tell: {e.message}", e.hint)
 
 
 def _is_static(path: str) -> bool:

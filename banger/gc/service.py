@@ -9,7 +9,9 @@ What counts as a leak (each only within this BANGER_HOME / BANGER_RUN):
 - runtime dirs (sockets) under ``$BANGER_RUN/vms`` of VMs that are not running, and
   stale ``paused-*`` markers of the test hook;
 - loop devices whose backing file lies under BANGER_HOME and no operation holds;
-- VM dirs without a row, and staging dirs whose owner process is gone.
+- VM dirs without a row, and staging dirs whose owner process is gone;
+- VMs whose --ttl ran out, nftables rules of VMs that are not running, and the VM names
+  (banger/gc/network.py).
 ``dry_run`` only reports.
 """
 
@@ -89,6 +91,10 @@ def collect(ctx, *, dry_run: bool = False) -> dict:
 
     def err(what, e):
         report["errors"].append(f"{what}: {e.message if isinstance(e, BangerError) else e}")
+
+    from banger.gc import network  # expiry, stale nftables rules, VM names (banger/gc/network.py)
+
+    network.expired(ctx, report, dry_run=dry_run)  # first: what it deletes is then no leak below
 
     # 1. rows stuck in `creating` (their creator died without unwinding)
     stale = set()
@@ -216,6 +222,9 @@ def collect(ctx, *, dry_run: bool = False) -> dict:
         if not dry_run:
             shutil.rmtree(d, ignore_errors=True)
 
+    network.stale_rules(ctx, report, dry_run=dry_run)
+    network.names(ctx, report, dry_run=dry_run)
+
     report["dry_run"] = dry_run
-    report["total"] = sum(len(v) for k, v in report.items() if isinstance(v, list) and k != "errors")
+    report["total"] = sum(len(v) for k, v in report.items() if isinstance(v, list) and k not in ("errors", "busy"))
     return report

@@ -97,9 +97,25 @@ def _config_servers(cfg) -> list[str] | None:
     return out
 
 
-def resolve(cfg=None, *, resolv_conf: str = RESOLV_CONF, stub_upstreams=STUB_UPSTREAMS,
+def _config_stub_upstreams(cfg):
+    """Config ``dns_stub_upstreams = ["/path", ...]``: where a local stub's upstream list lives (default:
+    systemd-resolved's and NetworkManager's files); tests point it into their own namespace."""
+    v = cfg.extra.get("dns_stub_upstreams") if cfg is not None else None
+    if v is None:
+        return STUB_UPSTREAMS
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(p, str) and p.startswith("/") for p in v):
+        raise UsageError(f"config dns_stub_upstreams = {v!r} is not a list of absolute paths",
+                         "e.g. dns_stub_upstreams = [\"/run/systemd/resolve/resolv.conf\"]")
+    return tuple(v)
+
+
+def resolve(cfg=None, *, resolv_conf: str = RESOLV_CONF, stub_upstreams=None,
             resolvectl=_resolvectl) -> dict:
     """{"servers": [...], "source": where they came from, "skipped": [...]} (see upstreams)."""
+    if stub_upstreams is None:
+        stub_upstreams = _config_stub_upstreams(cfg)
     cfg_servers = _config_servers(cfg)
     if cfg_servers:
         return {"servers": cfg_servers[:MAX_SERVERS], "source": "config dns", "skipped": []}

@@ -202,6 +202,26 @@ def control_line(pairs, dom: str) -> str:
     return (CONTROL_PREFIX + dom + (" " + body if body else "")).rstrip()
 
 
+CONTROL_MORE = "@banger hosts+ "
+MAX_CONTROL_LINE = 1000  # well under a tty's 4095-byte canonical line limit
+
+
+def control_lines(pairs, dom: str, max_len: int = MAX_CONTROL_LINE) -> list[str]:
+    """The names as one or more control lines no longer than ``max_len``: the first is a
+    control_line (it replaces the guest's block), each further ``@banger hosts+ <domain> name=ip
+    ...`` adds to it (a serial console reads at most 4095 bytes per line; a /24 holds 253 VMs)."""
+    render(list(pairs), dom)
+    out, cur = [], (CONTROL_PREFIX + dom)
+    for name, ip in sorted(dict(pairs).items()):
+        item = f"{name}={ip}"
+        if len(cur) + 1 + len(item) > max_len and cur != CONTROL_PREFIX + dom and cur != CONTROL_MORE + dom:
+            out.append(cur)
+            cur = CONTROL_MORE + dom
+        cur += " " + item
+    out.append(cur)
+    return out
+
+
 def parse_control_line(line: str) -> tuple[str, list[tuple[str, str]]]:
     """Inverse of control_line, strict (what banger-init must accept and nothing more)."""
     import ipaddress

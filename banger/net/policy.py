@@ -187,6 +187,8 @@ def vm_net(vm, *, require_mac: bool = True) -> VmNet:
 
     if isinstance(vm, VmNet):
         return vm
+    if hasattr(vm, "as_dict"):  # a typed record (banger.state.records.VmRecord)
+        vm = vm.as_dict()
     if not isinstance(vm, dict):
         raise UsageError(f"invalid VM for network policy: {vm!r}", "pass the VM's row (id, ip, mac, net, allow)")
     opts = vm.get("options") or {}

@@ -261,7 +261,7 @@ def _vm_fields(vm) -> tuple[str, str]:
     vm_id = vm if isinstance(vm, str) else (vm.get("id") if isinstance(vm, dict) else getattr(vm, "id", None))
     if not isinstance(vm_id, str) or not vm_id:
         raise UsageError(f"invalid VM {vm!r}", "pass the VM's row")
-    name = vm.get("name") if isinstance(vm, dict) else None
+    name = vm.get("name") if isinstance(vm, dict) else getattr(vm, "name", None)
     return vm_id, name or vm_id
 
 

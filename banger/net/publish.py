@@ -14,7 +14,7 @@ def publish(ctx, vm, specs) -> dict:
     policy.apply (start). Returns {"vm_id", "published": [...], "live": bool}."""
     specs = ports.parse_many([specs] if isinstance(specs, (str, ports.PortSpec)) else specs)
     vm_id, name = ports._vm_fields(vm)
-    if isinstance(vm, dict) and policy.vm_net(vm, require_mac=False).mode == "none":
+    if not isinstance(vm, str) and policy.vm_net(vm, require_mac=False).mode == "none":
         raise UsageError(f"VM {name} has no network (--net none): it cannot publish ports",
                          "change its network with banger vm set --net nat|isolated while it is stopped")
     for p in specs:
@@ -35,6 +35,24 @@ def publish(ctx, vm, specs) -> dict:
                 ports._delete(ctx, vm_id, specs)
                 raise
     return {"vm_id": vm_id, "published": [str(p) for p in specs], "live": live}
+
+
+def precheck(ctx, specs) -> None:
+    """Fail fast, before a VM is reserved: Conflict if another VM claims one of these host ports or a
+    host process has it bound. No lock and nothing written (the claim itself re-checks atomically)."""
+    specs = ports.parse_many(specs)
+    for p in specs:
+        ports.check_host_ip(p)
+        held = ctx.store.one("SELECT p.vm_id, v.name FROM published_ports p LEFT JOIN vms v ON v.id = p.vm_id "
+                             "WHERE p.proto = ? AND p.host_port = ?", (p.proto, p.host_port))
+        if held:
+            who = held["name"] or held["vm_id"]
+            raise Conflict(f"host port {p.host_port}/{p.proto} is already published by VM {who}",
+                           f"pick another host port, or free it: banger vm port rm {who} {p.host_port}/{p.proto}",
+                           details={"port": str(p), "vm_id": held["vm_id"]})
+    for p, user in ports.host_port_users(specs).items():
+        raise Conflict(f"host port {p.host_port}/{p.proto} is in use on the host ({user})",
+                       "stop that process or publish on another host port", details={"port": str(p)})
 
 
 def unpublish(ctx, vm, refs) -> dict:

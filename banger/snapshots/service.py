@@ -165,7 +165,8 @@ def _capture(ctx, vm: dict, h: dict, staging: Path) -> dict:
     return {"vmm": vmm_meta, "backend": vm["backend"], "vm_id": vm["id"], "vm_name": vm["name"],
             "image": vm["image"], "kernel": vm["kernel"], "vcpu": vm["vcpu"], "memory_mib": vm["memory_mib"],
             "overlay_size_mib": vm["overlay_size_mib"], "work_disk_size_mib": vm["work_disk_size_mib"],
-            "nat": vm["nat"], "ip": vm["ip"], "mac": vm["mac"], "disks": list(DISKS), "disk_copy": copies,
+            "nat": vm["nat"], "net": vms.net_mode(vm), "allow": vms.net_allow(vm),
+            "ip": vm["ip"], "mac": vm["mac"], "disks": list(DISKS), "disk_copy": copies,
             "options": {k: o.get(k) for k in ("rootfs", "vmlinux", "bzimage", "initrd", "init", "kernel_version",
                                               "work_seed")},
             "rootfs_fingerprint": _fingerprint(o.get("rootfs")), "created_at": time.time()}
@@ -292,7 +293,9 @@ def _unlearn_source(run):
             run_cmd(["bridge", "fdb", "del", parts[0], "dev", run.tap, "master"], check=False, timeout=10)
 
 
-def restore_plan(*, wait_ssh: bool = True):
+def restore_plan(*, wait_ssh: bool = True, net: bool = True, ports: bool = False):
+    """``net`` False: the snapshot's VM had no network card (--net none): no TAP, no re-address, no SSH;
+    ``ports``: claim the -p values right after the snapshot check (a clone publishes none unless asked)."""
     from banger.vms import plans
     from banger.vms.plan import Step
 
@@ -306,16 +309,26 @@ def restore_plan(*, wait_ssh: bool = True):
                           lambda run: f"restoring with {run.vm['backend']}"),
                      Step("snapshot.release", _release_snapshot),
                      Step("guest.net", _readdress, None, "giving the guest its new address")))
-    return plan.insert_after(plan.names()[-1],
-                             Step("snapshot.verified", _await_verify, None, "verifying the snapshot's checksums"),
-                             Step("net.unlearn", _unlearn_source))
+    plan = plan.insert_after(plan.names()[-1],
+                             Step("snapshot.verified", _await_verify, None, "verifying the snapshot's checksums"))
+    if ports:
+        plan = plan.insert_after("snapshot.check", plans.NET_PORTS)
+    if not net:
+        return plans.without_network(plan).without("guest.net")
+    return plan.insert_after(plan.names()[-1], Step("net.unlearn", _unlearn_source))
 
 
-def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = True) -> dict:
-    """Start a new VM from ``snapshot``; returns its view (as `vm show`), plus restore timings."""
+def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = True, publish=None) -> dict:
+    """Start a new VM from ``snapshot``; returns its view (as `vm show`), plus restore timings.
+    The clone keeps the snapshot's network mode and --allow list; it publishes only the ``publish``
+    (-p) values given here, never the source VM's ports."""
     from banger.host import procs
+    from banger.net import ports as ports_mod
+    from banger.net import publish as publish_mod
     from banger.state.reservation import reserve_vm
-    from banger.vms import lifecycle, plan
+    from banger.vms import hostnames, lifecycle, plan
+
+    specs = ports_mod.parse_many(publish)
 
     snap = get(ctx, snapshot)
     meta = snap["meta"]
@@ -346,8 +359,20 @@ def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = Tru
         validate_name(name)
         if ctx.store.vm_by_name(name) is not None:
             raise vms.name_taken(name)
+    mode = meta.get("net") or (vms.NET_NAT if meta.get("nat") else vms.NET_ISOLATED)
+    if mode == vms.NET_NONE and specs:
+        from banger.errors import UsageError
+
+        raise UsageError(f"snapshot {snapshot!r} is of a VM without a network card (--net none): -p cannot apply",
+                         "restore it without -p")
+    if specs:
+        publish_mod.precheck(ctx, specs)
+    if mode == vms.NET_NONE:
+        wait_ssh = False
     o["creator"] = {"pid": os.getpid(), "start": procs.start_time(os.getpid())}
     o["restored_from"] = snapshot
+    o["net"] = mode
+    o["allow"] = list(meta.get("allow") or [])
     try:
         vm = reserve_vm(ctx.store, Subnet(ctx.cfg.subnet), name=name, image=meta.get("image"),
                         kernel=meta.get("kernel"), backend=snap["backend"], vcpu=meta["vcpu"],
@@ -361,15 +386,17 @@ def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = Tru
     with ctx.locks.hold(f"vm/{vm['id']}", purpose="restore"), ExitStack() as snap_lock:
         # held while the snapshot's files are read (disk copies, VMM start); released before the guest waits
         snap_lock.enter_context(ctx.locks.hold(f"snapshot/{snapshot}", purpose="restore"))
-        run = plan.execute(ctx, vm, restore_plan(wait_ssh=wait_ssh), delete_on_unwind=True,
-                           snapshot=snapshot, sdir=sdir, meta=meta, snap_lock=snap_lock, timings=timings,
-                           big_files=big_files,
-                           t0=time.monotonic())
+        run = plan.execute(ctx, vm, restore_plan(wait_ssh=wait_ssh, net=mode != vms.NET_NONE, ports=bool(specs)),
+                           delete_on_unwind=True, snapshot=snapshot, sdir=sdir, meta=meta, snap_lock=snap_lock,
+                           timings=timings, big_files=big_files, t0=time.monotonic(), ports=specs)
         if wait_ssh:
             timings["ssh_ready_ms"] = round((time.monotonic() - run.t0) * 1000, 1)
+            hostnames.mark_ready(ctx, vm)
     if run.transport is not None:
         run.transport.close()
+    names = hostnames.after_change(ctx, fresh=[vm["id"]])
     out = lifecycle.view(ctx, ctx.store.vm_by_id(vm["id"]), stages=True)
+    out["names"] = names
     h = vms.load_handles(ctx, vm)
     out["restored_from"] = snapshot
     out["restore"] = {**timings, **({"vmm": h.get("restore_timings")} if h.get("restore_timings") else {}),

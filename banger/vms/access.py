@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from banger.errors import InvalidState, UsageError
-from banger.vms.runtime import RUNNING, SERIAL, effective_state, get, ssh_files, vm_dir
+from banger.vms.runtime import NET_NONE, RUNNING, SERIAL, effective_state, get, net_mode, ssh_files, vm_dir
 
 
 def running(ctx, ref: str):
@@ -21,6 +21,10 @@ def connect(ctx, ref: str):
     from banger.guest import ssh
 
     vm = running(ctx, ref)
+    if net_mode(vm) == NET_NONE:
+        raise InvalidState(f"VM {vm['name']} has no network card (--net none): there is no SSH to reach",
+                           f"read its console with banger vm logs {vm['name']}, or give it a network: "
+                           f"banger vm stop {vm['name']} && banger vm set {vm['name']} --net isolated")
     return ssh.connect(vm["ip"], **ssh_files(ctx, vm))
 
 
@@ -28,11 +32,33 @@ def serial_log(ctx, ref: str) -> Path:
     return vm_dir(ctx, get(ctx, ref)) / SERIAL
 
 
+def resolvable_name(ctx, vm) -> str | None:
+    """``<name>.<domain>`` if it resolves to the VM's address here (it is in banger's block of the
+    hosts file and the system resolver agrees), else None. Never asks DNS for a name not in the block."""
+    import socket
+
+    from banger.errors import BangerError
+    from banger.net import hosts
+
+    try:
+        fqdn = hosts.fqdn(ctx.cfg, vm["name"])
+        if (fqdn, vm["ip"]) not in hosts.entries(hosts.hosts_path(ctx.cfg)):
+            return None
+        found = {a[4][0] for a in socket.getaddrinfo(fqdn, None, socket.AF_INET, socket.SOCK_STREAM)}
+    except (BangerError, OSError):
+        return None
+    return fqdn if found == {vm["ip"]} else None
+
+
 def ssh_config(ctx, ref: str) -> str:
+    """An OpenSSH stanza; HostName is the VM's name (``<name>.<domain>``) when that resolves, else its IP.
+    The pinned host key is recorded for the IP, so HostKeyAlias keeps it matching either way."""
     vm = get(ctx, ref)
     f = ssh_files(ctx, vm)
+    host = resolvable_name(ctx, vm) or vm["ip"]
     return (f"Host {vm['name']}\n"
-            f"    HostName {vm['ip']}\n"
+            f"    HostName {host}\n"
+            f"    HostKeyAlias {vm['ip']}\n"
             f"    User root\n"
             f"    IdentityFile {f['key_path']}\n"
             f"    IdentitiesOnly yes\n"

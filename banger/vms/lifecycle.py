@@ -13,13 +13,17 @@ from __future__ import annotations
 import os
 import time
 
-from banger.errors import BangerError, InvalidState, NotFound, UsageError
+from banger.errors import BangerError, Conflict, InvalidState, NotFound, UsageError
 from banger.host import procs
 from banger.names import Subnet
+from banger.vms import hostnames
 from banger.vms.runtime import (
     CRASHED,
     CREATING,
     ERROR,
+    NET_ISOLATED,
+    NET_NAT,
+    NET_NONE,
     OVERLAY,
     RUNNING,
     STOPPED,
@@ -30,6 +34,8 @@ from banger.vms.runtime import (
     get,
     load_handles,
     name_taken,
+    net_allow,
+    net_mode,
     ssh_files,
     teardown_runtime,
     vm_dir,
@@ -54,6 +60,7 @@ def view(ctx, vm, *, stages: bool = False) -> dict:
     d["pid"] = h.get("pid") if st == RUNNING else None
     d["tap"] = h.get("tap") if st == RUNNING else None
     d["work_seed"] = (vm.get("options") or {}).get("work_seed")
+    _net_view(ctx, vm, d, live=stages and st == RUNNING)
     if stages:
         rows = ctx.store.stages(vm["id"])
         d["stages"] = [{"op": r["op"], "stage": r["stage"], "started_at": r["started_at"],
@@ -61,6 +68,29 @@ def view(ctx, vm, *, stages: bool = False) -> dict:
                         "ok": None if r["ok"] is None else bool(r["ok"]), "error": r["error"]} for r in rows]
         d["timings"] = summarize_stages(d["stages"])
     return d
+
+
+def _net_view(ctx, vm, d: dict, *, live: bool) -> None:
+    """Network mode, --allow list, published ports (``live``: with "active", read from nftables) and expiry."""
+    from banger.net import ports
+    from banger.vms import expiry
+
+    d["net"] = net_mode(vm)
+    d["allow"] = net_allow(vm)
+    d["ports"] = [p.to_dict() for p in ports.claims(ctx, vm["id"])]
+    if live and d["ports"]:
+        from banger.net import publish
+
+        try:
+            act = {p["spec"]: p["active"] for p in publish.list_ports(ctx, vm["id"])}
+        except BangerError:  # no nft to ask: unknown, not false
+            act = {}
+        for p in d["ports"]:
+            p["active"] = act.get(p["spec"])
+    d["expires_at"] = expiry.expires_at(vm)
+    left = expiry.seconds_left(vm)
+    d["ttl_left_s"] = None if left is None else max(0, round(left))
+    d["ttl"] = expiry.human(left)
 
 
 BOOT_OPS = ("create", "start", "restore")
@@ -159,17 +189,23 @@ def resolve(ctx, *, image: str | None, kernel: str | None, backend: str | None):
 def create(ctx, *, name: str | None = None, image: str | None = None, kernel: str | None = None,
            backend: str | None = None, vcpu: int | None = None, memory_mib: int | None = None,
            overlay_size_mib: int | None = None, work_disk_size_mib: int | None = None, nat: bool | None = None,
-           start: bool = True, wait_ssh: bool = True, work_seed: bool = True, keep_ssh: bool = False):
-    """Create (and by default boot) a VM. Returns its view; with ``keep_ssh`` returns (view, transport)."""
+           start: bool = True, wait_ssh: bool = True, work_seed: bool = True, keep_ssh: bool = False,
+           net: str | None = None, allow=None, publish=None, ttl=None):
+    """Create (and by default boot) a VM. Returns its view; with ``keep_ssh`` returns (view, transport).
+
+    ``net``: nat | isolated | none (default: ``--nat``/config ``nat`` -> nat, else isolated);
+    ``allow``: --allow values; ``publish``: -p values (claimed before anything is built: a taken host
+    port fails the create with nothing left); ``ttl``: seconds or a duration ("30m")."""
     from banger.state.reservation import reserve_vm
 
     cfg = ctx.cfg
+    netopts, specs = net_options(ctx, net=net, nat=nat, allow=allow, publish=publish, ttl=ttl)
+    nat = netopts["net"] == NET_NAT
     vcpu = cfg.vcpu if vcpu is None else vcpu
     memory_mib = cfg.memory_mib if memory_mib is None else memory_mib
     overlay_size_mib = cfg.overlay_size_mib if overlay_size_mib is None else overlay_size_mib
     asked_work = work_disk_size_mib
     work_disk_size_mib = cfg.work_disk_size_mib if work_disk_size_mib is None else work_disk_size_mib
-    nat = cfg.nat if nat is None else nat
     _check_resources(vcpu=vcpu, memory_mib=memory_mib, overlay_size_mib=overlay_size_mib,
                      work_disk_size_mib=work_disk_size_mib)
     check_disk_room(ctx, {"overlay_size_mib": overlay_size_mib, "work_disk_size_mib": work_disk_size_mib})
@@ -180,6 +216,12 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
         if ctx.store.vm_by_name(name) is not None:  # fail fast; reserve re-checks atomically
             raise name_taken(name)
 
+    if specs:  # fail fast, before anything is reserved; the net.ports step re-checks atomically
+        from banger.net import publish as publish_mod
+
+        publish_mod.precheck(ctx, specs)
+    if netopts["net"] == NET_NONE:
+        wait_ssh = False  # no network card: nothing to reach over SSH
     if wait_ssh and start:
         _preload_ssh()  # paramiko's import (~180 ms) overlaps the disks, the network and the guest's boot
 
@@ -198,7 +240,7 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
                "vmlinux": str(ker["vmlinux"]) if ker.get("vmlinux") else None,
                "bzimage": str(ker["bzimage"]) if ker.get("bzimage") else None, "initrd": str(ker["initrd"]),
                "kernel_version": ker.get("version"),
-               "creator": {"pid": os.getpid(), "start": procs.start_time(os.getpid())}}
+               "creator": {"pid": os.getpid(), "start": procs.start_time(os.getpid())}, **netopts}
 
     # phase 2: reserve (one BEGIN IMMEDIATE)
     try:
@@ -217,18 +259,56 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
     dkey = diskpool.key(img, work_size_mib=work_disk_size_mib, overlay_size_mib=overlay_size_mib,
                         use_seed=work_seed)
     with ctx.locks.hold(f"vm/{vm['id']}", purpose="create"):
-        run = plan.execute(ctx, vm, plans.create_plan(start=start, wait_ssh=wait_ssh,
-                                                      ready_disks=bool(diskpool.ready(cfg, dkey))),
-                           success_state=RUNNING if start else STOPPED, unwound_state=ERROR,
-                           image=img, work_size_mib=work_disk_size_mib, use_seed=work_seed,
-                           overlay_size_mib=overlay_size_mib, diskset_key=dkey)
+        try:
+            run = plan.execute(ctx, vm, plans.create_plan(start=start, wait_ssh=wait_ssh,
+                                                          ready_disks=bool(diskpool.ready(cfg, dkey)),
+                                                          net=netopts["net"] != NET_NONE, ports=bool(specs)),
+                               success_state=RUNNING if start else STOPPED, unwound_state=ERROR,
+                               image=img, work_size_mib=work_disk_size_mib, use_seed=work_seed,
+                               overlay_size_mib=overlay_size_mib, diskset_key=dkey, ports=specs)
+        except BangerError as e:
+            if e.details.get("step") == "net.ports":  # refused before anything was built: no row either
+                ctx.store.delete_vm_row(vm["id"])
+            raise
+        if run.transport is not None:
+            hostnames.mark_ready(ctx, vm)
+    names = hostnames.after_change(ctx, fresh=[vm["id"]]) if start else None
     out = view(ctx, ctx.store.vm_by_id(vm["id"]), stages=True)
     out["work_disk_method"] = getattr(run, "work_method", None)
+    if names is not None:
+        out["names"] = names
     if keep_ssh:
         return out, run.transport
     if run.transport is not None:
         run.transport.close()
     return out
+
+
+def net_options(ctx, *, net=None, nat=None, allow=None, publish=None, ttl=None) -> tuple[dict, list]:
+    """Validate the network and expiry flags of a new VM: ({"net", "allow", ["expires_at", "ttl_s"]},
+    [PortSpec]) for its options and its net.ports step. UsageError naming the flag on bad input."""
+    from banger.net import policy, ports
+    from banger.vms import expiry
+
+    if net is not None:
+        mode = policy.parse_mode(net)
+        if nat and mode != NET_NAT:
+            raise UsageError(f"--nat contradicts --net {mode}", "give one of them: --net nat is the same as --nat")
+    else:
+        mode = NET_NAT if (ctx.cfg.nat if nat is None else nat) else NET_ISOLATED
+    allows = policy.parse_allows(allow, subnet=ctx.cfg.subnet)
+    specs = ports.parse_many(publish)
+    if mode == NET_NONE and (allows or specs):
+        raise UsageError("--net none gives the VM no network card: "
+                         + " and ".join(f for f, v in (("--allow", allows), ("-p", specs)) if v) + " cannot apply",
+                         "use --net isolated (host only) or --net nat")
+    for p in specs:
+        ports.check_host_ip(p)
+    opts = {"net": mode, "allow": [str(a) for a in allows]}
+    if ttl is not None:
+        secs = expiry.parse_ttl(ttl)
+        opts.update(expires_at=round(time.time() + secs, 3), ttl_s=secs)
+    return opts, specs
 
 
 def _preload_ssh() -> None:
@@ -279,10 +359,16 @@ def start(ctx, ref: str, *, wait_ssh: bool = True, keep_ssh: bool = False):
             raise InvalidState(f"VM {vm['name']} was never built ({vm.get('error') or st})",
                                f"delete it (banger vm delete {vm['name']}) and create it again")
         teardown_runtime(ctx, vm)  # leftovers of a crash
+        has_net = net_mode(vm) != NET_NONE
+        wait_ssh = wait_ssh and has_net
         if wait_ssh:
             _preload_ssh()
-        run = plan.execute(ctx, vm, plans.start_plan(wait_ssh=wait_ssh), unwound_state=STOPPED)
+        run = plan.execute(ctx, vm, plans.start_plan(wait_ssh=wait_ssh, net=has_net), unwound_state=STOPPED)
+        if run.transport is not None:
+            hostnames.mark_ready(ctx, vm)
+    names = hostnames.after_change(ctx, fresh=[vm["id"]])
     out = view(ctx, get(ctx, vm["id"]), stages=True)
+    out["names"] = names
     if keep_ssh:
         return out, run.transport
     if run.transport is not None:
@@ -304,11 +390,14 @@ def _graceful_shutdown(ctx, vm, h: dict, timeout: float) -> bool:
         pass
     t = None
     try:
-        from banger.guest import ssh
+        if net_mode(vm) == NET_NONE:  # no network: ask banger-init on the serial console instead
+            vm_driver(ctx, vm).send_console(h, "@banger poweroff", timeout=min(5.0, timeout))
+        else:
+            from banger.guest import ssh
 
-        t = ssh.connect(vm["ip"], timeout=min(5.0, timeout), **ssh_files(ctx, vm))
-        # no waiting for an exit status: the guest tears sshd down as it powers off
-        t.open_session().exec_command("kill -TERM 1")
+            t = ssh.connect(vm["ip"], timeout=min(5.0, timeout), **ssh_files(ctx, vm))
+            # no waiting for an exit status: the guest tears sshd down as it powers off
+            t.open_session().exec_command("kill -TERM 1")
     except Exception:  # noqa: BLE001 - best effort: paramiko raises its own family as the guest goes away
         pass
     try:
@@ -327,7 +416,10 @@ def stop(ctx, ref: str, *, force: bool = False, timeout: float | None = None) ->
     with ctx.locks.hold(f"vm/{vm['id']}", purpose="stop"):
         vm = get(ctx, vm["id"])
         _stop_locked(ctx, vm, force=force, timeout=timeout)
-    return view(ctx, get(ctx, vm["id"]), stages=True)
+    names = hostnames.after_change(ctx)
+    out = view(ctx, get(ctx, vm["id"]), stages=True)
+    out["names"] = names
+    return out
 
 
 def _stop_locked(ctx, vm, *, force: bool, timeout: float | None) -> None:
@@ -358,7 +450,7 @@ def restart(ctx, ref: str, *, wait_ssh: bool = True) -> dict:
 
 
 # ---------------------------------------------------------------- delete / prune / set
-def delete(ctx, ref: str, *, force: bool = False) -> dict:
+def delete(ctx, ref: str, *, force: bool = False, sync_names: bool = True) -> dict:
     vm = get(ctx, ref)
     with ctx.locks.hold(f"vm/{vm['id']}", purpose="delete"):
         vm = ctx.store.vm_by_id(vm["id"])
@@ -368,7 +460,8 @@ def delete(ctx, ref: str, *, force: bool = False) -> dict:
         if st == RUNNING and not force:
             raise InvalidState(f"VM {vm['name']} is running", f"stop it first, or: banger vm delete -f {vm['name']}")
         destroy_vm(ctx, vm)
-    return {"id": vm["id"], "name": vm["name"], "deleted": True}
+    names = hostnames.after_change(ctx) if sync_names else None
+    return {"id": vm["id"], "name": vm["name"], "deleted": True, **({"names": names} if names else {})}
 
 
 def prunable(ctx) -> list[dict]:
@@ -380,25 +473,66 @@ def prune(ctx) -> list[dict]:
     out = []
     for v in prunable(ctx):
         try:
-            out.append(delete(ctx, v["id"], force=False))
+            out.append(delete(ctx, v["id"], force=False, sync_names=False))
         except (NotFound, InvalidState):
             continue
+    if out:
+        hostnames.after_change(ctx)
     return out
 
 
 def set_resources(ctx, ref: str, *, vcpu: int | None = None, memory_mib: int | None = None,
-                  work_disk_size_mib: int | None = None) -> dict:
+                  work_disk_size_mib: int | None = None, net: str | None = None, allow=None,
+                  clear_allow: bool = False, ttl=None, clear_ttl: bool = False) -> dict:
+    """Change a VM's settings. vCPUs, memory, the work disk, ``net`` and the ``allow`` list only while it
+    is stopped (they take effect at its next start); ``ttl`` (from now: extends or shortens) and
+    ``clear_ttl`` (never expire) at any time."""
     from banger.host import ext4
+    from banger.net import policy
+    from banger.vms import expiry
 
+    mode = policy.parse_mode(net) if net is not None else None
+    if allow and clear_allow:
+        raise UsageError("--allow and --no-allow contradict each other", "give one of them")
+    if ttl is not None and clear_ttl:
+        raise UsageError("--ttl and --no-ttl contradict each other", "give one of them")
+    allows = policy.parse_allows(allow, subnet=ctx.cfg.subnet) if allow else None
+    secs = expiry.parse_ttl(ttl) if ttl is not None else None
+    stopped_only = any(v is not None for v in (vcpu, memory_mib, work_disk_size_mib, mode, allows)) or clear_allow
     vm = get(ctx, ref)
     with ctx.locks.hold(f"vm/{vm['id']}", purpose="set"):
         vm = get(ctx, vm["id"])
         st = effective_state(ctx, vm)
-        if st not in (STOPPED, CRASHED):
-            raise InvalidState(f"VM {vm['name']} is {st}; settings change only while stopped",
+        if stopped_only and st not in (STOPPED, CRASHED):
+            what = "vCPUs, memory, disk, --net and --allow" if st == RUNNING else "settings"
+            raise InvalidState(f"VM {vm['name']} is {st}; {what} change only while it is stopped"
+                               + (" (--ttl works on a running VM)" if st == RUNNING else ""),
                                f"banger vm stop {vm['name']}")
+        if st == CREATING:
+            raise InvalidState(f"VM {vm['name']} is being created", "wait for the create to finish")
         fields = {}
         _check_resources(vcpu=vcpu, memory_mib=memory_mib, work_disk_size_mib=work_disk_size_mib)
+        opts = dict(vm["options"] or {})
+        new_mode = mode or net_mode(vm)
+        if mode is not None or allows is not None or clear_allow:
+            from banger.net import ports
+
+            new_allow = [] if clear_allow else ([str(a) for a in allows] if allows is not None else net_allow(vm))
+            if new_mode == NET_NONE and new_allow:
+                raise UsageError(f"VM {vm['name']} would have --net none with an --allow list",
+                                 "drop the list too (--no-allow), or pick --net isolated|nat")
+            if new_mode == NET_NONE and ports.claims(ctx, vm["id"]):
+                raise Conflict(f"VM {vm['name']} publishes ports; --net none has no network card",
+                               f"remove them first: banger vm port rm {vm['name']} PORT")
+            opts.update(net=new_mode, allow=new_allow)
+            fields["nat"] = new_mode == NET_NAT
+        if secs is not None:
+            opts.update(expires_at=round(time.time() + secs, 3), ttl_s=secs)
+        elif clear_ttl:
+            opts.pop("expires_at", None)
+            opts.pop("ttl_s", None)
+        if opts != (vm["options"] or {}):
+            fields["options"] = opts
         if vcpu is not None:
             fields["vcpu"] = vcpu
         if memory_mib is not None:
@@ -413,3 +547,48 @@ def set_resources(ctx, ref: str, *, vcpu: int | None = None, memory_mib: int | N
         if fields:
             ctx.store.update_vm(vm["id"], **fields)
     return view(ctx, get(ctx, vm["id"]))
+
+
+# ---------------------------------------------------------------- published ports
+def port_add(ctx, ref: str, specs) -> dict:
+    """Publish ``specs`` (-p values) for a VM; live at once when it runs, else from its next start.
+    Under the VM's lock, so a concurrent start applies either none or all of them."""
+    from banger.net import ports, publish
+
+    specs = ports.parse_many(specs)
+    if not specs:
+        raise UsageError("no port to publish", "e.g. banger vm port add VM 8080:80")
+    vm = get(ctx, ref)
+    with ctx.locks.hold(f"vm/{vm['id']}", purpose="port add"):
+        vm = get(ctx, vm["id"])
+        if vm["state"] == CREATING:
+            raise InvalidState(f"VM {vm['name']} is being created", "wait for the create to finish")
+        r = publish.publish(ctx, vm, specs)
+    return {**r, "vm": vm["name"], "ports": port_list(ctx, vm["id"])}
+
+
+def port_rm(ctx, ref: str, refs) -> dict:
+    """Unpublish by ``HOSTPORT[/proto]`` or full spec (HOSTPORT alone: both protocols)."""
+    from banger.net import publish
+
+    refs = list(refs or ())
+    if not refs:
+        raise UsageError("no port to remove", "e.g. banger vm port rm VM 8080 (or 8080/udp)")
+    vm = get(ctx, ref)
+    with ctx.locks.hold(f"vm/{vm['id']}", purpose="port rm"):
+        vm = get(ctx, vm["id"])
+        r = publish.unpublish(ctx, vm, refs)
+    return {**r, "vm": vm["name"], "ports": port_list(ctx, vm["id"])}
+
+
+def port_list(ctx, ref: str) -> list[dict]:
+    """The VM's publications, each with "active" (its DNAT rule is live; None when nftables cannot
+    be read)."""
+    from banger.net import ports, publish
+
+    vm = get(ctx, ref)
+    try:
+        return publish.list_ports(ctx, vm["id"])
+    except BangerError:
+        return [{**p.to_dict(), "vm_id": vm["id"], "vm_name": vm["name"], "active": None}
+                for p in ports.claims(ctx, vm["id"])]

@@ -2,7 +2,8 @@
 
 The base list is ``boot_plan``: prepare -> disk.work -> disk.overlay -> net.tap -> vmm.launch
 -> guest.ssh.  ``create_plan`` is that list (minus the boot when ``--no-start``), ``start_plan``
-drops the three build steps, and a snapshot restore (banger.snapshots.restore) replaces the disk
+drops the three build steps (``--net none`` drops net.tap and guest.ssh; ``-p`` puts net.ports
+first), and a snapshot restore (banger.snapshots.restore) replaces the disk
 steps with a copy, the launch with a restore, and inserts the re-address step.  Inputs a step needs
 are keyword arguments of ``plan.execute`` (``image``, ``work_size_mib``, ``use_seed``, ...).
 """
@@ -64,6 +65,21 @@ def _unclaim_disks(run):
     _unoverlay_disk(run)
 
 
+# ---------------------------------------------------------------- network
+def _claim_ports(run):
+    """Durable claims for the -p values (refused when another VM holds a host port or a host process
+    has it bound); the DNAT rules go in with the policy at net.tap."""
+    from banger.net import publish
+
+    publish.publish(run.ctx, run.vm, run.ports)
+
+
+def _unclaim_ports(run):
+    from banger.net import ports
+
+    ports.forget(run.ctx, run.vm["id"])
+
+
 # ---------------------------------------------------------------- boot
 def _net(run):
     run.tap = rt.net_up(run.ctx, run.vm)
@@ -104,6 +120,7 @@ DISK_CLAIM = Step("disk.claim", _claim_disks, _unclaim_disks, "disks (ready-made
 NET_TAP = Step("net.tap", _net, _unnet, "network")
 VMM_LAUNCH = Step("vmm.launch", _launch, unlaunch, lambda run: f"starting {run.vm['backend']}")
 GUEST_SSH = Step("guest.ssh", _ssh, _close_ssh, "waiting for SSH")
+NET_PORTS = Step("net.ports", _claim_ports, _unclaim_ports, "publishing ports")
 
 BUILD_STEPS = ("prepare", "disk.work", "disk.overlay")
 BOOT_STEPS = ("net.tap", "vmm.launch", "guest.ssh")
@@ -115,13 +132,25 @@ def boot_plan(op: str, *, wait_ssh: bool = True) -> Plan:
     return plan if wait_ssh else plan.without("guest.ssh")
 
 
-def create_plan(*, start: bool = True, wait_ssh: bool = True, ready_disks: bool = False) -> Plan:
-    """``ready_disks``: a ready-made disk set exists for this VM's image and sizes (banger.vms.diskpool)."""
+def without_network(plan: Plan) -> Plan:
+    """``--net none``: no TAP, no network card, so nothing to wait for over SSH either."""
+    return plan.without(*(n for n in ("net.tap", "guest.ssh") if n in plan.names()))
+
+
+def create_plan(*, start: bool = True, wait_ssh: bool = True, ready_disks: bool = False, net: bool = True,
+                ports: bool = False) -> Plan:
+    """``ready_disks``: a ready-made disk set exists for this VM's image and sizes (banger.vms.diskpool);
+    ``net`` False: ``--net none``; ``ports``: claim the -p values first (before anything is built)."""
     plan = boot_plan("create", wait_ssh=wait_ssh)
     if ready_disks:
         plan = plan.replace("disk.work", DISK_CLAIM).without("disk.overlay")
+    if ports:
+        plan = plan.insert_before("prepare", NET_PORTS)
+    if not net:
+        plan = without_network(plan)
     return plan if start else plan.without(*(n for n in BOOT_STEPS if n in plan.names()))
 
 
-def start_plan(*, wait_ssh: bool = True) -> Plan:
-    return boot_plan("start", wait_ssh=wait_ssh).without(*BUILD_STEPS)
+def start_plan(*, wait_ssh: bool = True, net: bool = True) -> Plan:
+    plan = boot_plan("start", wait_ssh=wait_ssh).without(*BUILD_STEPS)
+    return plan if net else without_network(plan)

@@ -91,7 +91,7 @@ def vm_driver(ctx, vm):
     return registry.driver(vm["backend"], ctx.cfg)
 
 
-def vm_spec(ctx, vm, tap: str):
+def vm_spec(ctx, vm, tap: str | None):
     from banger.guest.bootargs import guest_cmdline
     from banger.vmm import registry
     from banger.vmm.base import Drive, VmSpec
@@ -102,9 +102,10 @@ def vm_spec(ctx, vm, tap: str):
         if not o.get(k) or not Path(o[k]).exists():
             raise NotFound(f"the {k} this VM was created from is gone: {o.get(k)}",
                            f"re-pull image {vm['image']!r} / kernel {vm['kernel']!r}, or delete this VM")
-    dns = ctx.cfg.extra.get("dns") or ("1.1.1.1" if vm["nat"] else None)
-    cmdline = guest_cmdline(ip=vm["ip"], prefixlen=subnet.prefixlen, gateway=subnet.gateway, hostname=vm["name"],
-                            init=o.get("init"), dns=dns, extra=registry.backend(vm["backend"]).boot_args())
+    has_net = tap is not None and net_mode(vm) != NET_NONE
+    cmdline = guest_cmdline(ip=vm["ip"] if has_net else None, prefixlen=subnet.prefixlen, gateway=subnet.gateway,
+                            hostname=vm["name"], init=o.get("init"), dns=guest_dns(ctx) if has_net else None,
+                            extra=registry.backend(vm["backend"]).boot_args())
     d = vm_dir(ctx, vm)
     return VmSpec(vm_id=vm["id"], name=vm["name"], vcpu=vm["vcpu"], memory_mib=vm["memory_mib"],
                   vmlinux=Path(o["vmlinux"]) if o.get("vmlinux") else None,
@@ -112,7 +113,21 @@ def vm_spec(ctx, vm, tap: str):
                   initrd=Path(o["initrd"]), cmdline=cmdline,
                   drives=[Drive("rootfs", Path(o["rootfs"]), True), Drive("overlay", d / OVERLAY),
                           Drive("work", d / WORK)],
-                  tap=tap, mac=vm["mac"], run_dir=run_dir(ctx, vm), vm_dir=d, serial_log=d / SERIAL)
+                  tap=tap if has_net else None, mac=vm["mac"], run_dir=run_dir(ctx, vm), vm_dir=d,
+                  serial_log=d / SERIAL)
+
+
+def guest_dns(ctx) -> list[str]:
+    """The resolvers a guest gets on its kernel command line: config ``dns``, else the host's real
+    upstreams (banger.net.dns follows a local stub). None found: the guest keeps its image's resolv.conf."""
+    from banger.errors import HostError
+    from banger.net import dns
+
+    try:
+        return dns.upstreams(ctx.cfg)
+    except HostError as e:
+        ctx.progress.step(f"warning: {e.message}; the guest keeps its image's resolv.conf")
+        return []
 
 
 def kill_vmm(ctx, vm, handles: dict | None = None) -> None:
@@ -141,28 +156,40 @@ def helper_processes(handles: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------- networking
-def net_up(ctx, vm) -> str:
-    from banger.net import bridge, pool
+NET_NAT, NET_ISOLATED, NET_NONE = "nat", "isolated", "none"
+
+
+def net_mode(vm) -> str:
+    """The VM's network mode: ``options["net"]``, else (rows older than --net) its ``nat`` flag."""
+    return (vm.get("options") or {}).get("net") or (NET_NAT if vm.get("nat") else NET_ISOLATED)
+
+
+def net_allow(vm) -> list[str]:
+    return list((vm.get("options") or {}).get("allow") or [])
+
+
+def net_up(ctx, vm) -> str | None:
+    """The VM's TAP on the bridge with its policy applied (anti-spoofing guard, egress per its mode and
+    --allow list, its published ports); None for ``--net none`` (no TAP, no network card)."""
+    if net_mode(vm) == NET_NONE:
+        return None
+    from banger.net import bridge, policy, pool
 
     bridge.ensure_bridge(ctx)
     tap = pool.claim(ctx, vm["id"])
     _neighbour(ctx, vm, add=True)
-    if vm["nat"]:
-        from banger.net import policy
-
-        policy.enable_nat(ctx, vm)
+    policy.apply(ctx, vm, tap)
     return tap
 
 
 def net_down(ctx, vm) -> None:
-    """Idempotent: forget the neighbour, drop NAT, hand the TAP back to the pool."""
+    """Idempotent: forget the neighbour, remove the VM's policy (guard, egress, DNAT; its durable port
+    claims stay), hand the TAP back to the pool."""
     from banger.net import pool
 
     errors = []
-    undo = [lambda: _neighbour(ctx, vm, add=False), lambda: pool.release(ctx, vm["id"])]
-    if vm["nat"]:
-        undo.insert(1, lambda: _nat_off(ctx, vm))
-    for fn in undo:
+    for fn in (lambda: _neighbour(ctx, vm, add=False), lambda: _policy_off(ctx, vm),
+               lambda: pool.release(ctx, vm["id"])):
         try:
             fn()
         except BangerError as e:
@@ -171,10 +198,14 @@ def net_down(ctx, vm) -> None:
         raise ExternalError("; ".join(errors), "run `banger gc` to finish the clean-up")
 
 
-def _nat_off(ctx, vm):
+def _policy_off(ctx, vm):
+    from banger.host.runner import which
+
+    if which("nft") is None:  # without nftables no policy was ever applied
+        return
     from banger.net import policy
 
-    policy.disable_nat(ctx, vm)
+    policy.remove(ctx, vm["id"])
 
 
 def _neighbour(ctx, vm, *, add: bool) -> None:

@@ -127,9 +127,10 @@ def test_lifecycle_keeps_root_data_exec_status_cp_and_crash(vmenv, tmp_path):  #
     pump = _pump(vdir)
     assert procs.alive(*pump)
 
-    # ssh-config pins the injected host key
+    # ssh-config pins the injected host key (HostName: the VM's name, which resolves in this netns)
     cfg_text = env.banger("vm", "ssh-config", "life-1").stdout
-    assert "StrictHostKeyChecking yes" in cfg_text and f"HostName {v['ip']}" in cfg_text
+    assert "StrictHostKeyChecking yes" in cfg_text and "HostName life-1.banger" in cfg_text
+    assert f"HostKeyAlias {v['ip']}" in cfg_text
     kh = next(line.split()[1] for line in cfg_text.splitlines() if "UserKnownHostsFile" in line)
     assert open(kh).read().startswith(f"{v['ip']} ssh-ed25519 ")
 

@@ -73,7 +73,7 @@ def test_names_resolve_inside_a_netns_and_stop_resolving(lab):
     ns = lab.ns
     d = Path("/etc/netns") / ns.name
     created_root = not d.parent.exists()
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, exist_ok=True)  # the netns fixture makes it for the namespace's hosts file
     try:
         shutil.copyfile("/etc/hosts", d / "hosts")
         _config(ns.home, hosts_file=str(d / "hosts"), domain="vm.test")

@@ -725,6 +725,9 @@ class Vmm:
         if not line.startswith("@banger "):
             return
         parts = line.split()
+        if parts[:2] in (["@banger", "hosts"], ["@banger", "hosts+"]):
+            self.guest_hosts_line(line, parts)
+            return
         try:
             if parts[:2] != ["@banger", "net"] or len(parts) != 6:
                 raise ValueError("not a 6-field net line")
@@ -746,6 +749,34 @@ class Vmm:
         self.net_config = {"ip": str(iface), "gateway": gw, "mac": mac, "hostname": host}
         self.rec.event("guest_net", **self.net_config)
         serial_out(f"banger-init: net {iface}")
+
+    def guest_hosts_line(self, line: str, parts: list[str]):
+        """banger-init's `@banger hosts[+] DOMAIN name=ip ...`: the same strict checks, then recorded."""
+        label = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+        try:
+            if len(parts) < 3 or not re.match(rf"^{label}(?:\.{label})*$", parts[2]) or len(parts[2]) > 200:
+                raise ValueError("bad domain")
+            if parts[1] == "hosts+" and len(parts) < 4:
+                raise ValueError("a hosts+ line without names")
+            entries = []
+            for w in parts[3:]:
+                name, eq, ip = w.partition("=")
+                if not eq or not re.match(rf"^{label}$", name) or "=" in ip:
+                    raise ValueError(f"bad entry {w}")
+                if not re.match(r"^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|"
+                                r"[1-9]?[0-9])){3}$", ip):
+                    raise ValueError(f"bad address {ip}")
+                entries.append([name, ip])
+        except ValueError as e:
+            self.rec.event("guest_hosts_rejected", line=line, error=str(e))
+            serial_out("banger-init: ignored an invalid control line")
+            return
+        if parts[1] == "hosts":
+            self.guest_hosts = {"domain": parts[2], "entries": entries}
+        elif getattr(self, "guest_hosts", {}).get("domain") == parts[2]:
+            self.guest_hosts["entries"] += entries
+        self.rec.event("guest_hosts", mode=parts[1], **getattr(self, "guest_hosts", {"domain": None, "entries": []}))
+        serial_out(f"banger-init: {parts[1].replace('+', ' more')} {parts[2]}")
 
     # ---- snapshots ----
     def snapshot_create(self, cfg: dict):

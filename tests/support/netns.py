@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -33,6 +34,7 @@ from pathlib import Path
 import pytest
 
 NETNS_DIR = Path("/run/netns")
+NETNS_ETC = Path("/etc/netns")
 
 
 def create_netns(prefix: str = "bgt") -> str:
@@ -127,6 +129,7 @@ class NetNS:
     env: dict
     home: Path
     run_dir: Path
+    etc: Path | None = None  # /etc/netns/<name>: files here replace /etc/<file> inside the namespace
     _cleanups: list = field(default_factory=list)
 
     # ---- running things inside ----
@@ -220,9 +223,16 @@ def netns(banger_env):
         pytest.fail("network namespace tests need root (the integration tier runs as root)")
     name = create_netns()
     env = dict(banger_env["env"])
-    ns = NetNS(name=name, env=env, home=banger_env["home"], run_dir=banger_env["run"])
+    # `ip netns exec` bind-mounts /etc/netns/<ns>/* over /etc/*: VM names that banger writes there are
+    # what the namespace's resolver sees as /etc/hosts (the real /etc/hosts is never touched)
+    etc = NETNS_ETC / name
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+    env["BANGER_HOSTS_FILE"] = str(etc / "hosts")
+    ns = NetNS(name=name, env=env, home=banger_env["home"], run_dir=banger_env["run"], etc=etc)
     try:
         yield ns
     finally:
         delete_netns(name)
+        shutil.rmtree(etc, ignore_errors=True)
         assert not netns_exists(name)

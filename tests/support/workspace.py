@@ -125,7 +125,8 @@ def ws_vm(default_image, default_kernel):  # noqa: F811
     home = Path(tempfile.mkdtemp(prefix="ws-home-", dir="/var/tmp"))
     run = Path(tempfile.mkdtemp(prefix="bgw-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("BANGER_")}
-    env.update({"BANGER_HOME": str(home), "BANGER_RUN": str(run), **GIT_ENV})
+    env.update({"BANGER_HOME": str(home), "BANGER_RUN": str(run), "BANGER_HOSTS_FILE": str(home / "hosts"),
+                **GIT_ENV})
     name = create_netns("bgw")
     ns = NetNS(name=name, env=env, home=home, run_dir=run)
     try:
