@@ -341,6 +341,35 @@ static void populate_src(Server *s, uint64_t off, uint64_t len)
         s->no_populate = 1;
 }
 
+/* UFFDIO_COPY/ZEROPAGE said ENOENT: no VMA registered with this userfaultfd covers [dst, +len).
+ * (A VMM whose memory is gone gives ESRCH.) If the VMM has exited or hung up meanwhile, that is
+ * the reason (2). A VMM still there announced a region in the handshake that it never registered
+ * (or unregistered it): its faults there would never reach us and it would read zeros where its
+ * memory should be. That is a fatal handshake error (END_ERROR with errno ENOENT; the caller kills
+ * the VMM). */
+static int unregistered(Server *s, uint64_t dst, uint64_t len, const char *who)
+{
+    struct pollfd p[2] = {{.fd = s->pid_fd, .events = POLLIN}, {.fd = s->conn_fd, .events = POLLIN | POLLRDHUP}};
+    if (s->pid_fd < 0 && s->conn_fd < 0)
+        return 2; /* nothing to tell by: assume it went away */
+    uint64_t deadline = now_ns() + 100000000ull; /* a VMM in the middle of exiting: let it finish */
+    for (;;) {
+        int n = poll(p, 2, 10);
+        if (n > 0) {
+            if (p[0].revents)
+                return 2;
+            if (p[1].revents & (POLLHUP | POLLRDHUP | POLLERR | POLLNVAL))
+                return 2;
+            p[1].events = POLLRDHUP; /* data on the connection is not a hang-up: stop polling for it */
+        }
+        if (now_ns() >= deadline)
+            break;
+    }
+    return fail(s, ENOENT, "%s could not install guest memory at 0x%llx (+%llu bytes): the VMM announced it in "
+                "the handshake but it is not registered with the userfaultfd it sent", who,
+                (unsigned long long)dst, (unsigned long long)len);
+}
+
 /* 0 = done, 1 = EAGAIN (try later), 2 = the VMM's memory is gone, END_ERROR = failure.
  * *fp_out gets the faulting memory-file page, *done_out the pages installed from it on. */
 static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry, uint64_t *fp_out, uint64_t *done_out)
@@ -431,8 +460,10 @@ static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry, uint
             struct uffdio_range w = {.start = addr, .len = s->page_size};
             if (ioctl(s->uffd, UFFDIO_WAKE, &w) == 0)
                 ADD(s, ST_WAKES, 1);
-        } else if (e == ESRCH || e == ENOENT) {
+        } else if (e == ESRCH) {
             return 2;
+        } else if (e == ENOENT) {
+            return unregistered(s, addr, (1 + extra) << s->page_shift, "a fault");
         } else {
             return fail(s, e, "%s of page 0x%llx (file offset %llu) failed: %s",
                         zero ? "zero fill" : "UFFDIO_COPY", (unsigned long long)addr,
@@ -702,8 +733,10 @@ static int copy_pages(Server *s, uint64_t fp, uint64_t lim, int planned, uint64_
         *done_out = 1;
         return 0;
     }
-    if (e == ESRCH || e == ENOENT)
+    if (e == ESRCH)
         return 2;
+    if (e == ENOENT)
+        return unregistered(s, dst, n << s->page_shift, "the prefetch");
     return fail(s, e, "prefetch UFFDIO_COPY of %llu pages at file offset %llu failed: %s",
                 (unsigned long long)n, (unsigned long long)off, strerror(e));
 }

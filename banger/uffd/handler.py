@@ -16,6 +16,7 @@ A stats JSON (--stats) is written atomically on every exit path.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import socket
@@ -122,8 +123,12 @@ class Handler:
         if p.pid in _ancestors():
             _log(f"not killing peer pid {p.pid}: it is an ancestor of this handler, not a VMM ({why})")
             return
+        if p.pidfd < 0:
+            _log(f"could not kill the VMM (pid {p.pid}): no pidfd for it ({why})")
+            return
         try:
-            os.kill(p.pid, signal.SIGKILL)
+            # through the pidfd taken at accept: never a process that reused the pid
+            signal.pidfd_send_signal(p.pidfd, signal.SIGKILL)
             self.stats["peer_killed"] = True
             _log(f"killed the VMM (pid {p.pid}): {why}")
         except ProcessLookupError:
@@ -227,6 +232,8 @@ class Handler:
                     self._advise(mem_fd, log_plan, log_page_size)
 
         self.conn, self.peer = hs.accept(self.listener, a.connect_timeout)
+        if self.peer.pidfd >= 0:
+            self.fds.append(self.peer.pidfd)
         t_conn = time.monotonic_ns()
         self.stats["connected_ms"] = self._ms(t_conn)
         self.stats["peer"] = {"pid": self.peer.pid, "uid": self.peer.uid, "gid": self.peer.gid}
@@ -270,13 +277,7 @@ class Handler:
             plan = policy.fill_plan(regions, page_size)
             self.stats.update(mode="fill", plan_pages=policy.plan_pages(plan))
 
-        pid_fd = -1
-        try:
-            pid_fd = os.pidfd_open(self.peer.pid) if self.peer.pid > 0 else -1
-        except OSError:
-            pid_fd = -1
-        if pid_fd >= 0:
-            self.fds.append(pid_fd)
+        pid_fd = self.peer.pidfd  # the loop ends when it fires (the VMM exited)
 
         try:
             server = _uffd.Server(uffd, mem_fd, [(r.base, r.size, r.offset) for r in regions], page_size,
@@ -341,6 +342,10 @@ class Handler:
             self._refresh_log(server, page_size, mem_size, "vmm_exit")
         if "error" in outcome:
             e = outcome["error"]
+            if isinstance(e, OSError) and e.errno == errno.ENOENT:
+                raise hs.HandshakeError(f"{e.strerror}; its guest would read zeros there",
+                                        "the VMM was stopped: its UFFD handshake names memory it did not "
+                                        "register with the userfaultfd; check the Firecracker version") from None
             raise hs.HandlerFailed(f"serving page faults failed: {e}",
                                    "the VMM was stopped because its guest would freeze; check the memory file "
                                    "and the handler log") from None

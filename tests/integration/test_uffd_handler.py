@@ -8,6 +8,7 @@ byte with the memory file.
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import random
@@ -147,13 +148,14 @@ class PeerProc:
     """A fake VMM in its own process (so the handler may kill it)."""
 
     def __init__(self, sock: Path, sizes, *, bad: str | None = None, then: str = "hold", page_size=PS,
-                 mem_file=None):
+                 mem_file=None, extra=()):
         argv = [sys.executable, "-m", "tests.support.uffd_peer", "--socket", str(sock),
                 "--regions", ",".join(str(s) for s in sizes), "--page-size", str(page_size), "--then", then]
         if bad:
             argv += ["--bad", bad]
         if mem_file:
             argv += ["--mem-file", str(mem_file)]
+        argv += list(extra)
         self.p = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.lines: list[str] = []
 
@@ -593,6 +595,29 @@ def test_handler_failure_after_handshake_kills_the_vmm(udir, start, peer_procs):
     st = h.stats()
     assert st["error"]["code"] == "uffd_failed" and "UFFDIO_COPY" in st["error"]["message"]
     assert st["peer_killed"] is True
+
+
+@pytest.mark.parametrize("prefetch, log", [(True, False), (True, True)])
+def test_unregistered_regions_are_a_fatal_handshake_error(udir, start, peer_procs, prefetch, log):
+    """A VMM that announces regions it never registered: the first copy there fails (ENOENT). That
+    is not "the VMM went away": its guest would read zeros. The handler kills it, exits non-zero and
+    says why (in its stats and its log)."""
+    sizes = [1 * MB, 1 * MB]
+    mem, _ = memfile(udir, sum(sizes))
+    access_log = None
+    if log:  # a replayed log: the plan's first copy hits the unregistered memory
+        access_log = udir / "mem.access"
+        policy.write_log(access_log, array.array("I", [3, 4, 5, 300]), PS, sum(sizes))
+    h = start(mem, prefetch=prefetch, access_log=access_log)
+    pp = peer_procs(h.sock, sizes, extra=["--no-register"])
+    pp.expect("HANDSHAKE")
+    assert pp.wait() == -signal.SIGKILL, "the handler left a VMM running whose memory it cannot serve"
+    assert h.wait() == 8  # ExternalError, not 0 ("VMM went away")
+    st = h.stats()
+    assert st["error"]["code"] == "uffd_handshake", st["error"]
+    assert "not registered" in st["error"]["message"] and st["error"]["hint"]
+    assert st["peer_killed"] is True
+    assert "not registered" in h.log() and "killed the VMM" in h.log()
 
 
 def test_terminated_handler_takes_the_vmm_down(udir, start, peer_procs):

@@ -112,7 +112,9 @@ def make_mem_file(path: Path | str, size: int, seed: int = 1) -> bytes:
 class UffdPeer:
     """One fake VMM: regions of anonymous memory registered with a fresh userfaultfd."""
 
-    def __init__(self, region_sizes: list[int], page_size: int = PAGE_4K):
+    def __init__(self, region_sizes: list[int], page_size: int = PAGE_4K, *, register: bool = True):
+        """``register=False``: announce the regions in the handshake but never UFFDIO_REGISTER them
+        (a broken VMM: its memory reads zeros instead of faulting to the handler)."""
         if page_size not in (PAGE_4K, PAGE_2M):
             raise ValueError("page_size must be 4096 or 2097152")
         self.page_size = page_size
@@ -139,6 +141,8 @@ class UffdPeer:
                 raise _oserror("UFFDIO_API")
             self.features = api.features
             for base, size in zip(self.bases, self.region_sizes, strict=False):
+                if not register:
+                    break
                 reg = _UffdioRegister(base, size, UFFDIO_REGISTER_MODE_MISSING, 0)
                 if _libc.ioctl(self.uffd, UFFDIO_REGISTER, ctypes.byref(reg)) < 0:
                     raise _oserror("UFFDIO_REGISTER")
@@ -390,12 +394,13 @@ def _script(argv=None) -> int:
     ap.add_argument("--regions", required=True, help="comma-separated region sizes in bytes")
     ap.add_argument("--page-size", type=int, default=PAGE_4K)
     ap.add_argument("--bad", choices=UffdPeer.BAD_KINDS, help="send this malformed handshake instead")
+    ap.add_argument("--no-register", action="store_true", help="announce the regions but never register them")
     ap.add_argument("--mem-file", help="compare every touched byte with this file")
     ap.add_argument("--then", choices=("hold", "touch_all", "touch_first", "stdin"), default="hold",
                     help="after the handshake: hold the connection, touch every page, touch one page, or "
                          "obey stdin lines 'read REGION OFFSET LENGTH' (answers 'DATA <sha256>') / 'quit'")
     args = ap.parse_args(argv)
-    peer = UffdPeer([int(x) for x in args.regions.split(",")], args.page_size)
+    peer = UffdPeer([int(x) for x in args.regions.split(",")], args.page_size, register=not args.no_register)
     try:
         if args.bad:
             peer.bad_handshake(args.socket, args.bad)
