@@ -8,6 +8,12 @@ PAGE_2M: int
 def probe() -> tuple[bool, str]:
     """Create a userfaultfd and negotiate its API (with EVENT_REMOVE); raises OSError if unavailable."""
 
+def cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
+    """(eax, ebx, ecx, edx) of CPUID ``leaf``/``subleaf`` on this CPU; OSError off x86."""
+
+def tsc_rate_khz(window_us: int = 2000) -> int:
+    """The TSC rate in kHz, measured against CLOCK_MONOTONIC_RAW over ``window_us``; OSError off x86."""
+
 class Server:
     """The page-fault serving loop over a userfaultfd handed over by the VMM.
 
