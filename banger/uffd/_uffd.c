@@ -279,6 +279,7 @@ enum {
     ST_HOT_PAGES,       /* prefetch pages copied along the plan from where the guest faulted */
     ST_HOLE_PAGES,      /* pages in holes of a sparse memory file, installed as zero pages */
     ST_STREAMS,         /* cursors started at a fault inside the plan */
+    ST_SERVE_CPU_NS,    /* CPU time of the serving thread (user + system), at the end of run() */
     ST_COUNT
 };
 
@@ -286,7 +287,7 @@ static const char *stat_names[ST_COUNT] = {
     "faults", "fault_pages", "zero_pages", "prefetch_pages", "prefetch_batches", "prefetch_skipped",
     "removes", "removed_pages", "eagain", "eagain_retries", "eexist", "wakes", "recorded",
     "service_ns", "service_max_ns", "prefetch_ns", "first_fault_ns", "last_fault_ns", "plan_done_ns",
-    "unknown_events", "hot_pages", "hole_pages", "streams",
+    "unknown_events", "hot_pages", "hole_pages", "streams", "serve_cpu_ns",
 };
 
 typedef struct {
@@ -306,6 +307,7 @@ typedef struct {
     uint64_t fault_around; /* planned pages copied along with a faulting one */
     uint64_t busy_batch_pages; /* batch size while faults are arriving */
     int no_populate;
+    int prefetch_wake; /* prefetch copies wake waiters in their range (else MODE_DONTWAKE) */
 
     /* prefetch plan: pairs (file_page, npages), in the order the guest is expected to touch them */
     uint64_t *plan;
@@ -766,7 +768,8 @@ static int copy_pages(Server *s, uint64_t fp, uint64_t lim, int planned, uint64_
     int rc;
     long long result;
     if (hole) {
-        struct uffdio_zeropage z = {.range = {.start = dst, .len = n << s->page_shift}, .mode = 0};
+        struct uffdio_zeropage z = {.range = {.start = dst, .len = n << s->page_shift},
+                                    .mode = s->prefetch_wake ? 0 : UFFDIO_ZEROPAGE_MODE_DONTWAKE};
         rc = ioctl(s->uffd, UFFDIO_ZEROPAGE, &z);
         result = z.zeropage;
     } else {
@@ -774,7 +777,7 @@ static int copy_pages(Server *s, uint64_t fp, uint64_t lim, int planned, uint64_
             .dst = dst,
             .src = (uint64_t)(uintptr_t)(s->map + off),
             .len = n << s->page_shift,
-            .mode = 0,
+            .mode = s->prefetch_wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE,
         };
         populate_src(s, off, n << s->page_shift);
         rc = ioctl(s->uffd, UFFDIO_COPY, &c);
@@ -1030,17 +1033,19 @@ static int cmp_off(const void *a, const void *b)
 static int Server_init(Server *s, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"uffd", "mem_fd", "regions", "page_size", "conn_fd", "pid_fd", "record",
-                             "batch_pages", "fault_around", "busy_batch_pages", NULL};
-    int uffd, mem_fd, conn_fd = -1, pid_fd = -1, record = 0;
+                             "batch_pages", "fault_around", "busy_batch_pages", "prefetch_wake", "populate", NULL};
+    int uffd, mem_fd, conn_fd = -1, pid_fd = -1, record = 0, prefetch_wake = 0, populate = 1;
     PyObject *regions;
     unsigned long long page_size, batch = 256, around = 16, busy = 64;
     if (s->regions) {
         PyErr_SetString(PyExc_RuntimeError, "Server is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiOK|$iiiKKK", kwlist, &uffd, &mem_fd, &regions, &page_size,
-                                     &conn_fd, &pid_fd, &record, &batch, &around, &busy))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiOK|$iiiKKKpp", kwlist, &uffd, &mem_fd, &regions, &page_size,
+                                     &conn_fd, &pid_fd, &record, &batch, &around, &busy, &prefetch_wake, &populate))
         return -1;
+    s->prefetch_wake = prefetch_wake;
+    s->no_populate = !populate;
     if (page_size != 4096 && page_size != 2097152) {
         PyErr_Format(PyExc_ValueError, "page size %llu is not supported (4096 or 2097152)", page_size);
         return -1;
@@ -1159,6 +1164,9 @@ static PyObject *Server_run(Server *s, PyObject *noargs)
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = serve_loop(s);
+    struct timespec cpu;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu) == 0)
+        STORE(s->st[ST_SERVE_CPU_NS], (uint64_t)cpu.tv_sec * 1000000000ull + (uint64_t)cpu.tv_nsec);
     Py_END_ALLOW_THREADS
     STORE(s->running, 0);
     switch (rc) {

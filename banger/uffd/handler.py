@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--settle-intervals", type=int, default=8,
                     help="recording: this many quiet intervals in a row settle it")
     ap.add_argument("--no-fill", action="store_true", help="no sequential background fill")
+    ap.add_argument("--prefetch-wake", action="store_true",
+                    help="prefetch copies wake the faults waiting in their range (default: no wake-up; such a "
+                         "fault is answered when it is read)")
+    ap.add_argument("--no-populate", action="store_true",
+                    help="do not map source pages (MADV_POPULATE_READ) before a multi-page copy")
     ap.add_argument("--plan-order", choices=("touch", "chunked"), default="touch",
                     help="replay plan: runs in first-touch order (touch) or sorted within growing chunks")
     ap.add_argument("--refresh-min-pages", type=int, default=64,
@@ -284,7 +289,8 @@ class Handler:
                                   conn_fd=self.conn.fileno(), pid_fd=pid_fd, record=record,
                                   batch_pages=max(1, a.batch_bytes // page_size),
                                   busy_batch_pages=max(1, a.busy_batch_bytes // page_size),
-                                  fault_around=a.fault_around_bytes // page_size)
+                                  fault_around=a.fault_around_bytes // page_size,
+                                  prefetch_wake=a.prefetch_wake, populate=not a.no_populate)
         except (ValueError, OSError) as e:
             raise hs.HandlerFailed(f"cannot serve this memory layout: {e}",
                                    "the snapshot's memory file does not match its regions; re-create it") from None
@@ -408,6 +414,7 @@ class Handler:
         out["service_max_us"] = round(s["service_max_ns"] / 1e3, 1)
         out["service_mean_us"] = round(s["service_ns"] / 1e3 / max(1, s["fault_pages"] + s["zero_pages"]), 2)
         out["prefetch_ms"] = round(s["prefetch_ns"] / 1e6, 3)
+        out["serve_cpu_ms"] = round(s["serve_cpu_ns"] / 1e6, 3)
         out["pages_copied"] = s["fault_pages"] + s["prefetch_pages"] + s["zero_pages"]
         return out
 
