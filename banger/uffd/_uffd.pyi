@@ -30,8 +30,12 @@ class Server:
         *,
         conn_fd: int = -1,
         pid_fd: int = -1,
-        record: bool = False,
+        record: int = 0,
         batch_pages: int = 256,
+        fault_around: int = 16,
+        busy_batch_pages: int = 64,
+        copy_threads: int = 1,
+        copier_batch_pages: int = 32,
     ) -> None: ...
     def run(self) -> str:
         """Serve until 'peer_closed' | 'peer_exited' | 'stopped' (GIL released); OSError on failure."""

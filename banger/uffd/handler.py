@@ -6,7 +6,8 @@ Lifecycle:
     (a bad one: close the connection, kill the peer if it is the VMM);
  3. serve faults in the C loop (GIL released) on a thread while this thread
     runs the policy: record first touches until the fault rate settles, then
-    write the access log and fill the rest sequentially; or replay a log;
+    write the access log and fill the rest sequentially; or replay a log
+    (on a host with more than one CPU a second C thread copies the plan too);
  4. exit 0 when the VMM goes away (connection hang-up or its pid exits);
     on any failure after the handshake (or SIGTERM/SIGINT/SIGHUP) SIGKILL the
     VMM, because a guest whose handler is gone freezes forever.
@@ -77,11 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--settle-intervals", type=int, default=8,
                     help="recording: this many quiet intervals in a row settle it")
     ap.add_argument("--no-fill", action="store_true", help="no sequential background fill")
-    ap.add_argument("--prefetch-wake", action="store_true",
-                    help="prefetch copies wake the faults waiting in their range (default: no wake-up; such a "
-                         "fault is answered when it is read)")
-    ap.add_argument("--no-populate", action="store_true",
-                    help="do not map source pages (MADV_POPULATE_READ) before a multi-page copy")
+    ap.add_argument("--copy-threads", type=int, choices=(1, 2), default=None,
+                    help="threads copying the prefetch plan (default: 2 on a host with more than one CPU)")
+    ap.add_argument("--copier-batch-bytes", type=int, default=128 << 10,
+                    help="largest copy of the second copy thread (what an event read may wait behind)")
     ap.add_argument("--plan-order", choices=("touch", "chunked"), default="touch",
                     help="replay plan: runs in first-touch order (touch) or sorted within growing chunks")
     ap.add_argument("--refresh-min-pages", type=int, default=64,
@@ -290,7 +290,8 @@ class Handler:
                                   batch_pages=max(1, a.batch_bytes // page_size),
                                   busy_batch_pages=max(1, a.busy_batch_bytes // page_size),
                                   fault_around=a.fault_around_bytes // page_size,
-                                  prefetch_wake=a.prefetch_wake, populate=not a.no_populate)
+                                  copy_threads=a.copy_threads or (2 if (os.cpu_count() or 1) > 1 else 1),
+                                  copier_batch_pages=max(1, a.copier_batch_bytes // page_size))
         except (ValueError, OSError) as e:
             raise hs.HandlerFailed(f"cannot serve this memory layout: {e}",
                                    "the snapshot's memory file does not match its regions; re-create it") from None
@@ -415,6 +416,8 @@ class Handler:
         out["service_mean_us"] = round(s["service_ns"] / 1e3 / max(1, s["fault_pages"] + s["zero_pages"]), 2)
         out["prefetch_ms"] = round(s["prefetch_ns"] / 1e6, 3)
         out["serve_cpu_ms"] = round(s["serve_cpu_ns"] / 1e6, 3)
+        out["copier_cpu_ms"] = round(s["copier_cpu_ns"] / 1e6, 3)
+        out["ev_wait_ms"] = round(s["ev_wait_ns"] / 1e6, 3)
         out["pages_copied"] = s["fault_pages"] + s["prefetch_pages"] + s["zero_pages"]
         return out
 

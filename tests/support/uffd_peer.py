@@ -63,6 +63,7 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
 _libc.memchr.restype = ctypes.c_void_p
 _libc.memchr.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 
@@ -306,6 +307,14 @@ class UffdPeer:
             raise TimeoutError(f"touching {len(pages)} pages did not finish within {timeout}s (handler stuck?)")
         if errors:
             raise errors[0]
+
+    def resident(self, region_index: int) -> bytes:
+        """mincore() of the region: one byte per page, bit 0 set where a page is in (served)."""
+        size = self.region_sizes[region_index]
+        vec = ctypes.create_string_buffer(size // PAGE_4K)
+        if _libc.mincore(ctypes.c_void_p(self.bases[region_index]), size, vec) != 0:
+            raise _oserror("mincore")
+        return vec.raw
 
     def madvise_remove(self, region_index: int, offset: int, length: int) -> None:
         """MADV_DONTNEED: the kernel sends UFFD_EVENT_REMOVE and waits until the handler reads it."""
