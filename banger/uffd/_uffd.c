@@ -407,9 +407,11 @@ static uint64_t now_ns(void)
 }
 
 static int fail(Server *s, int err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static __thread int tl_copier; /* set in the copier thread: fail() writes its own message */
+
 static int fail(Server *s, int err, const char *fmt, ...)
 {
-    int copier = s->copier_started && pthread_equal(pthread_self(), s->copier);
+    int copier = tl_copier;
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(copier ? s->copier_msg : s->err, sizeof s->err, fmt, ap);
@@ -666,7 +668,7 @@ static long run_of(const Server *s, uint64_t fp)
 static void drop_cursor(Server *s, int k)
 {
     memmove(&s->cur[k], &s->cur[k + 1], (size_t)(s->ncur - k - 1) * sizeof s->cur[0]);
-    s->ncur--;
+    STORE(s->ncur, s->ncur - 1); /* written under cur_lock, read as a hint without it */
 }
 
 /* The guest faulted at planned page fp and pages up to next are in: it will touch what the plan
@@ -685,7 +687,7 @@ static void note_fault_locked(Server *s, uint64_t fp, uint64_t next)
         drop_cursor(s, 1); /* the oldest fault cursor; [0] covers its pages later */
     s->cur[s->ncur].pos = (size_t)r;
     s->cur[s->ncur].cur = next;
-    s->ncur++;
+    STORE(s->ncur, s->ncur + 1);
     ADD(s, ST_STREAMS, 1);
 }
 
@@ -823,7 +825,7 @@ static void take_pending_plan(Server *s)
         s->pending_plan = NULL;
         s->pending_len = 0;
         s->pending_set = 0;
-        s->ncur = s->plan_len > 0;
+        STORE(s->ncur, s->plan_len > 0);
         s->cur[0].pos = 0;
         s->cur[0].cur = s->plan_len ? s->plan[0] : 0;
         STORE(s->st[ST_PLAN_DONE_NS], 0);
@@ -900,7 +902,7 @@ static int claim_batch(Server *s, uint64_t max, claim_t *c)
             return 1;
         }
         if (k == 0) { /* the background pass is through: every planned page is in (or removed) */
-            s->ncur = 0;
+            STORE(s->ncur, 0);
             STORE(s->st[ST_PLAN_DONE_NS], now_ns());
             return 0;
         }
@@ -1025,6 +1027,7 @@ static void *copier_main(void *arg)
 {
     Server *s = arg;
     claim_t c = {0};
+    tl_copier = 1;
     for (;;) {
         if (LOAD(s->copier_stop))
             break;

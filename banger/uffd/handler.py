@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="recording: this many quiet intervals in a row settle it")
     ap.add_argument("--no-fill", action="store_true", help="no sequential background fill")
     ap.add_argument("--copy-threads", type=int, choices=(1, 2), default=None,
-                    help="threads copying the prefetch plan (default: 2 on a host with more than one CPU)")
+                    help="threads copying the prefetch plan (default: 2 when this process may run on more than one CPU)")
     ap.add_argument("--copier-batch-bytes", type=int, default=128 << 10,
                     help="largest copy of the second copy thread (what an event read may wait behind)")
     ap.add_argument("--plan-order", choices=("touch", "chunked"), default="touch",
@@ -290,7 +290,7 @@ class Handler:
                                   batch_pages=max(1, a.batch_bytes // page_size),
                                   busy_batch_pages=max(1, a.busy_batch_bytes // page_size),
                                   fault_around=a.fault_around_bytes // page_size,
-                                  copy_threads=a.copy_threads or (2 if (os.cpu_count() or 1) > 1 else 1),
+                                  copy_threads=a.copy_threads or (2 if len(os.sched_getaffinity(0)) > 1 else 1),
                                   copier_batch_pages=max(1, a.copier_batch_bytes // page_size))
         except (ValueError, OSError) as e:
             raise hs.HandlerFailed(f"cannot serve this memory layout: {e}",
