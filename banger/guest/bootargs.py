@@ -10,6 +10,9 @@ The initramfs (banger/data/initramfs-init.sh, built per kernel) reads these keys
   banger.hostname=NAME      hostname (a DNS label)
   banger.init=/sbin/banger-init   the image's init to hand over to (default /sbin/init)
 Disk order is command-line order on both backends (vda, vdb, vdc).
+QEMU (TCG guests read the host's TSC) also gets ``tsc=reliable tsc_early_khz=<the host's TSC rate>``:
+the TSC's own rate, never the CPU's current clock (hostinfo.tsc_khz lists its sources), detected once
+per process.
 """
 
 from __future__ import annotations

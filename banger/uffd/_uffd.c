@@ -11,6 +11,9 @@
  *   - UFFD_EVENT_REMOVE -> the pages in the range read back as zeros afterwards;
  *   - between faults, a prefetch plan (runs of memory-file pages) is copied in
  *     batches, but the uffd is polled between batches so faults go first;
+ *   - with copy_threads=2 a second thread (the copier) claims and copies plan
+ *     batches along the same cursors, so both cores copy while the vCPUs wait
+ *     (UFFDIO_COPY is CPU-bound: page allocation, copy, PTE install);
  *   - the loop ends when the VMM's connection hangs up, its pidfd fires, stop()
  *     is called, or something fails (then run() raises and the caller takes the
  *     VMM down).
@@ -25,6 +28,7 @@
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
@@ -37,6 +41,10 @@
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#include <x86intrin.h>
+#endif
 
 static int open_uffd(int flags)
 {
@@ -166,13 +174,88 @@ static PyObject *py_readahead(PyObject *self, PyObject *args)
     return PyLong_FromLong(advised);
 }
 
+/* cpuid(leaf, subleaf=0) -> (eax, ebx, ecx, edx), for reading the TSC rate (leaves 0x15, 0x16 and the
+ * hypervisor timing leaf 0x40000010; banger.host.hostinfo). OSError(ENOSYS) off x86. */
+static PyObject *py_cpuid(PyObject *self, PyObject *args)
+{
+    unsigned int leaf, sub = 0;
+    if (!PyArg_ParseTuple(args, "I|I", &leaf, &sub))
+        return NULL;
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned int a, b, c, d;
+    __cpuid_count(leaf, sub, a, b, c, d);
+    return Py_BuildValue("(IIII)", a, b, c, d);
+#else
+    errno = ENOSYS;
+    return PyErr_SetFromErrno(PyExc_OSError);
+#endif
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+/* One (TSC, CLOCK_MONOTONIC_RAW ns) pair: the clock read bracketed by two TSC reads, the tightest
+ * bracket of a few tries (a preempted try is wide), its TSC taken at the bracket's middle. */
+static void tsc_clock_pair(uint64_t *tsc, uint64_t *ns)
+{
+    uint64_t best = UINT64_MAX;
+    for (int i = 0; i < 16; i++) {
+        struct timespec ts;
+        _mm_lfence();
+        uint64_t a = __rdtsc();
+        _mm_lfence();
+        clock_gettime(CLOCK_MONOTONIC_RAW, &ts);
+        _mm_lfence();
+        uint64_t b = __rdtsc();
+        if (b >= a && b - a < best) {
+            best = b - a;
+            *tsc = a + (b - a) / 2;
+            *ns = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+        }
+    }
+}
+#endif
+
+/* tsc_rate_khz(window_us=2000) -> int: the TSC's rate measured against CLOCK_MONOTONIC_RAW over a
+ * sleep of window_us (each end pinned to within a few dozen ns: ~1e-5 over 2 ms). Releases the GIL.
+ * OSError(ENOSYS) off x86. */
+static PyObject *py_tsc_rate_khz(PyObject *self, PyObject *args)
+{
+    unsigned int window_us = 2000;
+    if (!PyArg_ParseTuple(args, "|I", &window_us))
+        return NULL;
+#if defined(__x86_64__) || defined(__i386__)
+    uint64_t t0 = 0, n0 = 0, t1 = 0, n1 = 0;
+    Py_BEGIN_ALLOW_THREADS
+    tsc_clock_pair(&t0, &n0);
+    struct timespec d = {.tv_sec = window_us / 1000000, .tv_nsec = (long)(window_us % 1000000) * 1000};
+    while (nanosleep(&d, &d) < 0 && errno == EINTR)
+        ;
+    tsc_clock_pair(&t1, &n1);
+    Py_END_ALLOW_THREADS
+    if (n1 <= n0 || t1 <= t0) {
+        errno = EIO;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    /* kHz = ticks per ms; (t1 - t0) * 1e6 fits in 64 bits for any window below ~hours at GHz rates */
+    return PyLong_FromUnsignedLongLong(((t1 - t0) * 1000000ull + (n1 - n0) / 2) / (n1 - n0));
+#else
+    errno = ENOSYS;
+    return PyErr_SetFromErrno(PyExc_OSError);
+#endif
+}
+
 /* ------------------------------------------------------------------------- */
 /* Server                                                                     */
 
-enum { PG_MISSING = 0, PG_PRESENT = 1, PG_REMOVED = 2, PG_STATE_MASK = 0x03, PG_HOLE = 0x20, PG_PLANNED = 0x40,
-       PG_LOGGED = 0x80 };
-#define SET_STATE(s, fp, v) ((s)->state[fp] = (uint8_t)(((s)->state[fp] & ~PG_STATE_MASK) | (v)))
-#define IS_MISSING(s, fp) (((s)->state[fp] & PG_STATE_MASK) == PG_MISSING)
+/* Page state, one byte per memory-file page. With a copier thread two threads install pages, so
+ * every change after start-up is an atomic read-modify-write of the byte (ST/SET_STATE/ST_OR).
+ * PG_BUSY: claimed by a thread that is about to copy it (others skip it). */
+enum { PG_MISSING = 0, PG_PRESENT = 1, PG_REMOVED = 2, PG_STATE_MASK = 0x03, PG_BUSY = 0x10, PG_HOLE = 0x20,
+       PG_PLANNED = 0x40, PG_LOGGED = 0x80 };
+#define ST(s, fp) __atomic_load_n(&(s)->state[fp], __ATOMIC_RELAXED)
+#define ST_OR(s, fp, v) __atomic_fetch_or(&(s)->state[fp], (uint8_t)(v), __ATOMIC_RELAXED)
+#define ST_AND(s, fp, v) __atomic_fetch_and(&(s)->state[fp], (uint8_t)(v), __ATOMIC_RELAXED)
+#define IS_MISSING(s, fp) ((ST(s, fp) & PG_STATE_MASK) == PG_MISSING)
+#define IS_FREE(s, fp) ((ST(s, fp) & (PG_STATE_MASK | PG_BUSY)) == PG_MISSING) /* missing, unclaimed */
 #define NSTREAMS 8
 
 enum { END_PEER_CLOSED = 1, END_PEER_EXITED = 2, END_STOPPED = 3, END_ERROR = -1 };
@@ -180,6 +263,12 @@ enum { END_PEER_CLOSED = 1, END_PEER_EXITED = 2, END_STOPPED = 3, END_ERROR = -1
 typedef struct {
     uint64_t base, size, file_off;
 } region_t;
+
+/* pages [fp, fp + n) claimed (PG_BUSY) by one thread for one copy; hot: along a fault's cursor */
+typedef struct {
+    uint64_t fp, n;
+    int hot, valid;
+} claim_t;
 
 /* Counters are written by the serving thread and read by anyone: relaxed atomics. */
 enum {
@@ -206,6 +295,11 @@ enum {
     ST_HOT_PAGES,       /* prefetch pages copied along the plan from where the guest faulted */
     ST_HOLE_PAGES,      /* pages in holes of a sparse memory file, installed as zero pages */
     ST_STREAMS,         /* cursors started at a fault inside the plan */
+    ST_SERVE_CPU_NS,    /* CPU time of the serving thread (user + system), at the end of run() */
+    ST_COPIER_PAGES,    /* prefetch pages installed by the copier thread */
+    ST_COPIER_BATCHES,  /* its copies */
+    ST_EV_WAIT_NS,      /* time the serving thread waited for the copier before reading an event */
+    ST_COPIER_CPU_NS,   /* CPU time of the copier thread */
     ST_COUNT
 };
 
@@ -213,7 +307,8 @@ static const char *stat_names[ST_COUNT] = {
     "faults", "fault_pages", "zero_pages", "prefetch_pages", "prefetch_batches", "prefetch_skipped",
     "removes", "removed_pages", "eagain", "eagain_retries", "eexist", "wakes", "recorded",
     "service_ns", "service_max_ns", "prefetch_ns", "first_fault_ns", "last_fault_ns", "plan_done_ns",
-    "unknown_events", "hot_pages", "hole_pages", "streams",
+    "unknown_events", "hot_pages", "hole_pages", "streams", "serve_cpu_ns",
+    "copier_pages", "copier_batches", "ev_wait_ns", "copier_cpu_ns",
 };
 
 typedef struct {
@@ -245,7 +340,28 @@ typedef struct {
         size_t pos;   /* run index */
         uint64_t cur; /* next page within that run */
     } cur[NSTREAMS];
-    int ncur;
+    int ncur;          /* under cur_lock (read without it only as a hint) */
+    claim_t claim;     /* the serving thread's current claim */
+
+    /* A second copy thread (copy_threads == 2) pulls prefetch batches from the same cursors, so
+     * both cores copy while the vCPUs wait. Locks (never held together except in
+     * take_pending_plan, in this order): ev_lock, then cur_lock.
+     *  - cur_lock: plan, by_start, cursors, claims (PG_BUSY);
+     *  - ev_lock: the serving thread holds it while it reads an event and marks a REMOVE, the
+     *    copier while it checks and copies a batch. Otherwise the copier could check a page,
+     *    the serving thread read a REMOVE of it (the guest then zaps the range and goes on)
+     *    and the copier install stale file data where the guest must read zeros. */
+    int copy_threads;
+    uint64_t copier_batch_pages;
+    pthread_mutex_t cur_lock, ev_lock;
+    pthread_cond_t cur_cond; /* cursors changed, or the copier must stop */
+    pthread_t copier;
+    int copier_started;
+    int copier_stop;  /* atomic */
+    int ev_want;      /* atomic: the serving thread waits for ev_lock (the copier yields) */
+    int copier_err;   /* atomic: the copier failed (copier_msg, copier_errno) */
+    int copier_errno;
+    char copier_msg[256];
 
     /* deferred faults (page-aligned addresses) */
     uint64_t *deferred;
@@ -268,9 +384,20 @@ typedef struct {
     int err_errno;
 } Server;
 
+/* set the state bits (and drop a claim) of page fp, keeping its other flags */
+static inline void SET_STATE(Server *s, uint64_t fp, uint8_t v)
+{
+    uint8_t old = __atomic_load_n(&s->state[fp], __ATOMIC_RELAXED), nw;
+    do
+        nw = (uint8_t)((old & ~(PG_STATE_MASK | PG_BUSY)) | v);
+    while (!__atomic_compare_exchange_n(&s->state[fp], &old, nw, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+}
+
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
 #define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
 #define ADD(s, i, n) __atomic_fetch_add(&(s)->st[i], (n), __ATOMIC_RELAXED)
+
+static void wake(Server *s);
 
 static uint64_t now_ns(void)
 {
@@ -280,13 +407,19 @@ static uint64_t now_ns(void)
 }
 
 static int fail(Server *s, int err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static __thread int tl_copier; /* set in the copier thread: fail() writes its own message */
+
 static int fail(Server *s, int err, const char *fmt, ...)
 {
+    int copier = tl_copier;
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(s->err, sizeof s->err, fmt, ap);
+    vsnprintf(copier ? s->copier_msg : s->err, sizeof s->err, fmt, ap);
     va_end(ap);
-    s->err_errno = err;
+    if (copier)
+        s->copier_errno = err;
+    else
+        s->err_errno = err;
     return END_ERROR;
 }
 
@@ -335,10 +468,39 @@ static const region_t *region_of_page(const Server *s, uint64_t fp)
  * as the copy's own error. */
 static void populate_src(Server *s, uint64_t off, uint64_t len)
 {
-    if (s->no_populate)
+    if (LOAD(s->no_populate))
         return;
     if (madvise((void *)(s->map + off), len, MADV_POPULATE_READ) < 0 && errno == EINVAL)
-        s->no_populate = 1;
+        STORE(s->no_populate, 1);
+}
+
+/* UFFDIO_COPY/ZEROPAGE said ENOENT: no VMA registered with this userfaultfd covers [dst, +len).
+ * (A VMM whose memory is gone gives ESRCH.) If the VMM has exited or hung up meanwhile, that is
+ * the reason (2). A VMM still there announced a region in the handshake that it never registered
+ * (or unregistered it): its faults there would never reach us and it would read zeros where its
+ * memory should be. That is a fatal handshake error (END_ERROR with errno ENOENT; the caller kills
+ * the VMM). */
+static int unregistered(Server *s, uint64_t dst, uint64_t len, const char *who)
+{
+    struct pollfd p[2] = {{.fd = s->pid_fd, .events = POLLIN}, {.fd = s->conn_fd, .events = POLLIN | POLLRDHUP}};
+    if (s->pid_fd < 0 && s->conn_fd < 0)
+        return 2; /* nothing to tell by: assume it went away */
+    uint64_t deadline = now_ns() + 100000000ull; /* a VMM in the middle of exiting: let it finish */
+    for (;;) {
+        int n = poll(p, 2, 10);
+        if (n > 0) {
+            if (p[0].revents)
+                return 2;
+            if (p[1].revents & (POLLHUP | POLLRDHUP | POLLERR | POLLNVAL))
+                return 2;
+            p[1].events = POLLRDHUP; /* data on the connection is not a hang-up: stop polling for it */
+        }
+        if (now_ns() >= deadline)
+            break;
+    }
+    return fail(s, ENOENT, "%s could not install guest memory at 0x%llx (+%llu bytes): the VMM announced it in "
+                "the handshake but it is not registered with the userfaultfd it sent", who,
+                (unsigned long long)dst, (unsigned long long)len);
 }
 
 /* 0 = done, 1 = EAGAIN (try later), 2 = the VMM's memory is gone, END_ERROR = failure.
@@ -351,7 +513,7 @@ static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry, uint
     uint64_t off = r->file_off + (addr - r->base);
     uint64_t fp = off >> s->page_shift;
     uint64_t rend = (r->file_off + r->size) >> s->page_shift, extra = 0;
-    uint8_t st = s->state[fp];
+    uint8_t st = ST(s, fp);
     *fp_out = fp;
     *done_out = 0;
     int zero = (st & PG_STATE_MASK) == PG_REMOVED;
@@ -373,7 +535,7 @@ static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry, uint
         }
         s->log[s->log_len++] = (uint32_t)fp;
         pthread_mutex_unlock(&s->lock);
-        s->state[fp] = st | PG_LOGGED;
+        ST_OR(s, fp, PG_LOGGED);
         ADD(s, ST_RECORDED, 1);
     }
 
@@ -386,7 +548,7 @@ static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry, uint
     if (!zero) {
         uint8_t want = PG_PLANNED | (st & PG_HOLE);
         while (extra < s->fault_around && fp + 1 + extra < rend &&
-               (s->state[fp + 1 + extra] & (PG_PLANNED | PG_STATE_MASK | PG_HOLE)) == want)
+               (ST(s, fp + 1 + extra) & (PG_PLANNED | PG_STATE_MASK | PG_HOLE | PG_BUSY)) == want)
             extra++;
     }
     if ((zero || hole) && s->page_size == 4096) {
@@ -431,8 +593,10 @@ static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry, uint
             struct uffdio_range w = {.start = addr, .len = s->page_size};
             if (ioctl(s->uffd, UFFDIO_WAKE, &w) == 0)
                 ADD(s, ST_WAKES, 1);
-        } else if (e == ESRCH || e == ENOENT) {
+        } else if (e == ESRCH) {
             return 2;
+        } else if (e == ENOENT) {
+            return unregistered(s, addr, (1 + extra) << s->page_shift, "a fault");
         } else {
             return fail(s, e, "%s of page 0x%llx (file offset %llu) failed: %s",
                         zero ? "zero fill" : "UFFDIO_COPY", (unsigned long long)addr,
@@ -485,7 +649,7 @@ static void mark_removed(Server *s, uint64_t start, uint64_t end)
 /* The plan run holding memory-file page fp, or -1. */
 static long run_of(const Server *s, uint64_t fp)
 {
-    if (!s->by_start || !(s->state[fp] & PG_PLANNED))
+    if (!s->by_start || !(ST(s, fp) & PG_PLANNED))
         return -1;
     size_t lo = 0, hi = s->plan_len; /* first entry starting after fp */
     while (lo < hi) {
@@ -504,12 +668,12 @@ static long run_of(const Server *s, uint64_t fp)
 static void drop_cursor(Server *s, int k)
 {
     memmove(&s->cur[k], &s->cur[k + 1], (size_t)(s->ncur - k - 1) * sizeof s->cur[0]);
-    s->ncur--;
+    STORE(s->ncur, s->ncur - 1); /* written under cur_lock, read as a hint without it */
 }
 
 /* The guest faulted at planned page fp and pages up to next are in: it will touch what the plan
  * holds after that next, so start a cursor there (the newest goes first). */
-static void note_fault(Server *s, uint64_t fp, uint64_t next)
+static void note_fault_locked(Server *s, uint64_t fp, uint64_t next)
 {
     if (!s->ncur) /* no plan, or all of it is done */
         return;
@@ -523,8 +687,40 @@ static void note_fault(Server *s, uint64_t fp, uint64_t next)
         drop_cursor(s, 1); /* the oldest fault cursor; [0] covers its pages later */
     s->cur[s->ncur].pos = (size_t)r;
     s->cur[s->ncur].cur = next;
-    s->ncur++;
+    STORE(s->ncur, s->ncur + 1);
     ADD(s, ST_STREAMS, 1);
+}
+
+static void note_fault(Server *s, uint64_t fp, uint64_t next)
+{
+    if (!LOAD(s->ncur))
+        return;
+    pthread_mutex_lock(&s->cur_lock);
+    note_fault_locked(s, fp, next);
+    pthread_mutex_unlock(&s->cur_lock);
+    if (s->copier_started)
+        pthread_cond_signal(&s->cur_cond); /* new work where the guest is */
+}
+
+/* The serving thread reads events only while the copier is not between checking and copying a
+ * batch (see ev_lock). The copier yields while ev_want is set. */
+static void ev_lock(Server *s)
+{
+    if (!s->copier_started)
+        return;
+    if (pthread_mutex_trylock(&s->ev_lock) == 0)
+        return;
+    uint64_t t = now_ns();
+    STORE(s->ev_want, 1);
+    pthread_mutex_lock(&s->ev_lock);
+    STORE(s->ev_want, 0);
+    ADD(s, ST_EV_WAIT_NS, now_ns() - t);
+}
+
+static void ev_unlock(Server *s)
+{
+    if (s->copier_started)
+        pthread_mutex_unlock(&s->ev_lock);
 }
 
 /* Read events until EAGAIN (or max_faults page faults: *more = 1), one 32-byte record per
@@ -539,13 +735,20 @@ static int drain(Server *s, int max_faults, int *more)
             return 0;
         }
         struct uffd_msg msg;
+        ev_lock(s);
         ssize_t n = read(s->uffd, &msg, sizeof msg);
+        int e = errno;
+        if (n == sizeof msg && msg.event == UFFD_EVENT_REMOVE) {
+            ADD(s, ST_REMOVES, 1);
+            mark_removed(s, msg.arg.remove.start, msg.arg.remove.end);
+        }
+        ev_unlock(s);
         if (n < 0) {
-            if (errno == EINTR)
+            if (e == EINTR)
                 continue;
-            if (errno == EAGAIN)
+            if (e == EAGAIN)
                 return 0;
-            return fail(s, errno, "reading the userfaultfd failed: %s", strerror(errno));
+            return fail(s, e, "reading the userfaultfd failed: %s", strerror(e));
         }
         if (n != sizeof msg)
             return fail(s, EIO, "short read from the userfaultfd (%zd bytes)", n);
@@ -568,8 +771,7 @@ static int drain(Server *s, int max_faults, int *more)
                 note_fault(s, fp, fp + done);
             }
         } else if (msg.event == UFFD_EVENT_REMOVE) {
-            ADD(s, ST_REMOVES, 1);
-            mark_removed(s, msg.arg.remove.start, msg.arg.remove.end);
+            /* marked above, under ev_lock */
         } else {
             ADD(s, ST_UNKNOWN_EVENTS, 1);
         }
@@ -601,8 +803,19 @@ static int cmp_u64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* A new plan (set_plan) replaces the old one. The copier is held off meanwhile (both locks), so
+ * the state bytes can be rewritten without atomics. */
 static void take_pending_plan(Server *s)
 {
+    pthread_mutex_lock(&s->lock);
+    int set = s->pending_set;
+    pthread_mutex_unlock(&s->lock);
+    if (!set)
+        return;
+    if (s->copier_started) {
+        pthread_mutex_lock(&s->ev_lock);
+        pthread_mutex_lock(&s->cur_lock);
+    }
     pthread_mutex_lock(&s->lock);
     if (s->pending_set) {
         free(s->plan);
@@ -612,7 +825,7 @@ static void take_pending_plan(Server *s)
         s->pending_plan = NULL;
         s->pending_len = 0;
         s->pending_set = 0;
-        s->ncur = s->plan_len > 0;
+        STORE(s->ncur, s->plan_len > 0);
         s->cur[0].pos = 0;
         s->cur[0].cur = s->plan_len ? s->plan[0] : 0;
         STORE(s->st[ST_PLAN_DONE_NS], 0);
@@ -634,30 +847,102 @@ static void take_pending_plan(Server *s)
         }
     }
     pthread_mutex_unlock(&s->lock);
+    if (s->copier_started) {
+        pthread_cond_broadcast(&s->cur_cond);
+        pthread_mutex_unlock(&s->cur_lock);
+        pthread_mutex_unlock(&s->ev_lock);
+    }
 }
 
-/* Copy up to max contiguous missing pages starting at memory-file page fp, not past
- * page lim (exclusive) nor the end of fp's region; with `planned`, only pages the plan holds.
- * *done gets the number of pages installed (or skipped as already there).
- * Returns 0, 1 (EAGAIN), 2 (VMM gone) or END_ERROR. */
-static int copy_pages(Server *s, uint64_t fp, uint64_t lim, int planned, uint64_t max, uint64_t *done_out)
+/* Under cur_lock: claim up to max contiguous free pages (missing, unclaimed, of one kind: file data
+ * or hole, in one region) along the newest cursor (the guest will touch them next), advancing it.
+ * Cursors that reach the end of the plan go; the background one [0] reaching it means the plan is
+ * done. Returns 1 with *c filled, 0 when there is nothing to claim. */
+static int claim_batch(Server *s, uint64_t max, claim_t *c)
+{
+    while (s->ncur) {
+        int k = s->ncur - 1;
+        size_t pos = s->cur[k].pos;
+        uint64_t fp = s->cur[k].cur;
+        while (pos < s->plan_len) {
+            uint64_t start = s->plan[2 * pos], end = start + s->plan[2 * pos + 1];
+            if (end > s->npages)
+                end = s->npages;
+            if (fp < start)
+                fp = start;
+            while (fp < end && !IS_FREE(s, fp)) {
+                fp++;
+                ADD(s, ST_PREFETCH_SKIPPED, 1);
+            }
+            if (fp >= end) {
+                if (++pos < s->plan_len)
+                    fp = s->plan[2 * pos];
+                continue;
+            }
+            const region_t *r = region_of_page(s, fp);
+            if (!r) { /* a file page no region maps: nothing to install */
+                fp++;
+                continue;
+            }
+            uint64_t rend = (r->file_off + r->size) >> s->page_shift, lim = end < rend ? end : rend;
+            uint8_t hole = ST(s, fp) & PG_HOLE; /* a run of hole pages goes in as zero pages */
+            uint64_t n = 1;
+            while (fp + n < lim && n < max && IS_FREE(s, fp + n) && (ST(s, fp + n) & PG_HOLE) == hole)
+                n++;
+            for (uint64_t i = 0; i < n; i++)
+                ST_OR(s, fp + i, PG_BUSY);
+            s->cur[k].pos = pos;
+            s->cur[k].cur = fp + n;
+            for (int j = k - 1; j >= 1; j--) /* an older cursor this one caught up with */
+                if (s->cur[j].pos == pos) {
+                    drop_cursor(s, j);
+                    k--;
+                }
+            *c = (claim_t){.fp = fp, .n = n, .hot = k > 0, .valid = 1};
+            return 1;
+        }
+        if (k == 0) { /* the background pass is through: every planned page is in (or removed) */
+            STORE(s->ncur, 0);
+            STORE(s->st[ST_PLAN_DONE_NS], now_ns());
+            return 0;
+        }
+        drop_cursor(s, k);
+    }
+    return 0;
+}
+
+/* Give back what is left of a claim (under cur_lock, or by its only user at the end). */
+static void release_claim(Server *s, claim_t *c)
+{
+    for (uint64_t i = 0; c->valid && i < c->n; i++)
+        ST_AND(s, c->fp + i, (uint8_t)~PG_BUSY);
+    c->valid = 0;
+}
+
+/* Copy the front of claim c: its leading missing pages in one UFFDIO_COPY (or ZEROPAGE for a
+ * hole). Pages done, or found no longer missing (a fault or a REMOVE got there), leave the claim
+ * from the front. Returns 0, 1 (EAGAIN: the claim stays, try again later), 2 (VMM gone) or
+ * END_ERROR; *done_out gets the pages installed. */
+static int copy_claimed(Server *s, claim_t *c, uint64_t *done_out)
 {
     *done_out = 0;
-    const region_t *r = region_of_page(s, fp);
-    if (!r) { /* a file page no region maps: nothing to install */
-        *done_out = 1;
+    while (c->n && !IS_MISSING(s, c->fp)) {
+        ST_AND(s, c->fp, (uint8_t)~PG_BUSY);
+        c->fp++;
+        c->n--;
+        ADD(s, ST_PREFETCH_SKIPPED, 1);
+    }
+    if (!c->n) {
+        c->valid = 0;
         return 0;
     }
-    uint64_t rend = (r->file_off + r->size) >> s->page_shift;
-    if (rend < lim)
-        lim = rend;
-    uint8_t hole = s->state[fp] & PG_HOLE; /* a run of hole pages goes in as zero pages */
-    uint64_t n = 1;
-    while (fp + n < lim && n < max && IS_MISSING(s, fp + n) && (s->state[fp + n] & PG_HOLE) == hole &&
-           (!planned || (s->state[fp + n] & PG_PLANNED)))
+    uint64_t fp = c->fp, n = 1;
+    while (n < c->n && IS_MISSING(s, fp + n))
         n++;
+    const region_t *r = region_of_page(s, fp); /* claims never hold unmapped pages */
     uint64_t off = fp << s->page_shift;
     uint64_t dst = r->base + (off - r->file_off);
+    int hole = ST(s, fp) & PG_HOLE;
     uint64_t t0 = now_ns();
     int rc;
     long long result;
@@ -666,15 +951,15 @@ static int copy_pages(Server *s, uint64_t fp, uint64_t lim, int planned, uint64_
         rc = ioctl(s->uffd, UFFDIO_ZEROPAGE, &z);
         result = z.zeropage;
     } else {
-        struct uffdio_copy c = {
+        struct uffdio_copy c2 = {
             .dst = dst,
             .src = (uint64_t)(uintptr_t)(s->map + off),
             .len = n << s->page_shift,
             .mode = 0,
         };
         populate_src(s, off, n << s->page_shift);
-        rc = ioctl(s->uffd, UFFDIO_COPY, &c);
-        result = c.copy;
+        rc = ioctl(s->uffd, UFFDIO_COPY, &c2);
+        result = c2.copy;
     }
     int e = errno;
     ADD(s, ST_PREFETCH_NS, now_ns() - t0);
@@ -690,82 +975,119 @@ static int copy_pages(Server *s, uint64_t fp, uint64_t lim, int planned, uint64_
     if (hole)
         ADD(s, ST_HOLE_PAGES, done);
     *done_out = done;
-    if (rc == 0 || result > 0)
+    c->fp += done;
+    c->n -= done;
+    if (rc == 0 || result > 0) {
+        c->valid = c->n > 0;
         return 0;
+    }
     if (e == EAGAIN) {
         ADD(s, ST_EAGAIN, 1);
         return 1;
     }
     if (e == EEXIST) {
-        SET_STATE(s, fp, PG_PRESENT);
+        SET_STATE(s, c->fp, PG_PRESENT);
         ADD(s, ST_EEXIST, 1);
-        *done_out = 1;
+        c->fp++;
+        c->n--;
+        c->valid = c->n > 0;
         return 0;
     }
-    if (e == ESRCH || e == ENOENT)
+    if (e == ESRCH)
         return 2;
+    if (e == ENOENT)
+        return unregistered(s, dst, n << s->page_shift, "the prefetch");
     return fail(s, e, "prefetch UFFDIO_COPY of %llu pages at file offset %llu failed: %s",
                 (unsigned long long)n, (unsigned long long)off, strerror(e));
 }
 
-/* One batch along the plan for cursor k: up to max contiguous missing pages of its current run,
- * skipping pages already there. Returns 0, 1 (EAGAIN: the cursor stays), 2 (VMM gone), 3 (the
- * cursor reached the end of the plan) or END_ERROR. */
-static int cursor_batch(Server *s, int k, uint64_t max)
-{
-    size_t pos = s->cur[k].pos;
-    uint64_t fp = s->cur[k].cur;
-    while (pos < s->plan_len) {
-        uint64_t start = s->plan[2 * pos], end = start + s->plan[2 * pos + 1];
-        if (end > s->npages)
-            end = s->npages;
-        if (fp < start)
-            fp = start;
-        while (fp < end && !IS_MISSING(s, fp)) {
-            fp++;
-            ADD(s, ST_PREFETCH_SKIPPED, 1);
-        }
-        if (fp >= end) {
-            if (++pos < s->plan_len)
-                fp = s->plan[2 * pos];
-            continue;
-        }
-        uint64_t done;
-        int rc = copy_pages(s, fp, end, 0, max, &done);
-        s->cur[k].pos = pos;
-        s->cur[k].cur = fp + done;
-        if (k)
-            ADD(s, ST_HOT_PAGES, done);
-        return rc;
-    }
-    s->cur[k].pos = pos;
-    return 3;
-}
-
-/* One prefetch batch for the newest cursor; cursors that meet, or reach the end, go away. */
+/* One prefetch batch of the serving thread: continue its claim, or claim one along the newest
+ * cursor. Returns 0, 1 (EAGAIN), 2 (VMM gone) or END_ERROR. */
 static int prefetch_batch(Server *s, uint64_t max)
 {
-    while (s->ncur) {
-        int k = s->ncur - 1;
-        int rc = cursor_batch(s, k, max);
-        if (rc == 3) {
-            if (k == 0) { /* the background pass is through: every planned page is in (or removed) */
-                s->ncur = 0;
-                STORE(s->st[ST_PLAN_DONE_NS], now_ns());
-                return 0;
-            }
-            drop_cursor(s, k);
-            continue;
-        }
-        if (rc == 0)
-            for (int j = k - 1; j >= 1; j--) /* an older cursor this one caught up with */
-                if (s->cur[j].pos == s->cur[k].pos) {
-                    drop_cursor(s, j);
-                    k--;
-                }
-        return rc;
+    claim_t *c = &s->claim;
+    if (!c->valid) {
+        pthread_mutex_lock(&s->cur_lock);
+        int got = claim_batch(s, max, c);
+        pthread_mutex_unlock(&s->cur_lock);
+        if (!got)
+            return 0;
     }
-    return 0;
+    uint64_t done;
+    int hot = c->hot, rc = copy_claimed(s, c, &done);
+    if (hot)
+        ADD(s, ST_HOT_PAGES, done);
+    return rc;
+}
+
+/* The copier thread: claims batches along the cursors too (leapfrogging the serving thread), checks
+ * and copies each under ev_lock; sleeps on cur_cond when there is nothing to claim. Ends on stop,
+ * when the VMM is gone, or on a failure (copier_err; the serving thread fails with its message). */
+static void *copier_main(void *arg)
+{
+    Server *s = arg;
+    claim_t c = {0};
+    tl_copier = 1;
+    for (;;) {
+        if (LOAD(s->copier_stop))
+            break;
+        if (!c.valid) {
+            pthread_mutex_lock(&s->cur_lock);
+            while (!LOAD(s->copier_stop) && !claim_batch(s, s->copier_batch_pages, &c))
+                pthread_cond_wait(&s->cur_cond, &s->cur_lock);
+            pthread_mutex_unlock(&s->cur_lock);
+            if (!c.valid)
+                break;
+        }
+        for (int spins = 0; LOAD(s->ev_want) && spins < 10000; spins++)
+            sched_yield(); /* the serving thread wants to read an event: let it in first */
+        pthread_mutex_lock(&s->ev_lock);
+        uint64_t done;
+        int hot = c.hot, rc = copy_claimed(s, &c, &done);
+        pthread_mutex_unlock(&s->ev_lock);
+        ADD(s, ST_COPIER_BATCHES, 1);
+        ADD(s, ST_COPIER_PAGES, done);
+        if (hot)
+            ADD(s, ST_HOT_PAGES, done);
+        if (rc == 1) { /* a REMOVE is being delivered: the serving thread reads it, then we retry */
+            struct timespec ts = {0, 20000};
+            nanosleep(&ts, NULL);
+        } else if (rc == 2) {
+            break; /* the VMM is gone: the serving thread sees it too */
+        } else if (rc < 0) {
+            __atomic_store_n(&s->copier_err, 1, __ATOMIC_RELEASE);
+            wake(s);
+            break;
+        }
+    }
+    pthread_mutex_lock(&s->cur_lock);
+    release_claim(s, &c);
+    pthread_mutex_unlock(&s->cur_lock);
+    struct timespec cpu;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu) == 0)
+        STORE(s->st[ST_COPIER_CPU_NS], (uint64_t)cpu.tv_sec * 1000000000ull + (uint64_t)cpu.tv_nsec);
+    return NULL;
+}
+
+static void start_copier(Server *s)
+{
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old); /* signals are for the interpreter's main thread */
+    s->copier_started = pthread_create(&s->copier, NULL, copier_main, s) == 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+static void stop_copier(Server *s)
+{
+    if (!s->copier_started)
+        return;
+    STORE(s->copier_stop, 1);
+    pthread_mutex_lock(&s->cur_lock);
+    pthread_cond_broadcast(&s->cur_cond);
+    pthread_mutex_unlock(&s->cur_lock);
+    pthread_join(s->copier, NULL);
+    s->copier_started = 0;
 }
 
 static int serve_loop(Server *s)
@@ -778,16 +1100,19 @@ static int serve_loop(Server *s)
     };
     int idle_retries = 0, backoff = 0, more = 0;
     take_pending_plan(s);
+    if (s->copy_threads > 1)
+        start_copier(s);
     for (;;) {
         if (LOAD(s->stop))
             return END_STOPPED;
+        int prefetching = LOAD(s->ncur) || s->claim.valid;
         struct timespec ts, *tsp = NULL;
         if (s->ndef || backoff) {
             /* an event is being delivered (EAGAIN); give its waiter a moment, then retry */
             ts.tv_sec = 0;
             ts.tv_nsec = (idle_retries > 8 || backoff > 8) ? 1000000 : 20000;
             tsp = &ts;
-        } else if (s->ncur) {
+        } else if (prefetching) {
             ts.tv_sec = 0;
             ts.tv_nsec = 0;
             tsp = &ts;
@@ -808,6 +1133,11 @@ static int serve_loop(Server *s)
         }
         if (p[2].revents)
             return END_PEER_EXITED;
+        if (__atomic_load_n(&s->copier_err, __ATOMIC_ACQUIRE)) {
+            memcpy(s->err, s->copier_msg, sizeof s->err);
+            s->err_errno = s->copier_errno;
+            return END_ERROR;
+        }
         if (p[3].revents) {
             uint64_t v;
             if (read(s->wake_fd, &v, sizeof v) < 0 && errno != EAGAIN)
@@ -821,7 +1151,7 @@ static int serve_loop(Server *s)
         if ((p[0].revents & POLLIN) || s->ndef) {
             /* with a prefetch pending, serve a few faults then give it a turn: a guest that
              * faults nonstop would otherwise keep the queue from ever emptying */
-            int rc = drain(s, s->ncur ? 4 : 1 << 30, &more);
+            int rc = drain(s, prefetching ? 4 : 1 << 30, &more);
             if (rc == 2)
                 return END_PEER_EXITED;
             if (rc < 0)
@@ -838,7 +1168,7 @@ static int serve_loop(Server *s)
             continue; /* no prefetch while faults wait */
         }
         idle_retries = 0;
-        if (s->ncur) {
+        if (LOAD(s->ncur) || s->claim.valid) {
             /* One batch per turn, even while faults keep coming (or the plan would starve exactly
              * when the guest needs it most); it is small then, so a fault waits little behind it. */
             uint64_t max = (p[0].revents & POLLIN) || more ? s->busy_batch_pages : s->batch_pages;
@@ -869,6 +1199,9 @@ static void Server_dealloc(Server *s)
     free(s->deferred);
     free(s->log);
     pthread_mutex_destroy(&s->lock);
+    pthread_mutex_destroy(&s->cur_lock);
+    pthread_mutex_destroy(&s->ev_lock);
+    pthread_cond_destroy(&s->cur_cond);
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
@@ -881,6 +1214,9 @@ static PyObject *Server_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     s->map = MAP_FAILED;
     s->zero_buf = MAP_FAILED;
     pthread_mutex_init(&s->lock, NULL);
+    pthread_mutex_init(&s->cur_lock, NULL);
+    pthread_mutex_init(&s->ev_lock, NULL);
+    pthread_cond_init(&s->cur_cond, NULL);
     return (PyObject *)s;
 }
 
@@ -919,22 +1255,31 @@ static int cmp_off(const void *a, const void *b)
 }
 
 /* Server(uffd, mem_fd, regions, page_size, *, conn_fd=-1, pid_fd=-1, record=False, batch_pages=256,
- *        fault_around=16, busy_batch_pages=64)
+ *        fault_around=16, busy_batch_pages=64, copy_threads=1, copier_batch_pages=32)
  * regions: sequence of (base_host_virt_addr, size, file_offset). The fds stay owned by the caller. */
 static int Server_init(Server *s, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"uffd", "mem_fd", "regions", "page_size", "conn_fd", "pid_fd", "record",
-                             "batch_pages", "fault_around", "busy_batch_pages", NULL};
-    int uffd, mem_fd, conn_fd = -1, pid_fd = -1, record = 0;
+                             "batch_pages", "fault_around", "busy_batch_pages", "copy_threads", "copier_batch_pages",
+                             NULL};
+    int uffd, mem_fd, conn_fd = -1, pid_fd = -1, record = 0, copy_threads = 1;
+    unsigned long long copier_batch = 32;
     PyObject *regions;
     unsigned long long page_size, batch = 256, around = 16, busy = 64;
     if (s->regions) {
         PyErr_SetString(PyExc_RuntimeError, "Server is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiOK|$iiiKKK", kwlist, &uffd, &mem_fd, &regions, &page_size,
-                                     &conn_fd, &pid_fd, &record, &batch, &around, &busy))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiOK|$iiiKKKiK", kwlist, &uffd, &mem_fd, &regions, &page_size,
+                                     &conn_fd, &pid_fd, &record, &batch, &around, &busy, &copy_threads,
+                                     &copier_batch))
         return -1;
+    if (copy_threads < 1 || copy_threads > 2) {
+        PyErr_SetString(PyExc_ValueError, "copy_threads must be 1 or 2");
+        return -1;
+    }
+    s->copy_threads = copy_threads;
+    s->copier_batch_pages = copier_batch < 1 ? 1 : copier_batch;
     if (page_size != 4096 && page_size != 2097152) {
         PyErr_Format(PyExc_ValueError, "page size %llu is not supported (4096 or 2097152)", page_size);
         return -1;
@@ -1053,6 +1398,11 @@ static PyObject *Server_run(Server *s, PyObject *noargs)
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = serve_loop(s);
+    stop_copier(s);
+    release_claim(s, &s->claim);
+    struct timespec cpu;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu) == 0)
+        STORE(s->st[ST_SERVE_CPU_NS], (uint64_t)cpu.tv_sec * 1000000000ull + (uint64_t)cpu.tv_nsec);
     Py_END_ALLOW_THREADS
     STORE(s->running, 0);
     switch (rc) {
@@ -1179,8 +1529,8 @@ static PyTypeObject ServerType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "banger.uffd._uffd.Server",
     .tp_basicsize = sizeof(Server),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Server(uffd, mem_fd, regions, page_size, *, conn_fd=-1, pid_fd=-1, record=False, batch_pages=256, "
-              "fault_around=16, busy_batch_pages=64)",
+    .tp_doc = "Server(uffd, mem_fd, regions, page_size, *, conn_fd=-1, pid_fd=-1, record=0, batch_pages=256, "
+              "fault_around=16, busy_batch_pages=64, copy_threads=1, copier_batch_pages=32)",
     .tp_new = Server_new,
     .tp_init = (initproc)Server_init,
     .tp_dealloc = (destructor)Server_dealloc,
@@ -1192,6 +1542,10 @@ static PyMethodDef methods[] = {
     {"touch_order_runs", py_touch_order_runs, METH_VARARGS,
      "touch_order_runs(pages: bytes, npages) -> bytes: uint32 first-touch page indices (native-endian) as "
      "uint64 pairs (first page, count): contiguous runs in the order their first page was touched."},
+    {"cpuid", py_cpuid, METH_VARARGS,
+     "cpuid(leaf, subleaf=0) -> (eax, ebx, ecx, edx) of this CPU (x86 only; OSError elsewhere)."},
+    {"tsc_rate_khz", py_tsc_rate_khz, METH_VARARGS,
+     "tsc_rate_khz(window_us=2000) -> int: the TSC rate measured against CLOCK_MONOTONIC_RAW (x86 only)."},
     {"readahead", py_readahead, METH_VARARGS,
      "readahead(mem_fd, plan: bytes, page_size, sample=64) -> int: unless sampled plan pages are all in the "
      "page cache, POSIX_FADV_WILLNEED every plan run; returns the runs advised. Releases the GIL."},

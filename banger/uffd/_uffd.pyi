@@ -8,6 +8,12 @@ PAGE_2M: int
 def probe() -> tuple[bool, str]:
     """Create a userfaultfd and negotiate its API (with EVENT_REMOVE); raises OSError if unavailable."""
 
+def cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
+    """(eax, ebx, ecx, edx) of CPUID ``leaf``/``subleaf`` on this CPU; OSError off x86."""
+
+def tsc_rate_khz(window_us: int = 2000) -> int:
+    """The TSC rate in kHz, measured against CLOCK_MONOTONIC_RAW over ``window_us``; OSError off x86."""
+
 class Server:
     """The page-fault serving loop over a userfaultfd handed over by the VMM.
 
@@ -24,8 +30,12 @@ class Server:
         *,
         conn_fd: int = -1,
         pid_fd: int = -1,
-        record: bool = False,
+        record: int = 0,
         batch_pages: int = 256,
+        fault_around: int = 16,
+        busy_batch_pages: int = 64,
+        copy_threads: int = 1,
+        copier_batch_pages: int = 32,
     ) -> None: ...
     def run(self) -> str:
         """Serve until 'peer_closed' | 'peer_exited' | 'stopped' (GIL released); OSError on failure."""

@@ -6,7 +6,8 @@ Lifecycle:
     (a bad one: close the connection, kill the peer if it is the VMM);
  3. serve faults in the C loop (GIL released) on a thread while this thread
     runs the policy: record first touches until the fault rate settles, then
-    write the access log and fill the rest sequentially; or replay a log;
+    write the access log and fill the rest sequentially; or replay a log
+    (on a host with more than one CPU a second C thread copies the plan too);
  4. exit 0 when the VMM goes away (connection hang-up or its pid exits);
     on any failure after the handshake (or SIGTERM/SIGINT/SIGHUP) SIGKILL the
     VMM, because a guest whose handler is gone freezes forever.
@@ -16,6 +17,7 @@ A stats JSON (--stats) is written atomically on every exit path.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import socket
@@ -76,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--settle-intervals", type=int, default=8,
                     help="recording: this many quiet intervals in a row settle it")
     ap.add_argument("--no-fill", action="store_true", help="no sequential background fill")
+    ap.add_argument("--copy-threads", type=int, choices=(1, 2), default=None,
+                    help="threads copying the prefetch plan (default: 2 when this process may run on more than one CPU)")
+    ap.add_argument("--copier-batch-bytes", type=int, default=128 << 10,
+                    help="largest copy of the second copy thread (what an event read may wait behind)")
     ap.add_argument("--plan-order", choices=("touch", "chunked"), default="touch",
                     help="replay plan: runs in first-touch order (touch) or sorted within growing chunks")
     ap.add_argument("--refresh-min-pages", type=int, default=64,
@@ -122,8 +128,12 @@ class Handler:
         if p.pid in _ancestors():
             _log(f"not killing peer pid {p.pid}: it is an ancestor of this handler, not a VMM ({why})")
             return
+        if p.pidfd < 0:
+            _log(f"could not kill the VMM (pid {p.pid}): no pidfd for it ({why})")
+            return
         try:
-            os.kill(p.pid, signal.SIGKILL)
+            # through the pidfd taken at accept: never a process that reused the pid
+            signal.pidfd_send_signal(p.pidfd, signal.SIGKILL)
             self.stats["peer_killed"] = True
             _log(f"killed the VMM (pid {p.pid}): {why}")
         except ProcessLookupError:
@@ -227,6 +237,8 @@ class Handler:
                     self._advise(mem_fd, log_plan, log_page_size)
 
         self.conn, self.peer = hs.accept(self.listener, a.connect_timeout)
+        if self.peer.pidfd >= 0:
+            self.fds.append(self.peer.pidfd)
         t_conn = time.monotonic_ns()
         self.stats["connected_ms"] = self._ms(t_conn)
         self.stats["peer"] = {"pid": self.peer.pid, "uid": self.peer.uid, "gid": self.peer.gid}
@@ -270,20 +282,16 @@ class Handler:
             plan = policy.fill_plan(regions, page_size)
             self.stats.update(mode="fill", plan_pages=policy.plan_pages(plan))
 
-        pid_fd = -1
-        try:
-            pid_fd = os.pidfd_open(self.peer.pid) if self.peer.pid > 0 else -1
-        except OSError:
-            pid_fd = -1
-        if pid_fd >= 0:
-            self.fds.append(pid_fd)
+        pid_fd = self.peer.pidfd  # the loop ends when it fires (the VMM exited)
 
         try:
             server = _uffd.Server(uffd, mem_fd, [(r.base, r.size, r.offset) for r in regions], page_size,
                                   conn_fd=self.conn.fileno(), pid_fd=pid_fd, record=record,
                                   batch_pages=max(1, a.batch_bytes // page_size),
                                   busy_batch_pages=max(1, a.busy_batch_bytes // page_size),
-                                  fault_around=a.fault_around_bytes // page_size)
+                                  fault_around=a.fault_around_bytes // page_size,
+                                  copy_threads=a.copy_threads or (2 if len(os.sched_getaffinity(0)) > 1 else 1),
+                                  copier_batch_pages=max(1, a.copier_batch_bytes // page_size))
         except (ValueError, OSError) as e:
             raise hs.HandlerFailed(f"cannot serve this memory layout: {e}",
                                    "the snapshot's memory file does not match its regions; re-create it") from None
@@ -341,6 +349,10 @@ class Handler:
             self._refresh_log(server, page_size, mem_size, "vmm_exit")
         if "error" in outcome:
             e = outcome["error"]
+            if isinstance(e, OSError) and e.errno == errno.ENOENT:
+                raise hs.HandshakeError(f"{e.strerror}; its guest would read zeros there",
+                                        "the VMM was stopped: its UFFD handshake names memory it did not "
+                                        "register with the userfaultfd; check the Firecracker version") from None
             raise hs.HandlerFailed(f"serving page faults failed: {e}",
                                    "the VMM was stopped because its guest would freeze; check the memory file "
                                    "and the handler log") from None
@@ -403,6 +415,9 @@ class Handler:
         out["service_max_us"] = round(s["service_max_ns"] / 1e3, 1)
         out["service_mean_us"] = round(s["service_ns"] / 1e3 / max(1, s["fault_pages"] + s["zero_pages"]), 2)
         out["prefetch_ms"] = round(s["prefetch_ns"] / 1e6, 3)
+        out["serve_cpu_ms"] = round(s["serve_cpu_ns"] / 1e6, 3)
+        out["copier_cpu_ms"] = round(s["copier_cpu_ns"] / 1e6, 3)
+        out["ev_wait_ms"] = round(s["ev_wait_ns"] / 1e6, 3)
         out["pages_copied"] = s["fault_pages"] + s["prefetch_pages"] + s["zero_pages"]
         return out
 

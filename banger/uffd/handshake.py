@@ -57,6 +57,29 @@ class PeerCred:
     pid: int
     uid: int
     gid: int
+    pidfd: int = -1  # a pidfd for the process that connected (the caller owns it), -1 if none
+
+
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5+
+
+
+def peer_pidfd(conn: socket.socket, pid: int) -> int:
+    """A pidfd for the process that connected: SO_PEERPIDFD names exactly that process, so a signal
+    through it never hits a later owner of its pid. Older kernels: pidfd_open of the SO_PEERCRED pid,
+    right after accept (only a peer that already died could have had its pid reused by then).
+    -1 when neither works."""
+    try:
+        return conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError:
+        pass
+    if pid <= 0:
+        return -1
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return -1
+    os.set_inheritable(fd, False)
+    return fd
 
 
 @dataclass
@@ -118,7 +141,7 @@ def accept(listener: socket.socket, timeout: float) -> tuple[socket.socket, Peer
             conn, _ = listener.accept()
             conn.setblocking(True)
             pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-            return conn, PeerCred(pid, uid, gid)
+            return conn, PeerCred(pid, uid, gid, peer_pidfd(conn, pid))
 
 
 def receive(conn: socket.socket, timeout: float) -> tuple[bytes, list[int]]:

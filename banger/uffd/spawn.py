@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,16 +11,19 @@ from pathlib import Path
 from banger.errors import Conflict, ExternalError, NotFound, UsageError
 from banger.host import procs
 
+HANDLER_MODULE = "banger.uffd.handler"
 
-def handler_argv(socket_path, mem_file, *, access_log=None, stats_path=None, prefetch: bool = True,
+
+def handler_args(socket_path, mem_file, *, access_log=None, stats_path=None, prefetch: bool = True,
                  connect_timeout: float = 30.0, vmm_pid: int | None = None,
                  extra_args: Sequence[str] = ()) -> list[str]:
-    argv = [sys.executable, "-m", "banger.uffd.handler", str(socket_path), "--mem-file", str(mem_file),
+    """The handler's command-line arguments. Paths are made absolute: the handler runs in ``/``."""
+    argv = [os.path.abspath(socket_path), "--mem-file", os.path.abspath(mem_file),
             "--connect-timeout", f"{connect_timeout:g}"]
     if access_log:
-        argv += ["--access-log", str(access_log)]
+        argv += ["--access-log", os.path.abspath(access_log)]
     if stats_path:
-        argv += ["--stats", str(stats_path)]
+        argv += ["--stats", os.path.abspath(stats_path)]
     if not prefetch:
         argv.append("--no-prefetch")
     if vmm_pid:
@@ -29,10 +31,18 @@ def handler_argv(socket_path, mem_file, *, access_log=None, stats_path=None, pre
     return argv + [str(a) for a in extra_args]
 
 
+def handler_argv(socket_path, mem_file, **kw) -> list[str]:
+    """The whole isolated argv spawn_handler runs (``python -I -c BOOTSTRAP PKG banger.uffd.handler ...``)."""
+    return procs.helper_argv(HANDLER_MODULE, *handler_args(socket_path, mem_file, **kw))
+
+
 def spawn_handler(socket_path, mem_file, *, access_log=None, stats_path=None, prefetch: bool | None = None,
                   connect_timeout: float = 30.0, log_path=None, vmm_pid: int | None = None,
                   extra_args: Sequence[str] = (), ready_timeout: float = 15.0) -> tuple[int, int]:
     """Spawn ``python -m banger.uffd.handler`` detached; return (pid, start_time) once the socket listens.
+
+    The handler starts isolated from the caller (procs.spawn_helper: ``python -I``, cwd ``/``, a scrubbed
+    environment, banger loaded from where this process's banger lives).
 
     ``prefetch=None`` follows BANGER_UFFD_PREFETCH. A stale socket at ``socket_path`` is removed first.
     If the handler dies or is not listening within ``ready_timeout`` seconds, it is killed and an
@@ -56,9 +66,9 @@ def spawn_handler(socket_path, mem_file, *, access_log=None, stats_path=None, pr
         os.unlink(socket_path)  # stale: a handler's socket disappears once a VMM connects or it exits
     if prefetch is None:
         prefetch = prefetch_enabled()
-    argv = handler_argv(socket_path, mem_file, access_log=access_log, stats_path=stats_path, prefetch=prefetch,
+    args = handler_args(socket_path, mem_file, access_log=access_log, stats_path=stats_path, prefetch=prefetch,
                         connect_timeout=connect_timeout, vmm_pid=vmm_pid, extra_args=extra_args)
-    pid, started = procs.spawn_detached(argv, stdout_path=str(log_path) if log_path else None)
+    pid, started = procs.spawn_helper(HANDLER_MODULE, *args, stdout_path=str(log_path) if log_path else None)
     deadline = time.monotonic() + ready_timeout
     delay = 0.002
     while True:

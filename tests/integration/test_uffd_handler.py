@@ -8,6 +8,7 @@ byte with the memory file.
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import random
@@ -147,13 +148,14 @@ class PeerProc:
     """A fake VMM in its own process (so the handler may kill it)."""
 
     def __init__(self, sock: Path, sizes, *, bad: str | None = None, then: str = "hold", page_size=PS,
-                 mem_file=None):
+                 mem_file=None, extra=()):
         argv = [sys.executable, "-m", "tests.support.uffd_peer", "--socket", str(sock),
                 "--regions", ",".join(str(s) for s in sizes), "--page-size", str(page_size), "--then", then]
         if bad:
             argv += ["--bad", bad]
         if mem_file:
             argv += ["--mem-file", str(mem_file)]
+        argv += list(extra)
         self.p = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.lines: list[str] = []
 
@@ -408,6 +410,59 @@ def test_fill_without_log_while_threads_fault(udir, start, peers):
     assert s["serve"]["prefetch_pages"] > 0
 
 
+def _remove_ahead_of_the_fill(peer, removed: bytearray, bad: list, round_: int, seed: int) -> None:
+    npages = len(removed)
+    rnd = random.Random(seed)
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and not bad:
+        # just ahead of the fill's frontier (the first page not in yet): where the copies are
+        frontier = peer.resident(0).find(b"\0")
+        if frontier < 0:
+            return  # the fill is through
+        first, n = min(npages - 16, frontier + rnd.randint(0, 96)), rnd.randint(1, 8)
+        peer.madvise_remove(0, first * PS, n * PS)
+        removed[first:first + n] = b"\1" * n
+        time.sleep(0.0003)  # a guest reads a discarded page later, if ever (a balloon's: never)
+        if peer.read(0, first * PS, n * PS) != bytes(n * PS):
+            bad.append(f"round {round_}: pages {first}+{n} read non-zero after MADV_DONTNEED")
+
+
+@pytest.mark.parametrize("copy_threads", [1, 2])
+def test_removes_racing_the_prefetch_read_zeros(udir, start, peers, copy_threads):
+    """Guest threads MADV_DONTNEED ranges just ahead of the handler's fill while it runs (with the
+    second copy thread: a page it checked, then copied after the REMOVE was read and the range
+    zapped, would show the file's bytes where the guest must read zeros)."""
+    size = 128 * MB
+    npages = size // PS
+    mem, data = memfile(udir, size, seed=5)
+    raced = 0
+    for round_ in range(3):
+        h = start(mem, prefetch=True, extra=["--copy-threads", str(copy_threads)])
+        peer = peers([size])
+        peer.handshake(h.sock)
+        removed = bytearray(npages)
+        bad: list[str] = []
+        ts = [threading.Thread(target=_remove_ahead_of_the_fill, args=(peer, removed, bad, round_, 10 * round_ + k),
+                               daemon=True) for k in range(3)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        assert not bad, bad[:3]
+        got = peer.read(0, 0, size)
+        for p in range(npages):
+            want = bytes(PS) if removed[p] else data[p * PS:(p + 1) * PS]
+            if got[p * PS:(p + 1) * PS] != want:
+                raise AssertionError(f"page {p} ({'removed' if removed[p] else 'kept'}) has the wrong bytes")
+        peer.close()
+        assert h.wait() == 0
+        s = h.stats()["serve"]
+        raced += s["removes"]
+        if copy_threads == 2:
+            assert s["copier_pages"] > 0, s
+    assert raced > 50  # the removes really raced the fills
+
+
 def working_set(npages: int, runs: int, run_len: int, seed: int) -> list[int]:
     rnd = random.Random(seed)
     starts = rnd.sample(range(0, npages - run_len, run_len), runs)
@@ -593,6 +648,29 @@ def test_handler_failure_after_handshake_kills_the_vmm(udir, start, peer_procs):
     st = h.stats()
     assert st["error"]["code"] == "uffd_failed" and "UFFDIO_COPY" in st["error"]["message"]
     assert st["peer_killed"] is True
+
+
+@pytest.mark.parametrize("prefetch, log", [(True, False), (True, True)])
+def test_unregistered_regions_are_a_fatal_handshake_error(udir, start, peer_procs, prefetch, log):
+    """A VMM that announces regions it never registered: the first copy there fails (ENOENT). That
+    is not "the VMM went away": its guest would read zeros. The handler kills it, exits non-zero and
+    says why (in its stats and its log)."""
+    sizes = [1 * MB, 1 * MB]
+    mem, _ = memfile(udir, sum(sizes))
+    access_log = None
+    if log:  # a replayed log: the plan's first copy hits the unregistered memory
+        access_log = udir / "mem.access"
+        policy.write_log(access_log, array.array("I", [3, 4, 5, 300]), PS, sum(sizes))
+    h = start(mem, prefetch=prefetch, access_log=access_log)
+    pp = peer_procs(h.sock, sizes, extra=["--no-register"])
+    pp.expect("HANDSHAKE")
+    assert pp.wait() == -signal.SIGKILL, "the handler left a VMM running whose memory it cannot serve"
+    assert h.wait() == 8  # ExternalError, not 0 ("VMM went away")
+    st = h.stats()
+    assert st["error"]["code"] == "uffd_handshake", st["error"]
+    assert "not registered" in st["error"]["message"] and st["error"]["hint"]
+    assert st["peer_killed"] is True
+    assert "not registered" in h.log() and "killed the VMM" in h.log()
 
 
 def test_terminated_handler_takes_the_vmm_down(udir, start, peer_procs):

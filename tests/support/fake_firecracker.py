@@ -1184,12 +1184,13 @@ def serve(vmm: Vmm, listener, rec: Recorder):
                         rec.event("request", method=method, path=target, status=400, fault=f.message,
                                   body=_safe_json(body))
                         fatal = f.fatal
+                if fatal:  # recorded before answering: the client may kill us as soon as it has the answer
+                    rec.event("exit", code=1, reason="failed snapshot load is fatal")
                 try:
                     conn.sock.sendall(out)
                 except OSError:
                     keep = False
                 if fatal:
-                    rec.event("exit", code=1, reason="failed snapshot load is fatal")
                     os._exit(1)
                 if not keep:
                     sel.unregister(conn.sock)

@@ -63,6 +63,7 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
 _libc.memchr.restype = ctypes.c_void_p
 _libc.memchr.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 
@@ -112,7 +113,9 @@ def make_mem_file(path: Path | str, size: int, seed: int = 1) -> bytes:
 class UffdPeer:
     """One fake VMM: regions of anonymous memory registered with a fresh userfaultfd."""
 
-    def __init__(self, region_sizes: list[int], page_size: int = PAGE_4K):
+    def __init__(self, region_sizes: list[int], page_size: int = PAGE_4K, *, register: bool = True):
+        """``register=False``: announce the regions in the handshake but never UFFDIO_REGISTER them
+        (a broken VMM: its memory reads zeros instead of faulting to the handler)."""
         if page_size not in (PAGE_4K, PAGE_2M):
             raise ValueError("page_size must be 4096 or 2097152")
         self.page_size = page_size
@@ -139,6 +142,8 @@ class UffdPeer:
                 raise _oserror("UFFDIO_API")
             self.features = api.features
             for base, size in zip(self.bases, self.region_sizes, strict=False):
+                if not register:
+                    break
                 reg = _UffdioRegister(base, size, UFFDIO_REGISTER_MODE_MISSING, 0)
                 if _libc.ioctl(self.uffd, UFFDIO_REGISTER, ctypes.byref(reg)) < 0:
                     raise _oserror("UFFDIO_REGISTER")
@@ -303,6 +308,14 @@ class UffdPeer:
         if errors:
             raise errors[0]
 
+    def resident(self, region_index: int) -> bytes:
+        """mincore() of the region: one byte per page, bit 0 set where a page is in (served)."""
+        size = self.region_sizes[region_index]
+        vec = ctypes.create_string_buffer(size // PAGE_4K)
+        if _libc.mincore(ctypes.c_void_p(self.bases[region_index]), size, vec) != 0:
+            raise _oserror("mincore")
+        return vec.raw
+
     def madvise_remove(self, region_index: int, offset: int, length: int) -> None:
         """MADV_DONTNEED: the kernel sends UFFD_EVENT_REMOVE and waits until the handler reads it."""
         addr = self._addr(region_index, offset, length)
@@ -390,12 +403,13 @@ def _script(argv=None) -> int:
     ap.add_argument("--regions", required=True, help="comma-separated region sizes in bytes")
     ap.add_argument("--page-size", type=int, default=PAGE_4K)
     ap.add_argument("--bad", choices=UffdPeer.BAD_KINDS, help="send this malformed handshake instead")
+    ap.add_argument("--no-register", action="store_true", help="announce the regions but never register them")
     ap.add_argument("--mem-file", help="compare every touched byte with this file")
     ap.add_argument("--then", choices=("hold", "touch_all", "touch_first", "stdin"), default="hold",
                     help="after the handshake: hold the connection, touch every page, touch one page, or "
                          "obey stdin lines 'read REGION OFFSET LENGTH' (answers 'DATA <sha256>') / 'quit'")
     args = ap.parse_args(argv)
-    peer = UffdPeer([int(x) for x in args.regions.split(",")], args.page_size)
+    peer = UffdPeer([int(x) for x in args.regions.split(",")], args.page_size, register=not args.no_register)
     try:
         if args.bad:
             peer.bad_handshake(args.socket, args.bad)

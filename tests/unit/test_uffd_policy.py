@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import json
+import os
 import struct
 
 import pytest
@@ -166,9 +167,20 @@ def test_switches():
 def test_handler_argv():
     argv = handler_argv("/run/x/uffd.sock", "/s/mem", access_log="/s/mem.access", stats_path="/run/x/st.json",
                         prefetch=False, connect_timeout=2.5, vmm_pid=42)
-    assert argv[1:] == ["-m", "banger.uffd.handler", "/run/x/uffd.sock", "--mem-file", "/s/mem",
-                        "--connect-timeout", "2.5", "--access-log", "/s/mem.access", "--stats", "/run/x/st.json",
-                        "--no-prefetch", "--vmm-pid", "42"]
+    import banger
+
+    assert argv[1:3] == ["-I", "-c"]  # isolated: no cwd, PYTHONPATH or user site on sys.path
+    assert argv[4:] == [os.path.dirname(os.path.abspath(banger.__file__)), "banger.uffd.handler", "/run/x/uffd.sock",
+                        "--mem-file", "/s/mem", "--connect-timeout", "2.5", "--access-log", "/s/mem.access",
+                        "--stats", "/run/x/st.json", "--no-prefetch", "--vmm-pid", "42"]
+
+
+def test_handler_argv_makes_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the handler runs in /: a relative path would name another file
+    argv = handler_argv("run/uffd.sock", "mem", access_log="mem.access", stats_path="st.json")
+    assert argv[6:12] == [str(tmp_path / "run/uffd.sock"), "--mem-file", str(tmp_path / "mem"),
+                          "--connect-timeout", "30", "--access-log"]
+    assert argv[12] == str(tmp_path / "mem.access") and argv[14] == str(tmp_path / "st.json")
 
 
 def test_server_rejects_bad_layouts(tmp_path):

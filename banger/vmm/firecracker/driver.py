@@ -407,40 +407,42 @@ class FirecrackerDriver:
 
     @staticmethod
     def _spawn_supervisor(handles: dict) -> tuple[int, int]:
-        argv = [sys.executable, "-m", "banger.vmm.firecracker.driver", "supervise",
-                str(handles["pid"]), str(handles["pid_start"]), str(handles["uffd_pid"]),
-                str(handles["uffd_pid_start"])]
-        return procs.spawn_detached(argv)
+        # isolated like the handler: python -I, cwd /, scrubbed environment, this banger's package
+        return procs.spawn_helper(SUPERVISOR_MODULE, "supervise", handles["pid"], handles["pid_start"],
+                                  handles["uffd_pid"], handles["uffd_pid_start"])
 
 
 # ---------------------------------------------------------------------- supervisor
+SUPERVISOR_MODULE = "banger.vmm.firecracker.driver"
+
+
 def supervise(vmm_pid: int, vmm_start: int, helper_pid: int, helper_start: int) -> int:
-    """Wait on both processes (pidfds); when either one ends, SIGKILL the other. Exit when both are gone."""
+    """Wait on both processes (pidfds); when either one ends, SIGKILL the other. Exit when both are gone.
+
+    Both are signalled only through the pidfds opened (and checked against their start times) here,
+    so a pid reused after one of them exited is never hit."""
     import select
 
-    fds = {}
-    for pid, st in ((vmm_pid, vmm_start), (helper_pid, helper_start)):
-        if not procs.alive(pid, st):
-            fds = None
-            break
-        try:
-            fds[os.pidfd_open(pid)] = (pid, st)
-        except OSError:
-            fds = None
-            break
-    if fds is not None and not all(procs.alive(p, s) for p, s in fds.values()):
-        fds = None  # one died between the check and pidfd_open
-    if fds:
-        p = select.poll()
-        for fd in fds:
-            p.register(fd, select.POLLIN)
-        p.poll()  # blocks until one of them exits
-    # The handler gone: the guest is frozen, kill the VMM now.  The VMM gone: the handler exits by itself
-    # (writing its stats and access log); give it a moment, then SIGTERM, then SIGKILL.
-    procs.kill(vmm_pid, vmm_start, signal.SIGKILL)
-    if not procs.kill(helper_pid, helper_start, 0, wait=2.0) and \
-            not procs.kill(helper_pid, helper_start, signal.SIGTERM, wait=1.0):
-        procs.kill(helper_pid, helper_start, signal.SIGKILL)
+    vmm = procs.open_pidfd(vmm_pid, vmm_start)
+    helper = procs.open_pidfd(helper_pid, helper_start)
+    try:
+        if vmm is not None and helper is not None:
+            p = select.poll()
+            p.register(vmm, select.POLLIN)
+            p.register(helper, select.POLLIN)
+            while not p.poll():  # blocks until one of them exits
+                pass
+        # The handler gone: the guest is frozen, kill the VMM now.  The VMM gone: the handler exits by
+        # itself (writing its stats and access log); give it a moment, then SIGTERM, then SIGKILL.
+        if vmm is not None:
+            procs.kill_pidfd(vmm, signal.SIGKILL)
+        if helper is not None and not procs.kill_pidfd(helper, 0, wait=2.0) and \
+                not procs.kill_pidfd(helper, signal.SIGTERM, wait=1.0):
+            procs.kill_pidfd(helper, signal.SIGKILL)
+    finally:
+        for fd in (vmm, helper):
+            if fd is not None:
+                os.close(fd)
     return 0
 
 
