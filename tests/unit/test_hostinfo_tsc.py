@@ -142,6 +142,7 @@ def test_real_measurement_is_consistent():
 
 def test_detected_once_per_process_and_bootargs_use_it(monkeypatch):
     from banger.guest.bootargs import guest_cmdline
+    from banger.vmm import registry
 
     hostinfo.tsc_info.cache_clear()
     calls = []
@@ -153,7 +154,8 @@ def test_detected_once_per_process_and_bootargs_use_it(monkeypatch):
     monkeypatch.setattr(hostinfo, "detect_tsc", fake)
     try:
         for _ in range(3):
-            cmd = guest_cmdline(ip="10.0.0.2", prefixlen=24, gateway="10.0.0.1", hostname="h", backend="qemu")
+            cmd = guest_cmdline(ip="10.0.0.2", prefixlen=24, gateway="10.0.0.1", hostname="h",
+                                extra=registry.backend("qemu").boot_args())
             assert "tsc_early_khz=2345678" in cmd.split()
         assert calls == [1]
         assert "tsc_early_khz" not in guest_cmdline(ip="10.0.0.2", prefixlen=24, gateway="10.0.0.1",

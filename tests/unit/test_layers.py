@@ -19,6 +19,8 @@ LAYERS: dict[str, int] = {
     "banger.validate": 0, "banger.data": 0, "banger.names": 0,
     # a table of backend names (config validates against it); it loads a backend by name at run time
     "banger.vmm.registry": 0,
+    # the C extension: primitives with no Python dependencies (host facts use its cpuid/TSC calls)
+    "banger.uffd._uffd": 1,
     "banger.state": 1, "banger.host": 1, "banger.context": 1,  # Ctx bundles config with the store and locks
     "banger.guest": 2, "banger.net": 2, "banger.vmm": 2, "banger.uffd": 2,
     # what a VM is at run time, and the plan engine every way of making one uses
