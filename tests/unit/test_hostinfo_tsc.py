@@ -158,7 +158,7 @@ def test_detected_once_per_process_and_bootargs_use_it(monkeypatch):
                                 extra=registry.backend("qemu").boot_args())
             assert "tsc_early_khz=2345678" in cmd.split()
         assert calls == [1]
-        assert "tsc_early_khz" not in guest_cmdline(ip="10.0.0.2", prefixlen=24, gateway="10.0.0.1",
-                                                    hostname="h", backend="firecracker")
+        assert "tsc_early_khz" not in guest_cmdline(ip="10.0.0.2", prefixlen=24, gateway="10.0.0.1", hostname="h",
+                                                    extra=registry.backend("firecracker").boot_args())
     finally:
         hostinfo.tsc_info.cache_clear()

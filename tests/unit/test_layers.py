@@ -49,7 +49,8 @@ def module_name(path: Path) -> str:
 
 
 def modules() -> dict[str, Path]:
-    return {module_name(p): p for p in ROOT.rglob("*.py")}
+    """Every module, the C extension included (through its .pyi stub)."""
+    return {module_name(p): p for p in [*ROOT.rglob("*.py"), *ROOT.rglob("*.pyi")]}
 
 
 def imports(path: Path, known: set[str]) -> set[str]:
