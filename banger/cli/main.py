@@ -126,7 +126,8 @@ def _fast_path(argv: list[str]) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    os.umask(PRIVATE_UMASK)  # other local users get nothing: every file banger creates is 0600, dirs 0700
+    caller = os.umask(PRIVATE_UMASK)  # other local users get nothing: every file banger creates is 0600, dirs 0700
+    os.environ["BANGER_CALLER_UMASK"] = f"{caller:o}"  # what the user's own copies (vm cp) are created with
     if _fast_path(argv):
         return
     app = build_app(argv)

@@ -117,6 +117,11 @@ def dir_mode(guest_mode: int | None, umask: int) -> int:
 
 
 def current_umask() -> int:
+    """The umask for files the user asked for (vm cp): the caller's own, which the CLI recorded before it
+    switched to 077 for banger's private state; the process umask otherwise."""
+    rec = os.environ.get("BANGER_CALLER_UMASK", "")
+    if rec and len(rec) <= 4 and all(c in "01234567" for c in rec):
+        return int(rec, 8)
     old = os.umask(0o077)
     os.umask(old)
     return old
