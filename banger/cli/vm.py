@@ -24,6 +24,8 @@ NatOpt = Annotated[bool, typer.Option("--nat", help="Give the guest outbound int
 BackendOpt = Annotated[str | None, typer.Option("--backend", help="auto | qemu | firecracker.")]
 NoSeedOpt = Annotated[bool, typer.Option("--no-work-seed", help="Build /root from scratch (mkfs) instead of "
                                                                 "cloning the image's work seed.")]
+ColdOpt = Annotated[bool, typer.Option("--cold", help="Boot a new VM even when the warm VM pool has a matching "
+                                                      "clone (banger pool warm --vms N keeps some).")]
 
 
 def parse_mib(value: str | None, flag: str) -> int | None:
@@ -50,6 +52,8 @@ def _render_vm(v: dict) -> None:
     keys = ["name", "id", "state", "image", "kernel", "backend", "vcpu", "memory_mib", "ip", "mac", "nat",
             "work_disk_size_mib", "overlay_size_mib", "pid", "tap", "dir", "error"]
     print_kv({k: v.get(k) for k in keys if v.get(k) is not None}, title=v["name"])
+    if v.get("made"):
+        print_kv({k: x for k, x in v["made"].items() if x is not None}, title="made")
     if v.get("timings"):
         print_kv(v["timings"], title="timings")
     if v.get("stages"):
@@ -58,17 +62,18 @@ def _render_vm(v: dict) -> None:
                       (s["error"] or "")[:80]] for s in v["stages"]], title="stages")
 
 
-def _create_kwargs(image, kernel, name, vcpu, memory, overlay_size, work_disk_size, nat, backend, no_work_seed):
+def _create_kwargs(image, kernel, name, vcpu, memory, overlay_size, work_disk_size, nat, backend, no_work_seed,
+                   cold=False):
     return dict(image=image, kernel=kernel, name=name, vcpu=vcpu, memory_mib=parse_mib(memory, "--memory"),
                 overlay_size_mib=parse_mib(overlay_size, "--overlay-size"),
                 work_disk_size_mib=parse_mib(work_disk_size, "--work-disk-size"), nat=nat or None,
-                backend=backend, work_seed=not no_work_seed)
+                backend=backend, work_seed=not no_work_seed, cold=cold)
 
 
 @app.command(help="Create a VM (and start it, waiting for SSH, unless --no-start).")
 def create(image: ImageOpt = None, kernel: KernelOpt = None, name: NameOpt = None, vcpu: VcpuOpt = None,
            memory: MemOpt = None, overlay_size: OverlayOpt = None, work_disk_size: WorkOpt = None,
-           nat: NatOpt = False, backend: BackendOpt = None, no_work_seed: NoSeedOpt = False,
+           nat: NatOpt = False, backend: BackendOpt = None, no_work_seed: NoSeedOpt = False, cold: ColdOpt = False,
            no_start: Annotated[bool, typer.Option("--no-start", help="Only build the disks.")] = False,
            no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not wait for SSH.")] = False,
            from_snapshot: Annotated[str | None, typer.Option(
@@ -83,7 +88,7 @@ def create(image: ImageOpt = None, kernel: KernelOpt = None, name: NameOpt = Non
             given = [f for f, v in (("--image", image), ("--kernel", kernel), ("--vcpu", vcpu), ("--memory", memory),
                                     ("--overlay-size", overlay_size), ("--work-disk-size", work_disk_size),
                                     ("--backend", backend), ("--no-work-seed", no_work_seed),
-                                    ("--no-start", no_start), ("--nat", nat)) if v]
+                                    ("--no-start", no_start), ("--nat", nat), ("--cold", cold)) if v]
             if given:
                 from banger.errors import UsageError
 
@@ -94,7 +99,7 @@ def create(image: ImageOpt = None, kernel: KernelOpt = None, name: NameOpt = Non
 
             return snapshots.restore(ctx, from_snapshot, name=name, wait_ssh=not no_wait)
         kw = _create_kwargs(image, kernel, name, vcpu, memory, overlay_size, work_disk_size, nat, backend,
-                            no_work_seed)
+                            no_work_seed, cold)
         return vms.create(ctx, start=not no_start, wait_ssh=not no_wait, **kw)
 
     emit(go, json_out=json_out, render=lambda v: say(f"{v['name']} {v['state']} {v['ip']}"
@@ -119,7 +124,7 @@ def _run_in_guest(t, cmd: list[str] | None, json_out: bool) -> dict:
 @app.command(help="Create + start + wait for SSH, then open a shell or run `-- CMD...` and exit with its status.")
 def run(cmd: Cmd = None, image: ImageOpt = None, kernel: KernelOpt = None, name: NameOpt = None,
         vcpu: VcpuOpt = None, memory: MemOpt = None, overlay_size: OverlayOpt = None, work_disk_size: WorkOpt = None,
-        nat: NatOpt = False, backend: BackendOpt = None, no_work_seed: NoSeedOpt = False,
+        nat: NatOpt = False, backend: BackendOpt = None, no_work_seed: NoSeedOpt = False, cold: ColdOpt = False,
         rm: Annotated[bool, typer.Option("--rm", help="Delete the VM afterwards.")] = False,
         json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
@@ -128,7 +133,7 @@ def run(cmd: Cmd = None, image: ImageOpt = None, kernel: KernelOpt = None, name:
         from banger.vms import lifecycle as vms
 
         kw = _create_kwargs(image, kernel, name, vcpu, memory, overlay_size, work_disk_size, nat, backend,
-                            no_work_seed)
+                            no_work_seed, cold)
         v, t = vms.create(ctx, keep_ssh=True, **kw)
         try:
             res = _run_in_guest(t, cmd, json_out)
@@ -219,10 +224,12 @@ def set_(vm: Ref, vcpu: VcpuOpt = None, memory: MemOpt = None, work_disk_size: W
 
 @app.command("list", help="List VMs.")
 def list_(quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only ids.")] = False,
+          all_: Annotated[bool, typer.Option("-a", "--all", help="Also warm-pool clones and template builders.")]
+          = False,
           json_out: JsonOpt = False):
     from banger.cli.vm_list import run
 
-    run(quiet=quiet, json_out=json_out)
+    run(quiet=quiet, json_out=json_out, all_=all_)
 
 
 @app.command(help="Show one VM, with each create/start step's duration.")
@@ -326,6 +333,29 @@ def restore(snapshot: Annotated[str, typer.Argument(help="Snapshot name.")], nam
         return snapshots.restore(ctx, snapshot, name=name, wait_ssh=not no_wait)
 
     emit(go, json_out=json_out, render=lambda v: say(f"{v.get('name')} {v.get('state')} {v.get('ip')}"))
+
+
+@app.command(help="Snapshot a running VM and start N clones of it at once, each with its own name, address, "
+                  "host key, machine-id, entropy and clock; the source keeps running.")
+def fork(vm: Ref, count: Annotated[int, typer.Option("--count", "-n", help="How many clones.", min=1)] = 1,
+         name: Annotated[str | None, typer.Option("--name", help="Name prefix: clones are PREFIX-1..N "
+                                                  "(default SOURCE-fork-<random>).")] = None,
+         no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not wait for SSH.")] = False,
+         json_out: JsonOpt = False):
+    ctx = make_ctx(json_out)
+
+    def go():
+        from banger.templates import fork as svc
+
+        return svc.fork(ctx, vm, count=count, prefix=name, wait_ssh=not no_wait)
+
+    def render(d):
+        for c in d["clones"]:
+            say(f"{c['name']} {c['state']} {c['ip']}")
+        say(f"forked {d['source']} x{len(d['clones'])} in {d['timings']['total_ms'] / 1000:.2f}s "
+            f"(memory: {d['memory']})")
+
+    emit(go, json_out=json_out, render=render)
 
 
 @app.command(help="Turn a stopped VM into a new image (its root changes and /root become the image).")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import time
 from contextlib import ExitStack
@@ -65,7 +64,8 @@ def view(row: dict) -> dict:
 
 
 def list_snapshots(ctx) -> list[dict]:
-    rows = ctx.store.query("SELECT * FROM snapshots ORDER BY created_at, name")
+    """User snapshots (templates are snapshots too: `banger template list` shows those)."""
+    rows = ctx.store.query("SELECT * FROM snapshots WHERE kind = 'user' ORDER BY created_at, name")
     for r in rows:
         r["meta"] = json.loads(r.get("meta") or "{}")
     return [view(r) for r in rows]
@@ -107,55 +107,68 @@ def create(ctx, vm_ref: str, name: str | None = None) -> dict:
         with ctx.locks.hold(f"snapshot/{name}", purpose="create"):
             if _row(ctx, name) is not None:
                 raise _taken(name)
-            final = ctx.cfg.snapshots_dir / name
-            if final.exists():
-                raise Conflict(f"{final} exists but no snapshot row names it",
+            if (ctx.cfg.snapshots_dir / name).exists():
+                raise Conflict(f"{ctx.cfg.snapshots_dir / name} exists but no snapshot row names it",
                                "run `banger gc` to remove orphaned directories, or pick another name")
-            staging = ctx.cfg.staging_dir / f"snapshot-{name}-{secrets.token_hex(4)}"
-            staging.mkdir(parents=True)
-            from banger.state.staging import OWNER_FILE, write_owner
+            from banger.state.staging import new_dir
 
-            write_owner(staging)  # a killed create leaves a staging dir `banger gc` can reclaim
-            published = False
+            staging = new_dir(ctx.cfg, f"snapshot-{name}")  # a killed create leaves what `banger gc` reclaims
             try:
-                meta = _capture(ctx, vm, h, staging)
+                meta = capture(ctx, vm, h, staging)
                 meta["create_ms"] = round((time.monotonic() - t0) * 1000, 1)
-                meta["size_bytes"] = _dir_size(staging)
-                atomic_write_json(staging / META, meta)
-                (staging / OWNER_FILE).unlink()
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(staging, final)
-                published = True
-                with ctx.store.immediate() as c:
-                    c.execute("INSERT INTO snapshots (name, vm_id, vm_name, backend, dir, meta, created_at) "
-                              "VALUES (?,?,?,?,?,?,?)",
-                              (name, vm["id"], vm["name"], vm["backend"], str(final), json.dumps(meta, sort_keys=True),
-                               time.time()))
             except BaseException:
-                shutil.rmtree(final if published else staging, ignore_errors=True)
+                shutil.rmtree(staging, ignore_errors=True)
                 raise
+            publish(ctx, name, staging, meta, vm=vm)
     return view(get(ctx, name))
 
 
-def _capture(ctx, vm: dict, h: dict, staging: Path) -> dict:
-    """Pause, write the VMM snapshot, copy the per-VM disks while paused, resume (always)."""
+def publish(ctx, name: str, staging: Path, meta: dict, *, vm, kind: str = "user") -> dict:
+    """Publish a filled staging dir as snapshot ``name`` (caller holds ``snapshot/<name>`` and has
+    checked the name is free): meta.json, rename into place, row insert. On failure nothing is left."""
+    from banger.state.staging import OWNER_FILE
+
+    final = ctx.cfg.snapshots_dir / name
+    published = False
+    try:
+        meta["size_bytes"] = _dir_size(staging)
+        atomic_write_json(staging / META, meta)
+        (staging / OWNER_FILE).unlink(missing_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staging, final)
+        published = True
+        with ctx.store.immediate() as c:
+            c.execute("INSERT INTO snapshots (name, vm_id, vm_name, backend, dir, meta, created_at, kind) "
+                      "VALUES (?,?,?,?,?,?,?,?)",
+                      (name, vm["id"], vm["name"], vm["backend"], str(final), json.dumps(meta, sort_keys=True),
+                       time.time(), kind))
+    except BaseException:
+        shutil.rmtree(final if published else staging, ignore_errors=True)
+        raise
+    return get(ctx, name)
+
+
+def capture(ctx, vm, h: dict, staging: Path, *, resume: bool = True, final: bool = False) -> dict:
+    """Pause, write the VMM snapshot, copy the per-VM disks while paused, then resume (always, unless
+    ``resume=False``: a template's builder VM is discarded paused; ``final`` tells the driver so)."""
     driver = vms.vm_driver(ctx, vm)
     d = vms.vm_dir(ctx, vm)
     copies = {}
     ctx.progress.step("pausing the guest and writing its memory")
     try:
-        vmm_meta = driver.snapshot(h, staging)
+        vmm_meta = driver.snapshot(h, staging, final=final)
         ctx.progress.step("copying the overlay and work disks")
         for f in DISKS:
             copies[f] = reflink_or_sparse_copy(d / f, staging / f)
         if (d / vms.KNOWN_HOSTS).exists():
             shutil.copyfile(d / vms.KNOWN_HOSTS, staging / KNOWN_HOSTS)
     finally:
-        try:
-            driver.resume(h)
-        except BangerError:
-            if vms.vmm_alive(ctx, vm, h):
-                raise
+        if resume:
+            try:
+                driver.resume(h)
+            except BangerError:
+                if vms.vmm_alive(ctx, vm, h):
+                    raise
     o = vm["options"] or {}
     return {"vmm": vmm_meta, "backend": vm["backend"], "vm_id": vm["id"], "vm_name": vm["name"],
             "image": vm["image"], "kernel": vm["kernel"], "vcpu": vm["vcpu"], "memory_mib": vm["memory_mib"],
@@ -237,7 +250,16 @@ def _release_snapshot(run):
 
 
 def _readdress(run):
+    from banger.guest import control
+
+    serial = vms.vm_dir(run.ctx, run.vm) / vms.SERIAL
+    offset = control.log_size(serial)
     vms.vm_driver(run.ctx, run.vm).send_console(run.handles, net_line(run.ctx, run.vm))
+    # SSH before the guest took its new MAC loses the first SYN (the NIC still filters on the old one)
+    # and costs a whole TCP retransmit timeout (1 s): wait for banger-init's answer first
+    sn = Subnet(run.ctx.cfg.subnet)
+    control.wait_text(serial, f"banger-init: net {run.vm['ip']}/{sn.prefixlen}", offset=offset,
+                      deadline=time.monotonic() + 10)
 
 
 def _check_snapshot(run):
@@ -289,6 +311,7 @@ def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = Tru
             raise vms.name_taken(name)
     o["creator"] = {"pid": os.getpid(), "start": procs.start_time(os.getpid())}
     o["restored_from"] = snapshot
+    o["made"] = {"how": "restore", "snapshot": snapshot}
     try:
         vm = reserve_vm(ctx.store, Subnet(ctx.cfg.subnet), name=name, image=meta.get("image"),
                         kernel=meta.get("kernel"), backend=snap["backend"], vcpu=meta["vcpu"],

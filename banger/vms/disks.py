@@ -58,6 +58,9 @@ def make_overlay_disk(ctx, vm, size_mib: int) -> None:
         os.chmod(key, 0o600)
         (src / "upper" / (HOST_KEY + ".pub")).write_text(pub + f" root@{vm['name']}\n")
         (src / "upper" / "etc" / "hostname").write_text(vm["name"] + "\n")
+        import secrets
+
+        (src / "upper" / "etc" / "machine-id").write_text(secrets.token_hex(16) + "\n")  # its own, like its key
         ext4.mkfs(d / OVERLAY, size_mib, src_dir=src, label="banger-overlay")
         (d / KNOWN_HOSTS).write_text(f"{vm['ip']} {pub}\n")
     finally:

@@ -54,6 +54,8 @@ def view(ctx, vm, *, stages: bool = False) -> dict:
     d["pid"] = h.get("pid") if st == RUNNING else None
     d["tap"] = h.get("tap") if st == RUNNING else None
     d["work_seed"] = (vm.get("options") or {}).get("work_seed")
+    made = (vm.get("options") or {}).get("made") or {}
+    d["made"] = {"how": "restore" if (vm.get("options") or {}).get("restored_from") else "cold", **made}
     if stages:
         rows = ctx.store.stages(vm["id"])
         d["stages"] = [{"op": r["op"], "stage": r["stage"], "started_at": r["started_at"],
@@ -63,12 +65,13 @@ def view(ctx, vm, *, stages: bool = False) -> dict:
     return d
 
 
-BOOT_OPS = ("create", "start", "restore")
+BOOT_OPS = ("create", "start", "restore", "claim", "fork", "pool-fill")
+VMM_READY = ("vmm.launch", "vmm.restore", "vmm.resume")
 
 
 def summarize_stages(stages: list[dict]) -> dict:
-    """For the latest create/start/restore: seconds from its first step to VMM-ready and to SSH-ready,
-    and the host-side milliseconds (every step but the guest's boot to SSH)."""
+    """For the latest create/start/restore/claim/fork: seconds from its first step to VMM-ready and to
+    SSH-ready, and the host-side milliseconds (every step but the guest's boot to SSH)."""
     runs: list[list[dict]] = []
     for s in stages:  # a run ends where the op changes or a step repeats
         if not runs or s["op"] != runs[-1][0]["op"] or s["stage"] in {x["stage"] for x in runs[-1]}:
@@ -82,7 +85,7 @@ def summarize_stages(stages: list[dict]) -> dict:
     out = {"op": run[0]["op"]}
     for s in run:
         end = s["started_at"] + (s["duration_ms"] or 0) / 1000
-        if s["stage"] == "vmm.launch" and s["ok"]:
+        if s["stage"] in VMM_READY and s["ok"]:
             out["vmm_ready_s"] = round(end - t0, 3)
         if s["stage"] == "guest.ssh" and s["ok"]:
             out["ssh_ready_s"] = round(end - t0, 3)
@@ -91,8 +94,14 @@ def summarize_stages(stages: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------- lookups
-def list_vms(ctx) -> list[dict]:
-    return [view(ctx, vm) for vm in ctx.store.list_vms()]
+def user_vm(vm) -> bool:
+    """Not warm-pool capacity and not a template's builder."""
+    return vm["state"] != "pooled" and (vm.get("options") or {}).get("role") not in ("pool", "template")
+
+
+def list_vms(ctx, *, all: bool = False) -> list[dict]:
+    """User VMs; ``all`` adds pooled clones and template builders."""
+    return [view(ctx, vm) for vm in ctx.store.list_vms(pooled=all) if all or user_vm(vm)]
 
 
 def show(ctx, ref: str) -> dict:
@@ -115,8 +124,13 @@ def resolve(ctx, *, image: str | None, kernel: str | None, backend: str | None):
 def create(ctx, *, name: str | None = None, image: str | None = None, kernel: str | None = None,
            backend: str | None = None, vcpu: int | None = None, memory_mib: int | None = None,
            overlay_size_mib: int | None = None, work_disk_size_mib: int | None = None, nat: bool | None = None,
-           start: bool = True, wait_ssh: bool = True, work_seed: bool = True, keep_ssh: bool = False):
-    """Create (and by default boot) a VM. Returns its view; with ``keep_ssh`` returns (view, transport)."""
+           start: bool = True, wait_ssh: bool = True, work_seed: bool = True, keep_ssh: bool = False,
+           cold: bool = False):
+    """Create (and by default boot) a VM. Returns its view; with ``keep_ssh`` returns (view, transport).
+
+    A create the warm VM pool can honour (booting, work seed, no NAT, a pooled clone of the template
+    for exactly this image, kernel, backend, size) claims that clone instead of booting
+    (banger.vmpool.service.claim); ``cold`` forces a boot."""
     from banger.state.reservation import reserve_vm
 
     cfg = ctx.cfg
@@ -144,10 +158,20 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
     if seed_mib > work_disk_size_mib:
         raise UsageError(f"--work-disk-size {work_disk_size_mib} MiB is smaller than the image's work seed "
                          f"({seed_mib} MiB)", "ask for a larger work disk")
+    if start and not cold and work_seed and not nat:
+        got = _claim(ctx, img, ker, be, name=name, vcpu=vcpu, memory_mib=memory_mib,
+                     overlay_size_mib=overlay_size_mib, work_disk_size_mib=work_disk_size_mib, wait_ssh=wait_ssh)
+        if got is not None:
+            out = view(ctx, ctx.store.vm_by_id(got.vm["id"]), stages=True)
+            if keep_ssh:
+                return out, got.transport
+            if got.transport is not None:
+                got.transport.close()
+            return out
     options = {"rootfs": str(img["rootfs"]), "work_seed": bool(work_seed and seed), "init": img.get("init"),
                "vmlinux": str(ker["vmlinux"]) if ker.get("vmlinux") else None,
                "bzimage": str(ker["bzimage"]) if ker.get("bzimage") else None, "initrd": str(ker["initrd"]),
-               "kernel_version": ker.get("version"),
+               "kernel_version": ker.get("version"), "made": {"how": "cold"},
                "creator": {"pid": os.getpid(), "start": procs.start_time(os.getpid())}}
 
     # phase 2: reserve (one BEGIN IMMEDIATE)
@@ -176,6 +200,19 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
     if run.transport is not None:
         run.transport.close()
     return out
+
+
+def _claim(ctx, img, ker, be, *, name, vcpu, memory_mib, overlay_size_mib, work_disk_size_mib, wait_ssh):
+    """A pooled clone of exactly this spec, claimed and up (the finished Run), or None (boot cold)."""
+    from banger.vmpool import service as vmpool
+
+    if not vmpool.has_pooled(ctx):  # the common case costs one indexed query
+        return None
+    from banger.templates.service import Spec
+
+    spec = Spec(ctx, img, ker, be, vcpu=vcpu, memory_mib=memory_mib, overlay_size_mib=overlay_size_mib,
+                work_disk_size_mib=work_disk_size_mib)
+    return vmpool.claim(ctx, spec, name=name, wait_ssh=wait_ssh)
 
 
 # ---------------------------------------------------------------- start / stop / restart

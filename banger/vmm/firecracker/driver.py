@@ -282,9 +282,10 @@ class FirecrackerDriver:
             os.close(fd)
 
     # ------------------------------------------------------------------ snapshots
-    def snapshot(self, handles: dict, dest: Path, *, resume: bool = False) -> dict:
+    def snapshot(self, handles: dict, dest: Path, *, resume: bool = False, final: bool = False) -> dict:
         """Pause the VM and write ``dest/vm.state`` + ``dest/vm.mem`` (Full). The VM stays paused unless
-        ``resume``; the caller copies the disks meanwhile."""
+        ``resume``; the caller copies the disks meanwhile. (``final``: the caller discards the VM after;
+        nothing changes here, Firecracker always writes a memory file of its own.)"""
         from banger.vmm.firecracker.api import FirecrackerApiError
 
         dest = Path(dest)

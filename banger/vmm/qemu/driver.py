@@ -10,6 +10,13 @@ unix socket answers status / stop / cont / quit / migration.
 Snapshots are QEMU migration streams written to a file descriptor handed over
 with QMP ``getfd`` (no ``exec:`` shell URIs); restore starts QEMU with
 ``-incoming defer`` and feeds the same kind of fd to ``migrate-incoming``.
+
+Shared guest memory (templates, forks): a VM launched with ``spec.extra["memory_file"] =
+{"path", "share": True}`` keeps its RAM in that file (``memory-backend-file,share=on``), and its
+snapshot (``x-ignore-shared``) holds only device state, with the RAM file beside it.  Clones
+restored from such a snapshot map the RAM file PRIVATELY (``share=off``): every clone reads the
+same page-cache pages and copies a page only when it writes it (copy-on-write across clones).
+``make_shareable`` turns an ordinary (full) snapshot into that form with a paused loader QEMU.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import signal
 import time
 from pathlib import Path
 
-from banger.errors import ExternalError, GuestTimeout
+from banger.errors import ExternalError, GuestTimeout, NotFound
 from banger.host import procs
 from banger.vmm.base import VmSpec
 
@@ -27,6 +34,13 @@ QMP_SOCK = "qmp.sock"
 SERIAL_SOCK = "serial.sock"
 VMM_LOG = "qemu.log"
 SNAPSHOT_FILE = "vmstate.bin"
+MEMORY_FILE = "memory.ram"          # guest RAM of a shared-memory snapshot
+FULL_STATE_FILE = "vmstate.full"    # a full stream kept only while make_shareable converts it
+
+
+def _opt(value) -> str:
+    """A value inside a QEMU -object/-drive option list (a comma is written twice)."""
+    return str(value).replace(",", ",,")
 
 
 def build_argv(spec: VmSpec, *, qemu_bin: str, accel: str, incoming: bool = False) -> list[str]:
@@ -35,9 +49,11 @@ def build_argv(spec: VmSpec, *, qemu_bin: str, accel: str, incoming: bool = Fals
     kernel = spec.vmlinux if spec.vmlinux and Path(spec.vmlinux).exists() else spec.bzimage
     if kernel is None:
         kernel = spec.vmlinux
+    mem = (spec.extra or {}).get("memory_file")
+    machine = "microvm,acpi=on,pit=on,pic=on,rtc=on" + (",memory-backend=microvm.ram" if mem else "")
     argv = [qemu_bin,
             "-name", f"banger-{spec.name},debug-threads=off",
-            "-M", "microvm,acpi=on,pit=on,pic=on,rtc=on",
+            "-M", machine,
             "-accel", "kvm" if accel == "kvm" else "tcg",
             "-cpu", "host" if accel == "kvm" else "max",
             "-smp", str(spec.vcpu),
@@ -52,6 +68,9 @@ def build_argv(spec: VmSpec, *, qemu_bin: str, accel: str, incoming: bool = Fals
             "-qmp", f"unix:{run / QMP_SOCK},server=on,wait=off",
             "-object", "rng-random,id=rng0,filename=/dev/urandom",
             "-device", "virtio-rng-device,rng=rng0"]
+    if mem:
+        argv += ["-object", f"memory-backend-file,id=microvm.ram,size={spec.memory_mib}M,mem-path={_opt(mem['path'])},"
+                            f"share={'on' if mem.get('share') else 'off'}"]
     for d in spec.drives:
         opts = f"file={d.path},if=none,id={d.drive_id},format=raw,cache=unsafe,discard=unmap"
         if d.read_only:
@@ -60,6 +79,13 @@ def build_argv(spec: VmSpec, *, qemu_bin: str, accel: str, incoming: bool = Fals
     if spec.tap:
         argv += ["-netdev", f"tap,id=net0,ifname={spec.tap},script=no,downscript=no",
                  "-device", f"virtio-net-device,netdev=net0,mac={spec.mac}"]
+    elif (spec.extra or {}).get("loader_tap"):
+        # a loader (make_shareable) needs the same NIC model with a vnet_hdr backend, but no network:
+        # QEMU creates this TAP itself and it vanishes with the process (never on a bridge)
+        argv += ["-netdev", f"tap,id=net0,ifname={spec.extra['loader_tap']},script=no,downscript=no",
+                 "-device", f"virtio-net-device,netdev=net0,mac={spec.mac}"]
+    if (spec.extra or {}).get("paused"):
+        argv += ["-S"]
     if incoming:
         argv += ["-incoming", "defer"]
     return argv
@@ -103,6 +129,9 @@ class QemuDriver:
         handles = {"backend": self.name, "pid": pid, "pid_start": start, "qmp": str(run / QMP_SOCK),
                    "serial_sock": str(run / SERIAL_SOCK), "serial_log": str(spec.serial_log),
                    "vmm_log": str(log), "tap": spec.tap, "run_dir": str(run), "argv": argv}
+        mem = (spec.extra or {}).get("memory_file")
+        if mem and mem.get("share"):
+            handles["memory_file"] = str(mem["path"])  # the guest's RAM lives in this file (snapshot())
         return handles
 
     def _wait_qmp(self, handles: dict, timeout: float = 30.0):
@@ -225,61 +254,171 @@ class QemuDriver:
                 raise GuestTimeout(f"QEMU {what} did not finish within {timeout:g}s", "try again")
             time.sleep(0.05)
 
-    def snapshot(self, handles: dict, dest: Path) -> dict:
-        """Pause the VM and write its device + memory state to ``dest/vmstate.bin`` (the VM stays paused)."""
+    @staticmethod
+    def _ignore_shared(q, on: bool = True) -> None:
+        """Set x-ignore-shared explicitly: a clone restored with it on keeps it on, and a full snapshot of
+        that clone must then say off (the destination refuses a stream whose capabilities differ)."""
+        q.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": on}]})
+
+    def _migrate_out(self, q, out: Path, *, ignore_shared: bool) -> None:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            self._ignore_shared(q, ignore_shared)
+            q.execute("getfd", {"fdname": "bangersnap"}, fds=[fd])
+            os.close(fd)
+            fd = -1
+            q.execute("migrate", {"uri": "fd:bangersnap"})
+            self._migrate_wait(q, "snapshot", 600)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def snapshot(self, handles: dict, dest: Path, *, final: bool = False) -> dict:
+        """Pause the VM and write its device + memory state to ``dest/vmstate.bin`` (the VM stays paused).
+
+        A VM whose RAM is a shared file (``handles["memory_file"]``) writes device state only and its RAM
+        file goes beside it: moved when ``final`` (the caller discards the VM, so the file never changes
+        again), else flushed and copied while the VM is paused."""
         from banger.vmm.qemu.qmp import Qmp
 
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         out = dest / SNAPSHOT_FILE
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        mem = handles.get("memory_file")
         try:
             with Qmp(handles["qmp"], timeout=30).connect() as q:
                 if q.status() == "running":
                     q.execute("stop")
-                q.execute("getfd", {"fdname": "bangersnap"}, fds=[fd])
-                os.close(fd)
-                fd = -1
-                q.execute("migrate", {"uri": "fd:bangersnap"})
-                self._migrate_wait(q, "snapshot", 600)
+                self._migrate_out(q, out, ignore_shared=bool(mem))
+            if mem:
+                if final:
+                    try:
+                        os.rename(mem, dest / MEMORY_FILE)
+                    except OSError as e:  # EXDEV: the RAM file lives on a tmpfs
+                        import errno
+
+                        if e.errno != errno.EXDEV:
+                            raise
+                        from banger.host.fsutil import reflink_or_sparse_copy
+
+                        reflink_or_sparse_copy(mem, dest / MEMORY_FILE)
+                        os.unlink(mem)
+                else:
+                    from banger.host.fsutil import reflink_or_sparse_copy
+
+                    fd = os.open(mem, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)  # pages the guest dirtied through the shared mapping reach the file
+                    finally:
+                        os.close(fd)
+                    reflink_or_sparse_copy(mem, dest / MEMORY_FILE)
         except BaseException:
             out.unlink(missing_ok=True)
+            (dest / MEMORY_FILE).unlink(missing_ok=True)
             raise
-        finally:
-            if fd >= 0:
-                os.close(fd)
-        return {"backend": self.name, "files": {"state": SNAPSHOT_FILE}, "state_bytes": out.stat().st_size,
+        meta = {"backend": self.name, "files": {"state": SNAPSHOT_FILE}, "state_bytes": out.stat().st_size,
                 "argv_accel": self._accel()}
+        if mem:
+            meta.update(files={"state": SNAPSHOT_FILE, "memory": MEMORY_FILE}, memory_file=MEMORY_FILE,
+                        ignore_shared=True)
+        return meta
+
+    def _incoming(self, q, fd: int, *, ignore_shared: bool, resume: bool, deadline: float) -> None:
+        self._ignore_shared(q, ignore_shared)
+        q.execute("getfd", {"fdname": "bangerrestore"}, fds=[fd])
+        q.execute("migrate-incoming", {"uri": "fd:bangerrestore"})
+        while True:
+            st = q.status()
+            if st == "running":
+                if not resume:
+                    q.execute("stop")
+                return
+            if st == "paused" and q.execute("query-migrate").get("status") == "completed":
+                if resume:
+                    q.execute("cont")
+                return
+            if st not in ("inmigrate", "paused", "prelaunch", "restore-vm", "finish-migrate"):
+                raise ExternalError(f"QEMU restore ended in state {st!r}",
+                                    "the snapshot may be from another QEMU version")
+            if time.monotonic() >= deadline:
+                raise GuestTimeout("QEMU restore did not finish within 600s", "try again")
+            time.sleep(0.01)
 
     def restore(self, spec: VmSpec, snapshot_dir: Path, meta: dict, progress=None) -> dict:
-        """Start QEMU with ``-incoming defer`` and feed it the migration stream; the VM resumes running."""
+        """Start QEMU with ``-incoming defer`` and feed it the migration stream; the VM resumes running.
 
+        A shared-memory snapshot (``meta["memory_file"]``) maps its RAM file privately (copy-on-write:
+        clones of one snapshot share every page none of them wrote) and loads device state only."""
+        t0 = time.monotonic()
+        sdir = Path(snapshot_dir)
+        mem = meta.get("memory_file")
+        if mem:
+            if not (sdir / mem).is_file():
+                raise NotFound(f"snapshot memory file missing: {sdir / mem}",
+                               "the snapshot is incomplete; delete and re-create it")
+            spec.extra = {**(spec.extra or {}), "memory_file": {"path": str(sdir / mem), "share": False}}
         argv = build_argv(spec, qemu_bin=self.cfg.qemu_bin, accel=self._accel(), incoming=True)
         handles = self._spawn(spec, argv)
+        timings = {}
         try:
-            fd = os.open(Path(snapshot_dir) / meta.get("files", {}).get("state", SNAPSHOT_FILE), os.O_RDONLY)
+            fd = os.open(sdir / meta.get("files", {}).get("state", SNAPSHOT_FILE), os.O_RDONLY)
             try:
                 with self._wait_qmp(handles) as q:
-                    q.execute("getfd", {"fdname": "bangerrestore"}, fds=[fd])
-                    q.execute("migrate-incoming", {"uri": "fd:bangerrestore"})
-                    deadline = time.monotonic() + 600
-                    while True:
-                        st = q.status()
-                        if st == "running":
-                            break
-                        if st == "paused" and q.execute("query-migrate").get("status") == "completed":
-                            q.execute("cont")
-                            break
-                        if st not in ("inmigrate", "paused", "prelaunch", "restore-vm", "finish-migrate"):
-                            raise ExternalError(f"QEMU restore ended in state {st!r}",
-                                                "the snapshot may be from another QEMU version")
-                        if time.monotonic() >= deadline:
-                            raise GuestTimeout("QEMU restore did not finish within 600s", "try again")
-                        time.sleep(0.05)
+                    timings["vmm_ready_ms"] = round((time.monotonic() - t0) * 1000, 1)
+                    self._incoming(q, fd, ignore_shared=bool(mem), resume=True, deadline=time.monotonic() + 600)
             finally:
                 os.close(fd)
         except BaseException:
             self.kill(handles)
             raise
+        timings["total_ms"] = round((time.monotonic() - t0) * 1000, 1)
+        handles.update(restored_from=str(sdir), mem_backend="file-private" if mem else "stream",
+                       restore_timings=timings)
         return handles
+
+    def make_shareable(self, spec: VmSpec, snapshot_dir: Path, meta: dict, progress=None, *,
+                       memory_path: Path | None = None) -> dict:
+        """Turn a full snapshot in ``snapshot_dir`` into a shared-memory one (restore's module doc).
+
+        A loader QEMU (paused, never runs the guest; RAM = ``snapshot_dir/memory.ram`` shared) loads the
+        full stream, then writes device state only (``x-ignore-shared``) as the new vmstate.bin.
+        ``spec`` describes the snapshot's VM (same devices; its drives are only opened).  The RAM file
+        goes to ``memory_path`` (default beside the state; a tmpfs path makes the load several times
+        faster: every first write to a page of a shared ext4 mapping allocates a block)."""
+        from banger.vmm.qemu.qmp import Qmp
+
+        if meta.get("memory_file"):
+            return meta
+        sdir = Path(snapshot_dir)
+        mem = Path(memory_path) if memory_path else sdir / MEMORY_FILE
+        state = sdir / meta.get("files", {}).get("state", SNAPSHOT_FILE)
+        full = sdir / FULL_STATE_FILE
+        os.rename(state, full)
+        spec.extra = {**(spec.extra or {}), "memory_file": {"path": str(mem), "share": True},
+                      "paused": True, "loader_tap": f"bgl{os.urandom(4).hex()}"}
+        spec.tap = None
+        argv = build_argv(spec, qemu_bin=self.cfg.qemu_bin, accel=self._accel(), incoming=True)
+        handles = self._spawn(spec, argv)
+        try:
+            fd = os.open(full, os.O_RDONLY)
+            try:
+                with self._wait_qmp(handles) as q:
+                    self._incoming(q, fd, ignore_shared=False, resume=False, deadline=time.monotonic() + 600)
+            finally:
+                os.close(fd)
+            with Qmp(handles["qmp"], timeout=30).connect() as q:
+                self._migrate_out(q, sdir / SNAPSHOT_FILE, ignore_shared=True)
+        except BaseException as e:
+            os.replace(full, state)
+            mem.unlink(missing_ok=True)
+            if isinstance(e, ExternalError):
+                raise ExternalError(f"the loader QEMU could not make the snapshot's memory shareable: {e.message}\n"
+                                    f"{log_tail(Path(handles['vmm_log']))}", e.hint) from None
+            raise
+        finally:
+            self.kill(handles)
+        full.unlink()
+        name = mem.name if mem.parent == sdir else str(mem)
+        return {**meta, "files": {"state": SNAPSHOT_FILE, "memory": name}, "memory_file": name,
+                "ignore_shared": True, "state_bytes": (sdir / SNAPSHOT_FILE).stat().st_size}
 
