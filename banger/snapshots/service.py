@@ -220,7 +220,8 @@ def net_line(ctx, vm: dict) -> str:
 
 
 # the restore plan: the boot plan with the disk steps replaced by a copy of the snapshot's disks,
-# the launch replaced by a VMM restore, and the re-address step inserted after it
+# the launch replaced by a VMM restore, and the re-address step inserted after it (the TAP kept down
+# from before the restore until the guest took its new MAC: net.isolate / net.join)
 def _copy_disks(run):
     d = vms.vm_dir(run.ctx, run.vm)
     for f in run.meta.get("disks", DISKS):
@@ -262,6 +263,33 @@ def _readdress(run):
                       deadline=time.monotonic() + 10)
 
 
+def set_link_up(name: str, up: bool) -> None:
+    """IFF_UP on/off through SIOCSIFFLAGS (one ioctl; no pyroute2 on this path)."""
+    import fcntl
+    import socket
+    import struct
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        ifr = struct.pack("16sH22x", name.encode()[:15], 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(sock.fileno(), 0x8913, ifr))[1]  # SIOCGIFFLAGS
+        flags = flags | 0x1 if up else flags & ~0x1
+        fcntl.ioctl(sock.fileno(), 0x8914, struct.pack("16sH22x", name.encode()[:15], flags))  # SIOCSIFFLAGS
+    finally:
+        sock.close()
+
+
+def _isolate(run):
+    """Until it is told its new address, a clone still sends with its source's MAC: on the bridge that would
+    teach the FDB to send the source's (or the template builder's slot's) traffic to the clone's port.
+    Its TAP stays down until then (the console, not the network, carries the new address)."""
+    set_link_up(run.tap, False)
+
+
+def _join(run):
+    set_link_up(run.tap, True)
+
+
 def _check_snapshot(run):
     if _row(run.ctx, run.snapshot) is None:
         raise NotFound(f"snapshot {run.snapshot!r} was removed meanwhile", "pick another snapshot")
@@ -275,11 +303,13 @@ def restore_plan(*, wait_ssh: bool = True):
             .insert_before("prepare", Step("snapshot.check", _check_snapshot))
             .replace("disk.work", Step("disk.copy", _copy_disks, _uncopy_disks, "copying disks"))
             .without("disk.overlay")
+            .insert_after("net.tap", Step("net.isolate", _isolate, _join))
             .replace("vmm.launch",
                      Step("vmm.restore", _vmm_restore, plans.unlaunch,
                           lambda run: f"restoring with {run.vm['backend']}"),
                      Step("snapshot.release", _release_snapshot),
-                     Step("guest.net", _readdress, None, "giving the guest its new address")))
+                     Step("guest.net", _readdress, None, "giving the guest its new address"),
+                     Step("net.join", _join, None)))
 
 
 def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = True) -> dict:

@@ -51,6 +51,9 @@ def tell(run, line_for_nonce, what: str) -> dict:
     ans = control.wait_answer(serial, nonce, offset=offset, deadline=time.monotonic() + IDENTITY_TIMEOUT_S,
                               alive=lambda: _alive(run))
     run.answers = [*getattr(run, "answers", []), {"what": what, **ans}]
+    # `vm show` says how the clone's entropy was renewed (reseeded: credited + CRNG reseeded; mixed: no perl)
+    run.ctx.store.execute("UPDATE vms SET options = json_set(options, '$.made.rng', ?) WHERE id = ?",
+                          (ans.get("rng"), run.vm["id"]))
     return ans
 
 
