@@ -148,15 +148,17 @@ def publish(ctx, name: str, staging: Path, meta: dict, *, vm, kind: str = "user"
     return get(ctx, name)
 
 
-def capture(ctx, vm, h: dict, staging: Path, *, resume: bool = True, final: bool = False) -> dict:
+def capture(ctx, vm, h: dict, staging: Path, *, resume: bool = True, final: bool = False,
+            memory_path: Path | None = None) -> dict:
     """Pause, write the VMM snapshot, copy the per-VM disks while paused, then resume (always, unless
-    ``resume=False``: a template's builder VM is discarded paused; ``final`` tells the driver so)."""
+    ``resume=False``: a template's builder VM is discarded paused; ``final`` tells the driver so).
+    ``memory_path``: where the guest's RAM goes (a fork puts it on a tmpfs; default in ``staging``)."""
     driver = vms.vm_driver(ctx, vm)
     d = vms.vm_dir(ctx, vm)
     copies = {}
     ctx.progress.step("pausing the guest and writing its memory")
     try:
-        vmm_meta = driver.snapshot(h, staging, final=final)
+        vmm_meta = driver.snapshot(h, staging, final=final, memory_path=memory_path)
         ctx.progress.step("copying the overlay and work disks")
         for f in DISKS:
             copies[f] = reflink_or_sparse_copy(d / f, staging / f)

@@ -60,7 +60,13 @@ def tell(run, line_for_nonce, what: str) -> dict:
 # ---------------------------------------------------------------- steps
 def _identity(run):
     """Address, hostname, host key, machine-id, clock and entropy of a new clone."""
+    import logging
+
     from banger.guest.names import Subnet
+
+    # sshd re-executes to load the new key: SSH attempts meanwhile are refused and retried; paramiko's
+    # transport thread would print each refusal on stderr (Python's last-resort log handler)
+    logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
     vm = run.vm
     ident = control.Identity.new(vm["name"])

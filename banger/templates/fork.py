@@ -5,11 +5,12 @@
 2. Reserve the N rows, then run ``fork_plan`` (banger.templates.clone) for each clone in its own
    thread (each with its own Ctx: its own SQLite connection), under each clone's ``vm/<id>``.  The
    plans copy disks and claim TAPs while
-3. the main thread makes the snapshot's memory shareable where the backend needs it: QEMU loads the
-   full stream once into a RAM file on a tmpfs and rewrites the state as device-only
-   (``make_shareable``), so every clone maps that one file privately (copy-on-write).  Firecracker
-   needs nothing: its File backend maps the memory file privately already (``BANGER_UFFD=0``); with
-   UFFD each clone's handler copies pages into the clone's own anonymous memory (no sharing).
+3. the guest's RAM goes to a file on a tmpfs that every clone maps privately (copy-on-write).  QEMU: a
+   booted source's RAM is a memfd, copied (sparse) while it is paused, beside a device-only state; a
+   restored source's is a private mapping, so its full stream is loaded once by a loader QEMU into the
+   file and the state rewritten device-only (``make_shareable``, in the main thread while the clone
+   plans copy disks).  Firecracker writes its memory file there; its File backend maps it privately
+   (``BANGER_UFFD=0``); with UFFD each clone's handler copies pages into the clone's own memory.
 4. The clones restore (``fork.wait`` lets them past once 3 is done), take their own identity and
    answer SSH.  The staging dir and RAM file are removed at the end: a running clone keeps the pages
    it mapped, and nothing else needs them.
@@ -116,7 +117,8 @@ def fork(ctx, src_ref: str, *, count: int = 1, prefix: str | None = None, wait_s
                 raise InvalidState(f"VM {src['name']} is {st}; only a running VM can be forked",
                                    f"start it first: banger vm start {src['name']}")
             ctx.progress.step(f"snapshotting {src['name']}")
-            meta = snapshots.capture(ctx, src, h, staging)
+            ram_path = ram.new_path(ctx.cfg, "fork")  # (a booted QEMU VM's RAM is copied here, on a tmpfs)
+            meta = snapshots.capture(ctx, src, h, staging, memory_path=ram_path)
         timings["snapshot_ms"] = round((time.monotonic() - t0) * 1000, 1)
         made = {"how": "fork", "source": src["name"], "fork": fork_id}
         for n in names:
@@ -128,9 +130,8 @@ def fork(ctx, src_ref: str, *, count: int = 1, prefix: str | None = None, wait_s
             t.start()
             threads.append(t)
         try:
-            if src["backend"] == "qemu":
+            if src["backend"] == "qemu" and not meta["vmm"].get("memory_file"):  # a full stream (a restored VM)
                 ts = time.monotonic()
-                ram_path = ram.new_path(ctx.cfg, "fork")
                 meta["vmm"] = rt.vm_driver(ctx, src).make_shareable(_loader_spec(ctx, src, staging, fork_id),
                                                                     staging, meta["vmm"], memory_path=ram_path)
                 timings["shareable_ms"] = round((time.monotonic() - ts) * 1000, 1)

@@ -11,9 +11,9 @@ rebuilt by the next ``ensure``.
 
 Building (``ensure``) is single-flight per key under ``template/<key>``: one process builds, the
 others wait and reuse its result.  The build is a plan edited from the boot plan (``build_plan``):
-a builder VM boots cold (QEMU: its RAM in a shared tmpfs file, see banger.vmm.qemu.driver), waits
+a builder VM boots cold (QEMU: its RAM in a memfd, see banger.vmm.qemu.driver), waits
 for SSH, checks that banger-init answers the clone control line (banger.guest.control), is captured
-paused (QEMU: device state + the RAM file; Firecracker: vm.state + vm.mem) and discarded.  The
+paused (QEMU: device state + a copy of its shared RAM; Firecracker: vm.state + vm.mem) and discarded.  The
 snapshot is published as a snapshot of kind ``template`` plus a ``templates`` row.
 
 Lock order (ARCHITECTURE.md): vmpool -> template -> vm -> snapshot -> image/kernel -> pool -> hostnet.
@@ -261,29 +261,6 @@ def ensure(ctx, spec: Spec, *, wait_ssh: bool = True, rebuild: bool = False) -> 
     return {**view(ctx, t, stale=False), "built": True}
 
 
-def _launch_shared(run):
-    """vmm.launch for a builder: as the boot plan's, but QEMU keeps the guest's RAM in a shared tmpfs file
-    (the snapshot then needs only device state, and clones map the RAM file privately)."""
-    from banger.templates import ram
-    from banger.vms import runtime as rt
-
-    spec = rt.vm_spec(run.ctx, run.vm, run.tap)
-    if run.vm["backend"] == "qemu":
-        run.ram = ram.new_path(run.ctx.cfg, "tpl")
-        spec.extra["memory_file"] = {"path": str(run.ram), "share": True}
-    rt.run_dir(run.ctx, run.vm).mkdir(parents=True, exist_ok=True)
-    run.handles = rt.vm_driver(run.ctx, run.vm).launch(spec, run.ctx.progress)
-    rt.save_handles(run.ctx, run.vm, run.handles)
-
-
-def _unlaunch_shared(run):
-    from banger.vms import plans
-
-    plans.unlaunch(run)
-    if getattr(run, "ram", None) is not None:
-        Path(run.ram).unlink(missing_ok=True)
-
-
 def _ready(run):
     """The guest answers the clone control line (an image built by an older banger would not), and no
     SSH session of ours is in the memory we capture."""
@@ -331,12 +308,12 @@ def _uncapture(run):
 
 
 def build_plan(*, wait_ssh: bool = True):
-    """boot plan -> launch with shared RAM -> SSH -> guest.ready -> template.capture."""
+    """boot plan -> SSH -> guest.ready -> template.capture (QEMU: device state + the RAM, the booted VM's
+    RAM being shared memory; Firecracker: vm.state + vm.mem)."""
     from banger.vms import plans
     from banger.vms.plan import Step
 
-    plan = plans.boot_plan("template", wait_ssh=wait_ssh).replace(
-        "vmm.launch", Step("vmm.launch", _launch_shared, _unlaunch_shared, lambda run: f"booting {run.vm['backend']}"))
+    plan = plans.boot_plan("template", wait_ssh=wait_ssh)
     return plan.insert_after(plan.names()[-1], Step("guest.ready", _ready, None, "checking the guest's init"),
                              Step("template.capture", _capture, _uncapture, "capturing the template"))
 
