@@ -208,6 +208,8 @@ def claim(ctx, spec, *, name: str | None = None, wait_ssh: bool = True):
             threading.Thread(target=_import_paramiko, daemon=True).start()
         with ctx.locks.hold(f"vm/{vm['id']}", purpose="claim"):
             vm = ctx.store.vm_by_id(vm["id"])
+            if vm is None:  # deleted (`vm delete` of the pooled row) between the update and the lock
+                continue
             if not rt.vmm_alive(ctx, vm):  # died while pooled: drop it, take the next
                 rt.destroy_vm(ctx, vm)
                 continue

@@ -216,10 +216,17 @@ def _claim(ctx, img, ker, be, *, name, vcpu, memory_mib, overlay_size_mib, work_
 
 
 # ---------------------------------------------------------------- start / stop / restart
+def _not_pooled(vm) -> None:
+    if vm["state"] in ("pooled", "claiming"):
+        raise InvalidState(f"VM {vm['name']} is warm-pool capacity ({vm['state']}), not a VM of yours",
+                           "vm create claims it; banger pool drain --vms removes the pool")
+
+
 def start(ctx, ref: str, *, wait_ssh: bool = True, keep_ssh: bool = False):
     from banger.vms import plan, plans
 
     vm = get(ctx, ref)
+    _not_pooled(vm)
     with ctx.locks.hold(f"vm/{vm['id']}", purpose="start"):
         vm = get(ctx, vm["id"])
         st = effective_state(ctx, vm)
@@ -272,6 +279,7 @@ def _graceful_shutdown(ctx, vm, h: dict, timeout: float) -> bool:
 
 def stop(ctx, ref: str, *, force: bool = False, timeout: float | None = None) -> dict:
     vm = get(ctx, ref)
+    _not_pooled(vm)
     with ctx.locks.hold(f"vm/{vm['id']}", purpose="stop"):
         vm = get(ctx, vm["id"])
         _stop_locked(ctx, vm, force=force, timeout=timeout)
