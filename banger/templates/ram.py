@@ -33,16 +33,19 @@ def _is_tmpfs(path: Path) -> bool:
         return False
 
 
-def ram_dir(cfg) -> Path:
+def _where(cfg) -> Path:
     run = Path(cfg.run)
-    run.mkdir(parents=True, exist_ok=True)
-    if _is_tmpfs(run):
-        d = run / "ram"
-    elif Path("/dev/shm").is_dir() and _is_tmpfs(Path("/dev/shm")):
+    if run.is_dir() and _is_tmpfs(run):
+        return run / "ram"
+    if Path("/dev/shm").is_dir() and _is_tmpfs(Path("/dev/shm")):
         tag = hashlib.sha256(str(Path(cfg.home).resolve()).encode()).hexdigest()[:12]
-        d = Path("/dev/shm") / f"banger-{os.getuid()}-{tag}"
-    else:
-        d = run / "ram"
+        return Path("/dev/shm") / f"banger-{os.getuid()}-{tag}"
+    return run / "ram"
+
+
+def ram_dir(cfg) -> Path:
+    Path(cfg.run).mkdir(parents=True, exist_ok=True)
+    d = _where(cfg)
     try:
         d.mkdir(mode=0o700)
     except FileExistsError:
@@ -64,9 +67,8 @@ def stale(cfg) -> list[Path]:
     """RAM files whose creating process is gone (for gc)."""
     out = []
     try:
-        d = ram_dir(cfg)
-        entries = list(d.iterdir())
-    except OSError:
+        entries = list(_where(cfg).iterdir())
+    except OSError:  # none made yet
         return out
     for p in entries:
         parts = p.name.removesuffix(".ram").rsplit("-", 3)

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -388,3 +389,26 @@ def test_fork_of_a_stopped_vm_and_bad_input(fcpool):
     assert sorted(v["name"] for v in ns.banger_json("vm", "list")["data"]) == ["fsrc", "taken-1"]
     staging = ns.home / "staging"
     assert not staging.exists() or not any(staging.iterdir())
+
+
+def test_gc_removes_shared_ram_files_of_dead_processes(fcpool):
+    ns = fcpool
+    d = Path(ns.call("str(__import__('banger.templates.ram', fromlist=['x']).ram_dir(ctx.cfg))")["value"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = d / f"fork-{dead.pid}-{procs.start_time(os.getpid())}-abcdef.ram"
+    stale.write_bytes(b"\0" * 4096)
+    live = d / f"fork-{os.getpid()}-{procs.start_time(os.getpid())}-abcdef.ram"
+    live.write_bytes(b"\0" * 4096)
+    other = d / "not-ours.txt"
+    other.write_text("x")
+    try:
+        dry = ns.banger_json("gc", "--dry-run")["data"]
+        assert str(stale) in dry["staging"] and stale.exists()
+        g = ns.banger_json("gc")["data"]
+        assert str(stale) in g["staging"] and str(live) not in g["staging"]
+        assert not stale.exists() and live.exists() and other.exists()
+    finally:
+        for p in (stale, live, other):
+            p.unlink(missing_ok=True)
+        d.rmdir()
