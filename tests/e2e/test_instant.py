@@ -93,7 +93,7 @@ def test_pool_claims_are_distinct_stale_templates_unused_and_fork(vmenv):
     assert [x["name"] for x in f["clones"]] == ["fk-1", "fk-2", "fk-3"] and not f["failed"]
     probes = [_probe(env, x["name"]) for x in f["clones"]]
     for x, p in zip(f["clones"], probes, strict=True):
-        assert x["made"]["how"] == "fork" and x["made"]["source"] == "inst-a"
+        assert x["made"]["how"] == "fork" and x["made"]["source"] == "inst-a" and x["made"]["rng"] == "reseeded"
         assert p["hostname"] == p["etc_hostname"] == x["name"] and p["ip"] == f"{x['ip']}/24"
         assert abs(p["clock_skew"]) < 1.0 + p["rtt"] / 2, p
         # the fork carries the source's memory and disks as they were: a-only is there, in each
