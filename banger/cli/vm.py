@@ -37,6 +37,8 @@ AllowOpt = Annotated[list[str] | None, typer.Option(
          "or a host service, e.g. --allow 10.0.0.0/8 --allow 172.30.0.1:5432.")]
 TtlOpt = Annotated[str | None, typer.Option(
     "--ttl", metavar="DURATION", help="Expire after this long (30m, 90s, 2h, 1d): banger gc deletes it.")]
+ColdOpt = Annotated[bool, typer.Option("--cold", help="Boot a new VM even when the warm VM pool has a matching "
+                                                      "clone (banger pool warm --vms N keeps some).")]
 
 
 def parse_mib(value: str | None, flag: str) -> int | None:
@@ -101,6 +103,8 @@ def _render_vm(v: dict) -> None:
     if v.get("expires_at"):
         kv["expires"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["expires_at"])) + f" ({v['ttl']})"
     print_kv(kv, title=v["name"])
+    if v.get("made"):
+        print_kv({k: x for k, x in v["made"].items() if x is not None}, title="made")
     if v.get("timings"):
         print_kv(v["timings"], title="timings")
     if v.get("stages"):
@@ -109,8 +113,15 @@ def _render_vm(v: dict) -> None:
                       (s["error"] or "")[:80]] for s in v["stages"]], title="stages")
 
 
+def _pool_claim():
+    """The warm VM pool's claim, which `vm create` asks before it boots (the pool sits above the lifecycle)."""
+    from banger.vmpool import service as vmpool
+
+    return vmpool.claim_for_create
+
+
 def _create_kwargs(image, kernel, name, vcpu, memory, overlay_size, work_disk_size, nat, backend, no_work_seed,
-                   publish=None, net=None, allow=None, ttl=None):
+                   publish=None, net=None, allow=None, ttl=None, cold=False):
     _check_flags(name, backend)
     for flag, val in (("--image", image), ("--kernel", kernel)):
         if val is not None:
@@ -120,7 +131,8 @@ def _create_kwargs(image, kernel, name, vcpu, memory, overlay_size, work_disk_si
     return dict(image=image, kernel=kernel, name=name, vcpu=parse_vcpu(vcpu), memory_mib=parse_mib(memory, "--memory"),
                 overlay_size_mib=parse_mib(overlay_size, "--overlay-size"),
                 work_disk_size_mib=parse_mib(work_disk_size, "--work-disk-size"), nat=nat or None,
-                backend=backend, work_seed=not no_work_seed, publish=publish, net=net, allow=allow, ttl=ttl)
+                backend=backend, work_seed=not no_work_seed, publish=publish, net=net, allow=allow, ttl=ttl,
+                cold=cold)
 
 
 @app.command(help="Create a VM (and start it, waiting for SSH, unless --no-start).")
@@ -128,6 +140,7 @@ def create(image: ImageOpt = None, kernel: KernelOpt = None, name: NameOpt = Non
            memory: MemOpt = None, overlay_size: OverlayOpt = None, work_disk_size: WorkOpt = None,
            nat: NatOpt = False, backend: BackendOpt = None, no_work_seed: NoSeedOpt = False,
            publish: PublishOpt = None, net: NetModeOpt = None, allow: AllowOpt = None, ttl: TtlOpt = None,
+           cold: ColdOpt = False,
            no_start: Annotated[bool, typer.Option("--no-start", help="Only build the disks.")] = False,
            no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not wait for SSH.")] = False,
            from_snapshot: Annotated[str | None, typer.Option(
@@ -143,7 +156,7 @@ def create(image: ImageOpt = None, kernel: KernelOpt = None, name: NameOpt = Non
                                     ("--overlay-size", overlay_size), ("--work-disk-size", work_disk_size),
                                     ("--backend", backend), ("--no-work-seed", no_work_seed),
                                     ("--no-start", no_start), ("--nat", nat), ("--net", net), ("--allow", allow),
-                                    ("--ttl", ttl)) if v]
+                                    ("--ttl", ttl), ("--cold", cold)) if v]
             if given:
                 from banger.errors import UsageError
 
@@ -155,8 +168,8 @@ def create(image: ImageOpt = None, kernel: KernelOpt = None, name: NameOpt = Non
             _check_flags(name, None)
             return snapshots.restore(ctx, from_snapshot, name=name, wait_ssh=not no_wait, publish=publish)
         kw = _create_kwargs(image, kernel, name, vcpu, memory, overlay_size, work_disk_size, nat, backend,
-                            no_work_seed, publish, net, allow, ttl)
-        return vms.create(ctx, start=not no_start, wait_ssh=not no_wait, **kw)
+                            no_work_seed, publish, net, allow, ttl, cold)
+        return vms.create(ctx, start=not no_start, wait_ssh=not no_wait, claim=_pool_claim(), **kw)
 
     emit(go, json_out=json_out, render=lambda v: say(f"{v['name']} {v['state']} {v['ip']}"
                                                        f" (ssh ready in {v['timings'].get('ssh_ready_s', '-')}s)"
@@ -182,6 +195,7 @@ def run(cmd: Cmd = None, image: ImageOpt = None, kernel: KernelOpt = None, name:
         vcpu: VcpuOpt = None, memory: MemOpt = None, overlay_size: OverlayOpt = None, work_disk_size: WorkOpt = None,
         nat: NatOpt = False, backend: BackendOpt = None, no_work_seed: NoSeedOpt = False,
         publish: PublishOpt = None, net: NetModeOpt = None, allow: AllowOpt = None, ttl: TtlOpt = None,
+        cold: ColdOpt = False,
         rm: Annotated[bool, typer.Option("--rm", help="Delete the VM afterwards.")] = False,
         json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
@@ -195,8 +209,8 @@ def run(cmd: Cmd = None, image: ImageOpt = None, kernel: KernelOpt = None, name:
             raise UsageError("vm run needs SSH, and --net none gives the VM no network card",
                              "use vm create --net none, or --net isolated")
         kw = _create_kwargs(image, kernel, name, vcpu, memory, overlay_size, work_disk_size, nat, backend,
-                            no_work_seed, publish, net, allow, ttl)
-        v, t = vms.create(ctx, keep_ssh=True, **kw)
+                            no_work_seed, publish, net, allow, ttl, cold)
+        v, t = vms.create(ctx, keep_ssh=True, claim=_pool_claim(), **kw)
         try:
             res = _run_in_guest(t, cmd, json_out)
         finally:
@@ -301,10 +315,12 @@ def set_(vm: Ref, vcpu: VcpuOpt = None, memory: MemOpt = None, work_disk_size: W
 
 @app.command("list", help="List VMs.")
 def list_(quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only ids.")] = False,
+          all_: Annotated[bool, typer.Option("-a", "--all", help="Also warm-pool clones and template builders.")]
+          = False,
           json_out: JsonOpt = False):
     from banger.cli.vm_list import run
 
-    run(quiet=quiet, json_out=json_out)
+    run(quiet=quiet, json_out=json_out, all_=all_)
 
 
 @app.command(help="Show one VM, with each create/start step's duration.")
@@ -422,6 +438,29 @@ def restore(snapshot: Annotated[str, typer.Argument(help="Snapshot name.")], nam
         return snapshots.restore(ctx, snapshot, name=name, wait_ssh=not no_wait, publish=publish)
 
     emit(go, json_out=json_out, render=lambda v: say(f"{v.get('name')} {v.get('state')} {v.get('ip')}"))
+
+
+@app.command(help="Snapshot a running VM and start N clones of it at once, each with its own name, address, "
+                  "host key, machine-id, entropy and clock; the source keeps running.")
+def fork(vm: Ref, count: Annotated[int, typer.Option("--count", "-n", help="How many clones.", min=1)] = 1,
+         name: Annotated[str | None, typer.Option("--name", help="Name prefix: clones are PREFIX-1..N "
+                                                  "(default SOURCE-fork-<random>).")] = None,
+         no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not wait for SSH.")] = False,
+         json_out: JsonOpt = False):
+    ctx = make_ctx(json_out)
+
+    def go():
+        from banger.templates import fork as svc
+
+        return svc.fork(ctx, vm, count=count, prefix=name, wait_ssh=not no_wait)
+
+    def render(d):
+        for c in d["clones"]:
+            say(f"{c['name']} {c['state']} {c['ip']}")
+        say(f"forked {d['source']} x{len(d['clones'])} in {d['timings']['total_ms'] / 1000:.2f}s "
+            f"(memory: {d['memory']})")
+
+    emit(go, json_out=json_out, render=render)
 
 
 @app.command(help="Turn a stopped VM into a new image (its root changes and /root become the image).")

@@ -8,10 +8,10 @@ import sys
 from banger.cli.output import emit, make_ctx, print_table
 
 # the only flags `vm list` has: the fast path takes these, anything else goes through typer
-FLAGS = {"-q": "quiet", "--quiet": "quiet", "--json": "json_out"}
+FLAGS = {"-q": "quiet", "--quiet": "quiet", "--json": "json_out", "-a": "all_", "--all": "all_"}
 
 
-def run(*, quiet: bool = False, json_out: bool = False) -> None:
+def run(*, quiet: bool = False, json_out: bool = False, all_: bool = False) -> None:
     ctx = make_ctx(json_out)
     from banger.vms import lifecycle as vms
 
@@ -24,5 +24,6 @@ def run(*, quiet: bool = False, json_out: bool = False) -> None:
                     [[r["name"], r["id"], r["state"], r["image"], r["backend"], r["ip"], r.get("net"), r["vcpu"],
                       f"{r['memory_mib']}M", r.get("ttl") or "-"] for r in rows])
 
-    emit(lambda: vms.list_vms(ctx) if not (quiet and json_out) else [v["id"] for v in vms.list_vms(ctx)],
+    emit(lambda: vms.list_vms(ctx, all=all_) if not (quiet and json_out)
+         else [v["id"] for v in vms.list_vms(ctx, all=all_)],
          json_out=json_out, render=render)

@@ -11,7 +11,11 @@ What counts as a leak (each only within this BANGER_HOME / BANGER_RUN):
 - loop devices whose backing file lies under BANGER_HOME and no operation holds;
 - VM dirs without a row, and staging dirs whose owner process is gone;
 - VMs whose --ttl ran out, nftables rules of VMs that are not running, and the VM names
-  (banger/gc/network.py).
+  (banger/gc/network.py);
+- warm-pool clones (state ``pooled``) are capacity while their VMM lives; one whose VMM died is
+  removed; a ``claiming`` row whose claimer died goes back to the pool if the clone is still paused,
+  else becomes a claimed running VM (banger.vmpool.service.recover);
+- shared guest-RAM files (banger.templates.ram) whose creating process is gone.
 ``dry_run`` only reports.
 """
 
@@ -119,6 +123,32 @@ def collect(ctx, *, dry_run: bool = False) -> dict:
         except BangerError as e:
             err(f"row {vm['name']}", e)
 
+    # 1b. the warm VM pool: dead pooled clones go; interrupted claims are settled
+    from banger.vmpool import service as vmpool
+
+    report["pool"] = []
+    for vm in ctx.store.list_vms():
+        dead_pooled = vm["state"] == vms.POOLED and not vms.vmm_alive(ctx, vm)
+        dead_claim = vm["state"] == vms.CLAIMING and not vms.creator_alive(vm)
+        if not (dead_pooled or dead_claim) or ctx.locks.is_held(f"vm/{vm['id']}"):
+            continue
+        try:
+            with ctx.locks.hold(f"vm/{vm['id']}", timeout=0, purpose="gc"):
+                cur = ctx.store.vm_by_id(vm["id"])
+                if cur is None or cur["state"] != vm["state"]:
+                    continue
+                if dead_pooled:
+                    if not dry_run:
+                        vms.destroy_vm(ctx, cur)
+                    report["pool"].append({"id": vm["id"], "name": vm["name"], "done": "removed (VMM gone)"})
+                elif not vms.creator_alive(cur):
+                    done = vmpool.recover(ctx, cur, dry_run=dry_run)
+                    report["pool"].append({"id": vm["id"], "name": vm["name"], "done": done})
+        except LockTimeout:
+            continue
+        except BangerError as e:
+            err(f"pooled VM {vm['name']}", e)
+
     rows = {v["id"]: v for v in ctx.store.list_vms()}
 
     def legit(vm_id: str, pid: int) -> bool:
@@ -142,7 +172,8 @@ def collect(ctx, *, dry_run: bool = False) -> dict:
     try:
         from banger.net import pool
         for vm in rows.values():
-            if vm["state"] != vms.CREATING and vms.effective_state(ctx, vm) != vms.RUNNING:
+            if vm["state"] not in (vms.CREATING, vms.CLAIMING) and \
+                    vms.effective_state(ctx, vm) not in (vms.RUNNING, vms.POOLED):
                 names = pool.claimed_by(ctx, vm["id"])
                 if names:
                     report["taps"] += [{"name": n, "reason": "claimed_by_stopped_vm", "vm_id": vm["id"]}
@@ -222,6 +253,13 @@ def collect(ctx, *, dry_run: bool = False) -> dict:
         if not dry_run:
             shutil.rmtree(d, ignore_errors=True)
 
+    # 8. shared guest-RAM files of processes that are gone (clones that mapped one keep their pages)
+    from banger.templates import ram
+
+    for p in ram.stale(cfg):
+        report["staging"].append(str(p))
+        if not dry_run:
+            p.unlink(missing_ok=True)
     network.stale_rules(ctx, report, dry_run=dry_run)
     network.names(ctx, report, dry_run=dry_run)
 

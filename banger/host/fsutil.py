@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -85,7 +86,13 @@ def _sparse_copy_fd(sfd: int, dfd: int, size: int) -> None:
         hole = os.lseek(sfd, data_start, os.SEEK_HOLE)
         pos = data_start
         while pos < hole:
-            n = os.copy_file_range(sfd, dfd, min(hole - pos, 1 << 30), pos, pos)
+            try:
+                n = os.copy_file_range(sfd, dfd, min(hole - pos, 1 << 30), pos, pos)
+            except OSError as e:  # EXDEV: another filesystem (e.g. tmpfs -> ext4; Linux >= 5.19 refuses it)
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                data = os.pread(sfd, min(hole - pos, 1 << 20), pos)
+                n = os.pwrite(dfd, data, pos) if data else 0
             if n == 0:
                 break
             pos += n

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import time
 from contextlib import ExitStack
@@ -33,6 +32,7 @@ from banger.errors import BangerError, Conflict, InvalidState, NotFound
 from banger.host.fsutil import atomic_write_json, reflink_or_sparse_copy
 from banger.names import Subnet, validate_name
 from banger.snapshots import manifest
+from banger.state.staging import OWNER_FILE
 from banger.vms import runtime as vms
 
 META = "meta.json"
@@ -66,7 +66,8 @@ def view(row: dict) -> dict:
 
 
 def list_snapshots(ctx) -> list[dict]:
-    rows = ctx.store.query("SELECT * FROM snapshots ORDER BY created_at, name")
+    """User snapshots (templates are snapshots too: `banger template list` shows those)."""
+    rows = ctx.store.query("SELECT * FROM snapshots WHERE kind = 'user' ORDER BY created_at, name")
     for r in rows:
         r["meta"] = json.loads(r.get("meta") or "{}")
     return [view(r) for r in rows]
@@ -108,59 +109,74 @@ def create(ctx, vm_ref: str, name: str | None = None) -> dict:
         with ctx.locks.hold(f"snapshot/{name}", purpose="create"):
             if _row(ctx, name) is not None:
                 raise _taken(name)
-            final = ctx.cfg.snapshots_dir / name
-            if final.exists():
-                raise Conflict(f"{final} exists but no snapshot row names it",
+            if (ctx.cfg.snapshots_dir / name).exists():
+                raise Conflict(f"{ctx.cfg.snapshots_dir / name} exists but no snapshot row names it",
                                "run `banger gc` to remove orphaned directories, or pick another name")
-            staging = ctx.cfg.staging_dir / f"snapshot-{name}-{secrets.token_hex(4)}"
-            staging.mkdir(parents=True)
-            from banger.state.staging import OWNER_FILE, write_owner
+            from banger.state.staging import new_dir
 
-            write_owner(staging)  # a killed create leaves a staging dir `banger gc` can reclaim
-            published = False
+            staging = new_dir(ctx.cfg, f"snapshot-{name}")  # a killed create leaves what `banger gc` reclaims
             try:
-                meta = _capture(ctx, vm, h, staging)
+                meta = capture(ctx, vm, h, staging)
                 ctx.progress.step("checksumming the snapshot's files")
                 t_m = time.monotonic()
                 meta["files"] = manifest.build(staging, skip=(META, OWNER_FILE))  # (the guest runs again)
                 meta["manifest_ms"] = round((time.monotonic() - t_m) * 1000, 1)
                 meta["create_ms"] = round((time.monotonic() - t0) * 1000, 1)
-                meta["size_bytes"] = _dir_size(staging)
-                atomic_write_json(staging / META, meta)
-                (staging / OWNER_FILE).unlink()
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(staging, final)
-                published = True
-                with ctx.store.immediate() as c:
-                    c.execute("INSERT INTO snapshots (name, vm_id, vm_name, backend, dir, meta, created_at) "
-                              "VALUES (?,?,?,?,?,?,?)",
-                              (name, vm["id"], vm["name"], vm["backend"], str(final), json.dumps(meta, sort_keys=True),
-                               time.time()))
             except BaseException:
-                shutil.rmtree(final if published else staging, ignore_errors=True)
+                shutil.rmtree(staging, ignore_errors=True)
                 raise
+            publish(ctx, name, staging, meta, vm=vm)
     return view(get(ctx, name))
 
 
-def _capture(ctx, vm: dict, h: dict, staging: Path) -> dict:
-    """Pause, write the VMM snapshot, copy the per-VM disks while paused, resume (always)."""
+def publish(ctx, name: str, staging: Path, meta: dict, *, vm, kind: str = "user") -> dict:
+    """Publish a filled staging dir as snapshot ``name`` (caller holds ``snapshot/<name>`` and has
+    checked the name is free): meta.json, rename into place, row insert. On failure nothing is left."""
+    from banger.state.staging import OWNER_FILE
+
+    final = ctx.cfg.snapshots_dir / name
+    published = False
+    try:
+        meta["size_bytes"] = _dir_size(staging)
+        atomic_write_json(staging / META, meta)
+        (staging / OWNER_FILE).unlink(missing_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staging, final)
+        published = True
+        with ctx.store.immediate() as c:
+            c.execute("INSERT INTO snapshots (name, vm_id, vm_name, backend, dir, meta, created_at, kind) "
+                      "VALUES (?,?,?,?,?,?,?,?)",
+                      (name, vm["id"], vm["name"], vm["backend"], str(final), json.dumps(meta, sort_keys=True),
+                       time.time(), kind))
+    except BaseException:
+        shutil.rmtree(final if published else staging, ignore_errors=True)
+        raise
+    return get(ctx, name)
+
+
+def capture(ctx, vm, h: dict, staging: Path, *, resume: bool = True, final: bool = False,
+            memory_path: Path | None = None) -> dict:
+    """Pause, write the VMM snapshot, copy the per-VM disks while paused, then resume (always, unless
+    ``resume=False``: a template's builder VM is discarded paused; ``final`` tells the driver so).
+    ``memory_path``: where the guest's RAM goes (a fork puts it on a tmpfs; default in ``staging``)."""
     driver = vms.vm_driver(ctx, vm)
     d = vms.vm_dir(ctx, vm)
     copies = {}
     ctx.progress.step("pausing the guest and writing its memory")
     try:
-        vmm_meta = driver.snapshot(h, staging)
+        vmm_meta = driver.snapshot(h, staging, final=final, memory_path=memory_path)
         ctx.progress.step("copying the overlay and work disks")
         for f in DISKS:
             copies[f] = reflink_or_sparse_copy(d / f, staging / f)
         if (d / vms.KNOWN_HOSTS).exists():
             shutil.copyfile(d / vms.KNOWN_HOSTS, staging / KNOWN_HOSTS)
     finally:
-        try:
-            driver.resume(h)
-        except BangerError:
-            if vms.vmm_alive(ctx, vm, h):
-                raise
+        if resume:
+            try:
+                driver.resume(h)
+            except BangerError:
+                if vms.vmm_alive(ctx, vm, h):
+                    raise
     o = vm["options"] or {}
     return {"vmm": vmm_meta, "backend": vm["backend"], "vm_id": vm["id"], "vm_name": vm["name"],
             "image": vm["image"], "kernel": vm["kernel"], "vcpu": vm["vcpu"], "memory_mib": vm["memory_mib"],
@@ -213,7 +229,8 @@ def net_line(ctx, vm: dict) -> str:
 
 
 # the restore plan: the boot plan with the disk steps replaced by a copy of the snapshot's disks,
-# the launch replaced by a VMM restore, and the re-address step inserted after it
+# the launch replaced by a VMM restore, and the re-address step inserted after it (the TAP kept down
+# from before the restore until the guest took its new MAC: net.isolate / net.join)
 def _copy_disks(run):
     d = vms.vm_dir(run.ctx, run.vm)
     for f in run.meta.get("disks", DISKS):
@@ -243,7 +260,70 @@ def _release_snapshot(run):
 
 
 def _readdress(run):
+    from banger.guest import control
+
+    serial = vms.vm_dir(run.ctx, run.vm) / vms.SERIAL
+    offset = control.log_size(serial)
     vms.vm_driver(run.ctx, run.vm).send_console(run.handles, net_line(run.ctx, run.vm))
+    # SSH before the guest took its new MAC loses the first SYN (the NIC still filters on the old one)
+    # and costs a whole TCP retransmit timeout (1 s): wait for banger-init's answer first
+    sn = Subnet(run.ctx.cfg.subnet)
+    control.wait_text(serial, f"banger-init: net {run.vm['ip']}/{sn.prefixlen}", offset=offset,
+                      deadline=time.monotonic() + 10)
+
+
+def set_master(dev: str, master: str | None) -> None:
+    """Attach ``dev`` to bridge ``master`` (None: detach) with one RTM_SETLINK IFLA_MASTER request (no
+    pyroute2 on this path). Attaching an up port whose carrier is on enables it at once (STP off)."""
+    import socket
+    import struct
+
+    from banger.errors import HostError
+
+    def attr(kind: int, payload: bytes) -> bytes:
+        n = 4 + len(payload)
+        return struct.pack("HH", n, kind) + payload + b"\0" * ((4 - n % 4) % 4)
+
+    try:
+        idx = socket.if_nametoindex(dev)
+        midx = socket.if_nametoindex(master) if master else 0
+    except OSError as e:
+        raise HostError(f"cannot {'attach' if master else 'detach'} {dev}: {e}", "run banger gc") from None
+    body = struct.pack("BBHiII", socket.AF_UNSPEC, 0, 0, idx, 0, 0) + attr(10, struct.pack("I", midx))  # IFLA_MASTER
+    msg = struct.pack("IHHII", 16 + len(body), 19, 0x1 | 0x4, 1, 0) + body  # RTM_SETLINK, REQUEST|ACK
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    try:
+        s.settimeout(5)
+        s.bind((0, 0))
+        s.send(msg)
+        while True:
+            data = s.recv(65536)
+            off = 0
+            while off + 16 <= len(data):
+                length, mtype, _f, seq, _pid = struct.unpack_from("IHHII", data, off)
+                if mtype == 2 and seq == 1:  # NLMSG_ERROR (0: the ack)
+                    code = -struct.unpack_from("i", data, off + 16)[0]
+                    if code:
+                        raise HostError(f"cannot {'attach' if master else 'detach'} {dev}: {os.strerror(code)}",
+                                        "run banger gc")
+                    return
+                off += max(16, (length + 3) & ~3)
+    finally:
+        s.close()
+
+
+def _isolate(run):
+    """Until it is told its new address, a clone still sends with its source's MAC (and, say, the source's
+    TCP segments): on the bridge that would teach the FDB to send the source's (or the template builder's
+    slot's) traffic to the clone's port. Its TAP stays off the bridge until then (the console, not the
+    network, carries the new address)."""
+    set_master(run.tap, None)
+
+
+def _join(run):
+    # back on the bridge: QEMU opened the TAP during the restore, so its carrier is on and the port
+    # forwards at once (toggling IFF_UP instead waited for linkwatch: up to ~1 s)
+    set_master(run.tap, run.ctx.cfg.bridge)
 
 
 def _check_snapshot(run):
@@ -304,17 +384,19 @@ def restore_plan(*, wait_ssh: bool = True, net: bool = True, ports: bool = False
                            Step("snapshot.verify", _start_verify, _cancel_verify))
             .replace("disk.work", Step("disk.copy", _copy_disks, _uncopy_disks, "copying disks"))
             .without("disk.overlay")
+            .insert_after("net.tap", Step("net.isolate", _isolate, _join))
             .replace("vmm.launch",
                      Step("vmm.restore", _vmm_restore, plans.unlaunch,
                           lambda run: f"restoring with {run.vm['backend']}"),
                      Step("snapshot.release", _release_snapshot),
-                     Step("guest.net", _readdress, None, "giving the guest its new address")))
+                     Step("guest.net", _readdress, None, "giving the guest its new address"),
+                     Step("net.join", _join, None)))
     plan = plan.insert_after(plan.names()[-1],
                              Step("snapshot.verified", _await_verify, None, "verifying the snapshot's checksums"))
     if ports:
         plan = plan.insert_after("snapshot.check", plans.NET_PORTS)
     if not net:
-        return plans.without_network(plan).without("guest.net")
+        return plans.without_network(plan).without("guest.net", "net.isolate", "net.join")
     return plan.insert_after(plan.names()[-1], Step("net.unlearn", _unlearn_source))
 
 
@@ -373,6 +455,7 @@ def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = Tru
     o["restored_from"] = snapshot
     o["net"] = mode
     o["allow"] = list(meta.get("allow") or [])
+    o["made"] = {"how": "restore", "snapshot": snapshot}
     try:
         vm = reserve_vm(ctx.store, Subnet(ctx.cfg.subnet), name=name, image=meta.get("image"),
                         kernel=meta.get("kernel"), backend=snap["backend"], vcpu=meta["vcpu"],

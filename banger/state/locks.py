@@ -1,12 +1,13 @@
 """Cross-process locks over flock (the filelock package).
 
 Lock names are ``vm/<id>``, ``workspace/<id>``, ``image/<name>``,
-``kernel/<name>``, ``pool``, ``names`` and ``hostnet``; each maps to a file under
+``kernel/<name>``, ``snapshot/<name>``, ``template/<key>``, ``vmpool/<key>``, ``pool``, ``names`` and ``hostnet``; each maps to a file under
 ``$BANGER_HOME/locks``.  Lock files are never deleted: unlinking a lock file
 while another process waits on its inode would let two holders in at once.
 
 Lock order (ARCHITECTURE.md): vm and workspace are never held together;
-vm -> image/kernel -> pool -> names -> hostnet; SQLite transactions innermost and short.
+vmpool -> template -> vm -> snapshot -> image/kernel -> pool -> names -> hostnet; SQLite transactions
+innermost and short.
 A process records who holds a lock inside the file (pid, command) so a timeout
 can name the holder.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from banger.errors import LockTimeout, UsageError
 
-_KINDS = {"vm", "workspace", "image", "kernel", "snapshot"}
+_KINDS = {"vm", "workspace", "image", "kernel", "snapshot", "template", "vmpool"}
 _SINGLETONS = {"pool", "hostnet", "diskpool", "names"}  # names: VM name sync (banger.vms.hostnames)
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

@@ -77,7 +77,8 @@ class VmRecord(Record):
     """One row of ``vms``. ``options`` holds what the VM was built from (rootfs, vmlinux, initrd,
     init, kernel_version, work_seed) and who is building it (``creator``: pid + start time)."""
     FIELDS = ("id", "name", "state", "image", "kernel", "backend", "vcpu", "memory_mib", "overlay_size_mib",
-              "work_disk_size_mib", "nat", "slot", "ip", "mac", "error", "options", "created_at", "updated_at")
+              "work_disk_size_mib", "nat", "slot", "ip", "mac", "error", "options", "created_at", "updated_at",
+              "pool_key")
     JSON = ("options",)
     BOOL = ("nat",)
     __slots__ = FIELDS
@@ -97,8 +98,16 @@ class KernelRecord(Record):
 
 
 class SnapshotRecord(Record):
-    FIELDS = ("name", "vm_id", "vm_name", "backend", "dir", "meta", "created_at")
+    FIELDS = ("name", "vm_id", "vm_name", "backend", "dir", "meta", "created_at", "kind")
     JSON = ("meta",)
+    __slots__ = FIELDS
+
+
+class TemplateRecord(Record):
+    """One row of ``templates``: what the template was built from (its key's parts) and its snapshot."""
+    FIELDS = ("key", "snapshot", "image", "kernel", "backend", "vcpu", "memory_mib", "overlay_size_mib",
+              "work_disk_size_mib", "parts", "build_ms", "created_at")
+    JSON = ("parts",)
     __slots__ = FIELDS
 
 

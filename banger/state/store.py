@@ -103,6 +103,27 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX published_ports_vm ON published_ports(vm_id);
     """,
+    # v3: templates (a snapshot of a freshly booted VM, keyed by content) and the warm VM pool
+    # (rows in state `pooled` carrying their template's key; a claim is one UPDATE on that index)
+    """
+    ALTER TABLE vms ADD COLUMN pool_key TEXT;
+    CREATE INDEX vms_pool ON vms(state, pool_key);
+    ALTER TABLE snapshots ADD COLUMN kind TEXT NOT NULL DEFAULT 'user';
+    CREATE TABLE templates (
+        key TEXT PRIMARY KEY,
+        snapshot TEXT NOT NULL UNIQUE,
+        image TEXT,
+        kernel TEXT,
+        backend TEXT NOT NULL,
+        vcpu INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        overlay_size_mib INTEGER NOT NULL,
+        work_disk_size_mib INTEGER NOT NULL,
+        parts TEXT NOT NULL DEFAULT '{}',
+        build_ms REAL,
+        created_at REAL NOT NULL
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -209,8 +230,10 @@ class Store:
     def vm_by_id(self, vm_id: str):
         return VmRecord.from_row(self.one("SELECT * FROM vms WHERE id = ?", (vm_id,)))
 
-    def list_vms(self) -> list:
-        return [VmRecord.from_row(r) for r in self.query("SELECT * FROM vms ORDER BY created_at, name")]
+    def list_vms(self, *, pooled: bool = True) -> list:
+        """Every VM row; ``pooled=False`` leaves out warm-pool clones (capacity, not user VMs)."""
+        where = "" if pooled else "WHERE state != 'pooled' "
+        return [VmRecord.from_row(r) for r in self.query(f"SELECT * FROM vms {where}ORDER BY created_at, name")]
 
     def update_vm(self, vm_id: str, **fields) -> None:
         """Update one VM row; a row that vanished meanwhile (deleted under us) is an error, never a no-op."""

@@ -59,6 +59,10 @@ def make_overlay_files(path: Path, size_mib: int, *, hostname: str) -> str:
         (src / "upper" / "etc" / "hostname").write_text(hostname + "\n")
         for p in (src / "upper" / (HOST_KEY + ".pub"), src / "upper" / "etc" / "hostname"):
             os.chmod(p, 0o644)  # guest-visible modes: conventional, whatever banger's own umask (077)
+        import secrets
+
+        (src / "upper" / "etc" / "machine-id").write_text(secrets.token_hex(16) + "\n")  # its own, like its key
+        os.chmod(src / "upper" / "etc" / "machine-id", 0o444)
         ext4.mkfs(path, size_mib, src_dir=src, label="banger-overlay")
     finally:
         shutil.rmtree(src, ignore_errors=True)

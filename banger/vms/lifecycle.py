@@ -61,6 +61,8 @@ def view(ctx, vm, *, stages: bool = False) -> dict:
     d["tap"] = h.get("tap") if st == RUNNING else None
     d["work_seed"] = (vm.get("options") or {}).get("work_seed")
     _net_view(ctx, vm, d, live=stages and st == RUNNING)
+    made = (vm.get("options") or {}).get("made") or {}
+    d["made"] = {"how": "restore" if (vm.get("options") or {}).get("restored_from") else "cold", **made}
     if stages:
         rows = ctx.store.stages(vm["id"])
         d["stages"] = [{"op": r["op"], "stage": r["stage"], "started_at": r["started_at"],
@@ -93,12 +95,13 @@ def _net_view(ctx, vm, d: dict, *, live: bool) -> None:
     d["ttl"] = expiry.human(left)
 
 
-BOOT_OPS = ("create", "start", "restore")
+BOOT_OPS = ("create", "start", "restore", "claim", "fork", "pool-fill")
+VMM_READY = ("vmm.launch", "vmm.restore", "vmm.resume")
 
 
 def summarize_stages(stages: list[dict]) -> dict:
-    """For the latest create/start/restore: seconds from its first step to VMM-ready and to SSH-ready,
-    and the host-side milliseconds (every step but the guest's boot to SSH)."""
+    """For the latest create/start/restore/claim/fork: seconds from its first step to VMM-ready and to
+    SSH-ready, and the host-side milliseconds (every step but the guest's boot to SSH)."""
     runs: list[list[dict]] = []
     for s in stages:  # a run ends where the op changes or a step repeats
         if not runs or s["op"] != runs[-1][0]["op"] or s["stage"] in {x["stage"] for x in runs[-1]}:
@@ -112,7 +115,7 @@ def summarize_stages(stages: list[dict]) -> dict:
     out = {"op": run[0]["op"]}
     for s in run:
         end = s["started_at"] + (s["duration_ms"] or 0) / 1000
-        if s["stage"] == "vmm.launch" and s["ok"]:
+        if s["stage"] in VMM_READY and s["ok"]:
             out["vmm_ready_s"] = round(end - t0, 3)
         if s["stage"] == "guest.ssh" and s["ok"]:
             out["ssh_ready_s"] = round(end - t0, 3)
@@ -121,8 +124,14 @@ def summarize_stages(stages: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------- lookups
-def list_vms(ctx) -> list[dict]:
-    return [view(ctx, vm) for vm in ctx.store.list_vms()]
+def user_vm(vm) -> bool:
+    """Not warm-pool capacity and not a template's builder."""
+    return vm["state"] != "pooled" and (vm.get("options") or {}).get("role") not in ("pool", "template")
+
+
+def list_vms(ctx, *, all: bool = False) -> list[dict]:
+    """User VMs; ``all`` adds pooled clones and template builders."""
+    return [view(ctx, vm) for vm in ctx.store.list_vms(pooled=all) if all or user_vm(vm)]
 
 
 def show(ctx, ref: str) -> dict:
@@ -190,12 +199,17 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
            backend: str | None = None, vcpu: int | None = None, memory_mib: int | None = None,
            overlay_size_mib: int | None = None, work_disk_size_mib: int | None = None, nat: bool | None = None,
            start: bool = True, wait_ssh: bool = True, work_seed: bool = True, keep_ssh: bool = False,
-           net: str | None = None, allow=None, publish=None, ttl=None):
+           net: str | None = None, allow=None, publish=None, ttl=None, cold: bool = False, claim=None):
     """Create (and by default boot) a VM. Returns its view; with ``keep_ssh`` returns (view, transport).
 
     ``net``: nat | isolated | none (default: ``--nat``/config ``nat`` -> nat, else isolated);
     ``allow``: --allow values; ``publish``: -p values (claimed before anything is built: a taken host
-    port fails the create with nothing left); ``ttl``: seconds or a duration ("30m")."""
+    port fails the create with nothing left); ``ttl``: seconds or a duration ("30m").
+
+    A create the warm VM pool can honour (booting, work seed, the default isolated network with no
+    --allow, -p or --ttl, a pooled clone of the template for exactly this image, kernel, backend, size)
+    claims that clone instead of booting: ``claim`` (banger.vmpool.service.claim_for_create, passed in by
+    the caller: the pool sits above the lifecycle) is asked first; ``cold`` forces a boot."""
     from banger.state.reservation import reserve_vm
 
     cfg = ctx.cfg
@@ -236,10 +250,20 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
                          f"({seed_mib} MiB)", "ask for a larger work disk")
     check_disk_room(ctx, {"overlay_size_mib": overlay_size_mib, "work_disk_size_mib": work_disk_size_mib},
                     writes_mib=seed_mib)  # before the name is reserved: a failure leaves no row
+    if (start and not cold and work_seed and netopts == {"net": NET_ISOLATED, "allow": []} and not specs):
+        got = None if claim is None else claim(ctx, img, ker, be, name=name, vcpu=vcpu, memory_mib=memory_mib,
+                     overlay_size_mib=overlay_size_mib, work_disk_size_mib=work_disk_size_mib, wait_ssh=wait_ssh)
+        if got is not None:
+            out = view(ctx, ctx.store.vm_by_id(got.vm["id"]), stages=True)
+            if keep_ssh:
+                return out, got.transport
+            if got.transport is not None:
+                got.transport.close()
+            return out
     options = {"rootfs": str(img["rootfs"]), "work_seed": bool(work_seed and seed), "init": img.get("init"),
                "vmlinux": str(ker["vmlinux"]) if ker.get("vmlinux") else None,
                "bzimage": str(ker["bzimage"]) if ker.get("bzimage") else None, "initrd": str(ker["initrd"]),
-               "kernel_version": ker.get("version"),
+               "kernel_version": ker.get("version"), "made": {"how": "cold"},
                "creator": {"pid": os.getpid(), "start": procs.start_time(os.getpid())}, **netopts}
 
     # phase 2: reserve (one BEGIN IMMEDIATE)
@@ -345,11 +369,18 @@ def warm_disks(ctx, n: int) -> dict:
                 overlay_size_mib=cfg.overlay_size_mib, use_seed=True)
 
 
+def _not_pooled(vm) -> None:
+    if vm["state"] in ("pooled", "claiming"):
+        raise InvalidState(f"VM {vm['name']} is warm-pool capacity ({vm['state']}), not a VM of yours",
+                           "vm create claims it; banger pool drain --vms removes the pool")
+
+
 # ---------------------------------------------------------------- start / stop / restart
 def start(ctx, ref: str, *, wait_ssh: bool = True, keep_ssh: bool = False):
     from banger.vms import plan, plans
 
     vm = get(ctx, ref)
+    _not_pooled(vm)
     with ctx.locks.hold(f"vm/{vm['id']}", purpose="start"):
         vm = get(ctx, vm["id"])
         st = effective_state(ctx, vm)
@@ -413,6 +444,7 @@ def _graceful_shutdown(ctx, vm, h: dict, timeout: float) -> bool:
 
 def stop(ctx, ref: str, *, force: bool = False, timeout: float | None = None) -> dict:
     vm = get(ctx, ref)
+    _not_pooled(vm)
     with ctx.locks.hold(f"vm/{vm['id']}", purpose="stop"):
         vm = get(ctx, vm["id"])
         _stop_locked(ctx, vm, force=force, timeout=timeout)

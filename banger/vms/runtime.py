@@ -21,6 +21,7 @@ from banger.host.fsutil import atomic_write_json, read_json
 from banger.names import Subnet
 
 RUNNING, STOPPED, CRASHED, CREATING, ERROR = "running", "stopped", "crashed", "creating", "error"
+POOLED, CLAIMING = "pooled", "claiming"   # warm-pool clones (banger.vmpool): capacity, and being claimed
 
 OVERLAY, WORK, SERIAL, HANDLES, KNOWN_HOSTS = "overlay.ext4", "work.ext4", "serial.log", "handles.json", "known_hosts"
 HOST_KEY = "etc/ssh/ssh_host_ed25519_key"
@@ -79,8 +80,10 @@ def effective_state(ctx, vm, handles: dict | None = None) -> str:
     if st == RUNNING and not vmm_alive(ctx, vm, handles):
         tail = serial_tail(ctx, vm, 5)
         return STOPPED if "reboot: Power down" in tail or "reboot: Restarting" in tail else CRASHED
-    if st == CREATING and not creator_alive(vm):
+    if st in (CREATING, CLAIMING) and not creator_alive(vm):
         return ERROR
+    if st == POOLED and not vmm_alive(ctx, vm, handles):
+        return CRASHED
     return st
 
 

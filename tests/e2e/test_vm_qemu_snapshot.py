@@ -1,5 +1,6 @@
 """QemuDriver.snapshot / restore on a real guest (the primitives the snapshot service builds on):
-migration to a file handed over as an fd, restore with -incoming defer, memory state intact,
+migration to a file handed over as an fd (device state; the RAM a sparse copy of the VM's memfd),
+restore with -incoming defer mapping that copy privately, memory state intact,
 and the serial-console control line reaching banger-init afterwards."""
 
 from __future__ import annotations
@@ -44,8 +45,12 @@ def test_qemu_snapshot_restore_keeps_memory_and_console_control(vmenv, tmp_path)
     env = vmenv
     v = env.banger_json("vm", "create", "--name", "snap-1", timeout=300)["data"]
     r = env.py(SNIPPET, "snap-1", tmp_path / "snap")
-    assert r["paused"] in ("paused", "postmigrate") and r["meta"]["state_bytes"] > (1 << 20)  # not running
+    assert r["paused"] in ("paused", "postmigrate")  # not running
     assert (tmp_path / "snap" / "vmstate.bin").stat().st_size == r["meta"]["state_bytes"]
+    # a booted VM's RAM is a memfd: the snapshot is device state plus a sparse copy of the RAM
+    assert r["meta"]["memory_file"] == "memory.ram" and r["meta"]["ignore_shared"] is True
+    ram = tmp_path / "snap" / "memory.ram"
+    assert ram.stat().st_size == 1024 << 20 and (1 << 20) < ram.stat().st_blocks * 512 < ram.stat().st_size
     assert r["new_pid"] != r["old_pid"] and r["status"] == "running"
     assert (r["rc"], r["marker"]) == (0, "in-memory\n")  # a tmpfs file survives only in RAM
     serial = env.home / "vms" / v["id"] / "serial.log"

@@ -97,8 +97,8 @@ def test_snapshot_create_list_restore_rm(fcns):
     assert clone["ip"] != src["ip"] and clone["mac"] != src["mac"]
     assert clone["restore"]["mem_backend"] == "Uffd"
     stages = [s["stage"] for s in clone["stages"] if s["op"] == "restore"]
-    assert stages == ["snapshot.check", "snapshot.verify", "prepare", "disk.copy", "net.tap", "vmm.restore",
-                      "snapshot.release", "guest.net", "snapshot.verified", "net.unlearn"]
+    assert stages == ["snapshot.check", "snapshot.verify", "prepare", "disk.copy", "net.tap", "net.isolate",
+                      "vmm.restore", "snapshot.release", "guest.net", "net.join", "snapshot.verified", "net.unlearn"]
     h = _handles(ns, clone["id"])
     assert h["tap"] != src["tap"] and procs.alive(h["uffd_pid"], h["uffd_pid_start"])
     load = wait_event(ns.rec, h["pid"], "snapshot_load")

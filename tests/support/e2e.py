@@ -115,7 +115,7 @@ def vmenv(netns, default_image, default_kernel):  # noqa: F811
         yield netns
     finally:
         # whatever the test left running is removed through the product, then checked independently
-        left = netns.banger_json("vm", "list", check=False).get("data") or []
+        left = netns.banger_json("vm", "list", "--all", check=False).get("data") or []
         for v in left:
             netns.banger_json("vm", "delete", "-f", v["id"], check=False)
         netns.banger_json("gc", check=False)

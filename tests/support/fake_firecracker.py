@@ -724,6 +724,9 @@ class Vmm:
         line = line.rstrip("\r")
         if not line.startswith("@banger "):
             return
+        if line.startswith("@banger set "):
+            self.guest_handle_set(line)
+            return
         parts = line.split()
         if parts[:2] in (["@banger", "hosts"], ["@banger", "hosts+"]):
             self.guest_hosts_line(line, parts)
@@ -777,6 +780,53 @@ class Vmm:
             self.guest_hosts["entries"] += entries
         self.rec.event("guest_hosts", mode=parts[1], **getattr(self, "guest_hosts", {"domain": None, "entries": []}))
         serial_out(f"banger-init: {parts[1].replace('+', ' more')} {parts[2]}")
+
+    def guest_handle_set(self, line: str):
+        """banger-init's ``@banger set NONCE key=value ...`` (same strict validation; nothing applied from a
+        line with one bad field), answered ``banger-init: set NONCE ok rng=reseeded``."""
+        import base64
+        import hashlib
+
+        parts = line.split()
+        fields = {}
+        try:
+            if len(parts) < 3 or len(parts) > 10 or not re.match(r"^[0-9a-f]{8,32}$", parts[2]):
+                raise ValueError("bad nonce")
+            nonce = parts[2]
+            for f in parts[3:]:
+                k, sep, v = f.partition("=")
+                if not sep or k in fields:
+                    raise ValueError(f"bad or repeated field {k}")
+                checks = {"rng": r"^[0-9a-f]{64,512}$", "clock": r"^[0-9]{1,12}\.[0-9]{1,9}$",
+                          "host": r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$", "mid": r"^[0-9a-f]{32}$",
+                          "key": r"^[A-Za-z0-9+/=]{1,4096}$", "pub": r"^[A-Za-z0-9+/=]{1,1024}$",
+                          "net": r"^[0-9./]+,[0-9.]+,[0-9a-f:]{17}$"}
+                if k not in checks or not re.match(checks[k], v):
+                    raise ValueError(f"bad field {k}")
+                fields[k] = v
+            if "net" in fields:
+                ip, gw, mac = fields["net"].split(",")
+                ipaddress.IPv4Interface(ip)
+                ipaddress.IPv4Address(gw)
+                if int(mac[:2], 16) & 1:
+                    raise ValueError("multicast MAC")
+        except ValueError as e:
+            self.rec.event("guest_set_rejected", line=line[:200], error=str(e))
+            serial_out("banger-init: ignored an invalid control line")
+            return
+        rec = {k: v for k, v in fields.items() if k not in ("key", "rng")}
+        if "key" in fields:
+            rec["key_sha256"] = hashlib.sha256(base64.b64decode(fields["key"])).hexdigest()
+        if "rng" in fields:
+            rec["rng_bytes"] = len(fields["rng"]) // 2
+        if "net" in fields:
+            ip, gw, mac = fields["net"].split(",")
+            self.net_config = {"ip": ip, "gateway": gw, "mac": mac,
+                               "hostname": fields.get("host", (self.net_config or {}).get("hostname"))}
+        elif "host" in fields and self.net_config is not None:
+            self.net_config = {**self.net_config, "hostname": fields["host"]}
+        self.rec.event("guest_set", nonce=nonce, state=self.state, **rec)
+        serial_out(f"banger-init: set {nonce} ok rng={'reseeded' if 'rng' in fields else 'none'}")
 
     # ---- snapshots ----
     def snapshot_create(self, cfg: dict):

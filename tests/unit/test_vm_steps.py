@@ -109,10 +109,35 @@ def test_vm_plans_are_edits_of_one_boot_plan():
     assert plans.create_plan(start=False).names() == ["prepare", "disk.work", "disk.overlay"]
     assert plans.start_plan(wait_ssh=False).names() == ["net.tap", "vmm.launch"]
     assert restore_plan().names() == ["snapshot.check", "snapshot.verify", "prepare", "disk.copy", "net.tap",
-                                      "vmm.restore", "snapshot.release", "guest.net", "guest.ssh",
-                                      "snapshot.verified", "net.unlearn"]
-    assert restore_plan(wait_ssh=False).names()[-3:] == ["guest.net", "snapshot.verified", "net.unlearn"]
+                                      "net.isolate", "vmm.restore", "snapshot.release", "guest.net", "net.join",
+                                      "guest.ssh", "snapshot.verified", "net.unlearn"]
+    assert restore_plan(wait_ssh=False).names()[-3:] == ["net.join", "snapshot.verified", "net.unlearn"]
     assert plans.create_plan().steps[3] is restore_plan().steps[4]  # shared steps (net.tap), not copies
+
+
+def test_instant_plans_are_edits_of_the_boot_plan():
+    from banger.snapshots.service import restore_plan
+    from banger.templates import clone
+    from banger.templates.service import build_plan
+    from banger.vms import plans
+
+    base = plans.boot_plan("x")
+    assert build_plan().names() == [*base.names(), "guest.ready", "template.capture"]
+    assert build_plan(wait_ssh=False).names() == [*base.without("guest.ssh").names(), "guest.ready",
+                                                   "template.capture"]
+    fill = clone.pool_fill_plan()
+    assert fill.op == "pool-fill" and fill.names() == ["snapshot.check", "snapshot.verify", "prepare", "disk.copy",
+                                                       "net.tap", "net.isolate", "vmm.restore", "snapshot.release",
+                                                       "guest.identity", "net.join", "guest.ssh", "snapshot.verified",
+                                                       "net.unlearn", "guest.release", "vmm.pause"]
+    assert clone.claim_plan().names() == ["clone.check", "vmm.resume", "guest.identity", "guest.ssh"]
+    assert clone.claim_plan(wait_ssh=False).names() == ["clone.check", "vmm.resume", "guest.identity"]
+    assert clone.fork_plan().names() == ["snapshot.verify", "prepare", "disk.copy", "net.tap", "net.isolate",
+                                         "fork.wait", "vmm.restore", "snapshot.release", "guest.identity", "net.join",
+                                         "guest.ssh", "snapshot.verified", "net.unlearn"]
+    # shared steps, not copies: the TAP and SSH steps are the boot plan's own
+    assert fill.steps[3] is base.steps[3] and clone.claim_plan().steps[-1] is base.steps[-1]
+    assert restore_plan().steps[5].do is fill.steps[5].do
 
 
 def _row(ctx, name):

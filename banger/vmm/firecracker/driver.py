@@ -303,14 +303,17 @@ class FirecrackerDriver:
             os.close(fd)
 
     # ------------------------------------------------------------------ snapshots
-    def snapshot(self, handles: dict, dest: Path, *, resume: bool = False) -> dict:
-        """Pause the VM and write ``dest/vm.state`` + ``dest/vm.mem`` (Full). The VM stays paused unless
-        ``resume``; the caller copies the disks meanwhile."""
+    def snapshot(self, handles: dict, dest: Path, *, resume: bool = False, final: bool = False,
+                 memory_path: Path | None = None) -> dict:
+        """Pause the VM and write ``dest/vm.state`` + ``dest/vm.mem`` (Full; the memory file at ``memory_path``
+        when given, e.g. on a tmpfs). The VM stays paused unless ``resume``; the caller copies the disks
+        meanwhile. (``final``: the caller discards the VM after; nothing changes here.)"""
         from banger.vmm.firecracker.api import FirecrackerApiError
 
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         mem_mib = handles.get("memory_mib") or 0
+        mem_out = Path(memory_path) if memory_path else dest / MEM_FILE
         # writing the memory file blocks the API; allow ~ 20 s per GiB plus slack
         timeout = 30.0 + 20.0 * (mem_mib / 1024)
         t0 = time.monotonic()
@@ -319,20 +322,21 @@ class FirecrackerDriver:
                 st = api.describe().get("state")
                 if st != "Paused":
                     api.vm.patch(state="Paused")
-                api.snapshot_create.put(snapshot_path=str(dest / STATE_FILE), mem_file_path=str(dest / MEM_FILE),
+                api.snapshot_create.put(snapshot_path=str(dest / STATE_FILE), mem_file_path=str(mem_out),
                                         snapshot_type="Full", timeout=timeout)
                 if resume:
                     api.vm.patch(state="Resumed")
         except FirecrackerApiError as e:
-            for f in (STATE_FILE, MEM_FILE):
-                _unlink(dest / f)
+            for f in (dest / STATE_FILE, mem_out):
+                _unlink(f)
             raise _with_hint(e) from None
         except BaseException:
-            for f in (STATE_FILE, MEM_FILE):
-                _unlink(dest / f)
+            for f in (dest / STATE_FILE, mem_out):
+                _unlink(f)
             raise
-        mem_bytes = (dest / MEM_FILE).stat().st_size
-        return {"backend": self.name, "files": {"state": STATE_FILE, "memory": MEM_FILE},
+        mem_bytes = mem_out.stat().st_size
+        return {"backend": self.name,
+                "files": {"state": STATE_FILE, "memory": MEM_FILE if mem_out == dest / MEM_FILE else str(mem_out)},
                 "mem_bytes": mem_bytes, "memory_mib": mem_mib, "vcpu": handles.get("vcpu"),
                 "drives": handles.get("drives", []), "iface_id": IFACE_ID, "tap": handles.get("tap"),
                 "create_ms": round((time.monotonic() - t0) * 1000, 1)}
