@@ -136,8 +136,8 @@ def test_instant_plans_are_edits_of_the_boot_plan():
                                          "fork.wait", "vmm.restore", "snapshot.release", "guest.identity", "net.join",
                                          "guest.ssh", "snapshot.verified", "net.unlearn"]
     # shared steps, not copies: the TAP and SSH steps are the boot plan's own
-    assert fill.steps[3] is base.steps[3] and clone.claim_plan().steps[-1] is base.steps[-1]
-    assert restore_plan().steps[5].do is fill.steps[5].do
+    assert fill.steps[4] is base.steps[3] and clone.claim_plan().steps[-1] is base.steps[-1]  # net.tap, guest.ssh
+    assert restore_plan().steps[6].do is fill.steps[6].do  # vmm.restore
 
 
 def _row(ctx, name):
