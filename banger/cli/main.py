@@ -129,6 +129,9 @@ def _fast_path(argv: list[str]) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    from banger import interrupts
+
+    interrupts.install()  # SIGTERM / SIGHUP unwind like Ctrl-C (plans undo, `vm run --rm` deletes)
     if _fast_path(argv):
         return
     app = build_app(argv)
@@ -136,8 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         rv = app(args=argv, prog_name="banger", standalone_mode=False)
     except SystemExit:
         raise
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        sys.exit(getattr(e, "exit_code", 130))
     except Exception as e:  # typer's (vendored click) usage errors: no public base class to name
         fmt = getattr(e, "format_message", None)
         code = getattr(e, "exit_code", None)

@@ -262,6 +262,7 @@ def restore_plan(*, wait_ssh: bool = True):
 
 def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = True) -> dict:
     """Start a new VM from ``snapshot``; returns its view (as `vm show`), plus restore timings."""
+    from banger.guest.names import new_vm_id
     from banger.host import procs
     from banger.state.reservation import reserve_vm
     from banger.vms import lifecycle, plan
@@ -289,22 +290,29 @@ def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = Tru
             raise vms.name_taken(name)
     o["creator"] = {"pid": os.getpid(), "start": procs.start_time(os.getpid())}
     o["restored_from"] = snapshot
-    try:
-        vm = reserve_vm(ctx.store, Subnet(ctx.cfg.subnet), name=name, image=meta.get("image"),
-                        kernel=meta.get("kernel"), backend=snap["backend"], vcpu=meta["vcpu"],
-                        memory_mib=meta["memory_mib"], overlay_size_mib=meta["overlay_size_mib"],
-                        work_disk_size_mib=meta["work_disk_size_mib"], nat=bool(meta.get("nat")), options=o)
-    except BangerError as e:
-        if e.code == "conflict" and name:
-            raise vms.name_taken(name) from None
-        raise
     timings: dict = {}
-    with ctx.locks.hold(f"vm/{vm['id']}", purpose="restore"), ExitStack() as snap_lock:
-        # held while the snapshot's files are read (disk copies, VMM start); released before the guest waits
-        snap_lock.enter_context(ctx.locks.hold(f"snapshot/{snapshot}", purpose="restore"))
-        run = plan.execute(ctx, vm, restore_plan(wait_ssh=wait_ssh), delete_on_unwind=True,
-                           snapshot=snapshot, sdir=sdir, meta=meta, snap_lock=snap_lock, timings=timings,
-                           t0=time.monotonic())
+    vm_id = new_vm_id()
+    # the new VM's lock first, then its row (never visible unlocked; see vms.lifecycle.create)
+    with ctx.locks.hold(f"vm/{vm_id}", purpose="restore"), ExitStack() as snap_lock:
+        try:
+            try:
+                vm = reserve_vm(ctx.store, Subnet(ctx.cfg.subnet), name=name, image=meta.get("image"),
+                                kernel=meta.get("kernel"), backend=snap["backend"], vcpu=meta["vcpu"],
+                                memory_mib=meta["memory_mib"], overlay_size_mib=meta["overlay_size_mib"],
+                                work_disk_size_mib=meta["work_disk_size_mib"], nat=bool(meta.get("nat")), options=o,
+                                vm_id=vm_id)
+            except BangerError as e:
+                if e.code == "conflict" and name:
+                    raise vms.name_taken(name) from None
+                raise
+            # held while the snapshot's files are read (disk copies, VMM start); released before the guest waits
+            snap_lock.enter_context(ctx.locks.hold(f"snapshot/{snapshot}", purpose="restore"))
+            run = plan.execute(ctx, vm, restore_plan(wait_ssh=wait_ssh), delete_on_unwind=True,
+                               snapshot=snapshot, sdir=sdir, meta=meta, snap_lock=snap_lock, timings=timings,
+                               t0=time.monotonic())
+        except BaseException:
+            lifecycle.drop_unstarted(ctx, vm_id)
+            raise
         if wait_ssh:
             timings["ssh_ready_ms"] = round((time.monotonic() - run.t0) * 1000, 1)
     if run.transport is not None:

@@ -115,8 +115,16 @@ def resolve(ctx, *, image: str | None, kernel: str | None, backend: str | None):
 def create(ctx, *, name: str | None = None, image: str | None = None, kernel: str | None = None,
            backend: str | None = None, vcpu: int | None = None, memory_mib: int | None = None,
            overlay_size_mib: int | None = None, work_disk_size_mib: int | None = None, nat: bool | None = None,
-           start: bool = True, wait_ssh: bool = True, work_seed: bool = True, keep_ssh: bool = False):
-    """Create (and by default boot) a VM. Returns its view; with ``keep_ssh`` returns (view, transport)."""
+           start: bool = True, wait_ssh: bool = True, work_seed: bool = True, keep_ssh: bool = False,
+           remove: bool = False, reserved: dict | None = None):
+    """Create (and by default boot) a VM. Returns its view; with ``keep_ssh`` returns (view, transport).
+
+    ``remove`` (``vm run --rm``): the caller deletes the VM when it is done with it. The intent is in
+    the row's options from the start (``rm``), so ``banger gc`` deletes the VM once its creator is
+    dead (a ``vm run --rm`` killed with -9); a failed create leaves nothing, not even for inspection.
+    ``reserved``, if given, gets ``id`` and ``name`` as soon as the row exists (so a caller can clean
+    up on any exit path, even one between the row's insert and this function's return)."""
+    from banger.guest.names import new_vm_id
     from banger.state.reservation import reserve_vm
 
     cfg = ctx.cfg
@@ -150,25 +158,38 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
                "kernel_version": ker.get("version"),
                "creator": {"pid": os.getpid(), "start": procs.start_time(os.getpid())}}
 
-    # phase 2: reserve (one BEGIN IMMEDIATE)
-    try:
-        vm = reserve_vm(ctx.store, Subnet(cfg.subnet), name=name, image=img.get("name"), kernel=ker.get("name"),
-                        backend=be, vcpu=vcpu, memory_mib=memory_mib, overlay_size_mib=overlay_size_mib,
-                        work_disk_size_mib=work_disk_size_mib, nat=nat, options=options,
-                        check_refs=True)  # a concurrent image delete / kernel rm cannot slip in between
-    except BangerError as e:
-        if e.code == "conflict" and name:
-            raise name_taken(name) from None
-        raise
+    if remove:
+        options["rm"] = True
 
+    # phase 2: reserve (one BEGIN IMMEDIATE) while already holding the new VM's lock, so its row is
+    # never visible unlocked: a `vm delete` or `gc` in between would pull the row from under the build.
     # phase 3: build and boot under vm/<id> only
     from banger.vms import plan, plans
 
-    with ctx.locks.hold(f"vm/{vm['id']}", purpose="create"):
-        run = plan.execute(ctx, vm, plans.create_plan(start=start, wait_ssh=wait_ssh),
-                           success_state=RUNNING if start else STOPPED, unwound_state=ERROR,
-                           image=img, work_size_mib=work_disk_size_mib, use_seed=work_seed,
-                           overlay_size_mib=overlay_size_mib)
+    vm_id = new_vm_id()
+    with ctx.locks.hold(f"vm/{vm_id}", purpose="create"):
+        try:
+            try:
+                vm = reserve_vm(ctx.store, Subnet(cfg.subnet), name=name, image=img.get("name"),
+                                kernel=ker.get("name"), backend=be, vcpu=vcpu, memory_mib=memory_mib,
+                                overlay_size_mib=overlay_size_mib, work_disk_size_mib=work_disk_size_mib, nat=nat,
+                                options=options,
+                                check_refs=True,  # a concurrent image delete / kernel rm cannot slip in between
+                                vm_id=vm_id)
+            except BangerError as e:
+                if e.code == "conflict" and name:
+                    raise name_taken(name) from None
+                raise
+            if reserved is not None:
+                reserved.update(id=vm["id"], name=vm["name"])
+            run = plan.execute(ctx, vm, plans.create_plan(start=start, wait_ssh=wait_ssh),
+                               success_state=RUNNING if start else STOPPED, unwound_state=ERROR,
+                               delete_on_unwind=remove, keep_on_timeout=not remove,
+                               image=img, work_size_mib=work_disk_size_mib, use_seed=work_seed,
+                               overlay_size_mib=overlay_size_mib)
+        except BaseException:
+            drop_unstarted(ctx, vm_id)
+            raise
     out = view(ctx, ctx.store.vm_by_id(vm["id"]), stages=True)
     out["work_disk_method"] = getattr(run, "work_method", None)
     if keep_ssh:
@@ -176,6 +197,20 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
     if run.transport is not None:
         run.transport.close()
     return out
+
+
+def drop_unstarted(ctx, vm_id: str) -> None:
+    """A signal between the reservation and the plan's start: the plan's failure policy never ran (it
+    always moves the row out of ``creating``), nothing was built; the row goes (if it was inserted)."""
+    from banger.interrupts import shielded
+
+    with shielded():
+        cur = ctx.store.vm_by_id(vm_id)
+        if cur is not None and cur["state"] == CREATING:
+            import shutil
+
+            shutil.rmtree(vm_dir(ctx, cur), ignore_errors=True)
+            ctx.store.delete_vm_row(cur["id"])
 
 
 # ---------------------------------------------------------------- start / stop / restart
@@ -269,12 +304,22 @@ def restart(ctx, ref: str, *, wait_ssh: bool = True) -> dict:
 
 
 # ---------------------------------------------------------------- delete / prune / set
+def _refuse_live_create(vm) -> None:
+    c = (vm.get("options") or {}).get("creator") or {}
+    if vm["state"] == CREATING and creator_alive(vm) and c.get("pid") != os.getpid():
+        raise InvalidState(f"VM {vm['name']} is being created (by process {c.get('pid')})",
+                           "wait for the create to finish (or interrupt it: it cleans up after itself), "
+                           "then delete it", details={"creator_pid": c.get("pid")})
+
+
 def delete(ctx, ref: str, *, force: bool = False) -> dict:
     vm = get(ctx, ref)
+    _refuse_live_create(vm)  # at once: not after waiting minutes for the create's lock
     with ctx.locks.hold(f"vm/{vm['id']}", purpose="delete"):
         vm = ctx.store.vm_by_id(vm["id"])
         if vm is None:
             raise NotFound(f"no VM named {ref!r}", "it was deleted meanwhile")
+        _refuse_live_create(vm)
         st = effective_state(ctx, vm)
         if st == RUNNING and not force:
             raise InvalidState(f"VM {vm['name']} is running", f"stop it first, or: banger vm delete -f {vm['name']}")

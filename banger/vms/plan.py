@@ -25,16 +25,14 @@ leaves nothing.
 from __future__ import annotations
 
 import os
-import signal
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from typing import Any
 
 from banger.errors import BangerError, GuestTimeout
+from banger.interrupts import SHIELDED, shielded  # noqa: F401  (re-exported: plan.shielded)
 
 PAUSE_ENV = "BANGER_TEST_PAUSE_AT"
-SHIELDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class StepFailed(BangerError):
@@ -105,21 +103,6 @@ class Run:
         self.tap: str | None = None
         self.transport = None
         self.__dict__.update(data)
-
-
-@contextmanager
-def shielded():
-    """Block SIGINT/SIGTERM/SIGHUP for the duration (they are delivered when it ends): an unwind or
-    a publish must not be cut in half by a second Ctrl-C or a closed terminal."""
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, SHIELDED)
-    except (ValueError, OSError):  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class _Done:
@@ -228,13 +211,16 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, BangerError):
         return e.message
     if isinstance(e, KeyboardInterrupt):
-        return "interrupted"
+        from banger.interrupts import reason
+
+        return reason(e)
     return f"{type(e).__name__}: {e}"
 
 
 def execute(ctx, vm, plan: Plan, *, success_state: str | None = "running", unwound_state: str = "error",
-            delete_on_unwind: bool = False, **data) -> Run:
+            delete_on_unwind: bool = False, keep_on_timeout: bool = True, **data) -> Run:
     """Run ``plan`` for ``vm`` (the caller holds vm/<id>) with the one failure policy (module doc).
+    ``keep_on_timeout=False`` unwinds an SSH timeout too (``vm run --rm``: nothing is kept).
     Returns the Run; on failure re-raises after the policy was applied."""
     from banger.vms.runtime import RUNNING, vmm_alive
 
@@ -252,9 +238,11 @@ def execute(ctx, vm, plan: Plan, *, success_state: str | None = "running", unwou
         return run
     except BaseException as e:
         with shielded():
-            if (isinstance(e, GuestTimeout) and runner.current == "guest.ssh"
+            if (keep_on_timeout and isinstance(e, GuestTimeout) and runner.current == "guest.ssh"
                     and vmm_alive(ctx, vm, run.handles)):
                 runner.forget()  # kept for inspection: `vm logs`, then `vm delete -f`
+                e.message += "\nThe VM is kept for inspection."
+                e.args = (e.message,)
                 _mark(ctx, vm, state=RUNNING, error=e.message)
                 raise
             errs = runner.unwind()

@@ -211,10 +211,11 @@ def wait_for_ssh(ctx, vm, handles: dict, timeout: float | None = None):
     try:
         return ssh.wait_ready(vm["ip"], deadline=time.monotonic() + timeout, alive=alive, **ssh_files(ctx, vm))
     except GuestTimeout as e:
-        raise GuestTimeout(f"guest did not answer SSH within {timeout:g}s ({e.message}); the VM is kept for "
-                           f"inspection. Serial console (last lines):\n{serial_tail(ctx, vm)}",
+        tail = serial_tail(ctx, vm)
+        raise GuestTimeout(f"guest did not answer SSH within {timeout:g}s ({e.message}). "
+                           f"Serial console (last lines):\n{tail}",
                            f"inspect with `banger vm logs {vm['name']}`, remove with "
-                           f"`banger vm delete -f {vm['name']}`") from None
+                           f"`banger vm delete -f {vm['name']}`", details={"console_tail": tail}) from None
 
 
 # ---------------------------------------------------------------- teardown
