@@ -129,7 +129,9 @@ def _installed(ctx, name: str) -> dict | None:
 def _users(ctx, name: str) -> dict:
     vms = [r["name"] for r in ctx.store.query("SELECT name FROM vms WHERE kernel = ? ORDER BY name", (name,))]
     imgs = [r["name"] for r in ctx.store.query("SELECT name FROM images WHERE kernel = ? ORDER BY name", (name,))]
-    return {"vms": vms, "images": imgs}
+    snaps = [r["name"] for r in ctx.store.query(
+        "SELECT name FROM snapshots WHERE json_extract(meta, '$.kernel') = ? ORDER BY name", (name,))]
+    return {"vms": vms, "images": imgs, "snapshots": snaps}
 
 
 # ---------------------------------------------------------------- public API
@@ -337,11 +339,14 @@ def remove(ctx, name: str) -> dict:
                 vms = [r["name"] for r in c.execute("SELECT name FROM vms WHERE kernel = ? ORDER BY name", (name,))]
                 imgs = [r["name"] for r in
                         c.execute("SELECT name FROM images WHERE kernel = ? ORDER BY name", (name,))]
-                if vms or imgs:
-                    who = ", ".join([f"vm {v}" for v in vms] + [f"image {i}" for i in imgs])
+                snaps = [r["name"] for r in c.execute(
+                    "SELECT name FROM snapshots WHERE json_extract(meta, '$.kernel') = ? ORDER BY name", (name,))]
+                if vms or imgs or snaps:
+                    who = ", ".join([f"vm {v}" for v in vms] + [f"image {i}" for i in imgs]
+                                    + [f"snapshot {s}" for s in snaps])
                     raise Conflict(f"kernel {name!r} is in use by {who}",
-                                   "delete those VMs / images first (or re-point the images at another kernel)",
-                                   details={"vms": vms, "images": imgs})
+                                   "delete those VMs / images / snapshots first (or re-point the images at another "
+                                   "kernel)", details={"vms": vms, "images": imgs, "snapshots": snaps})
                 c.execute("DELETE FROM kernels WHERE name = ?", (name,))
                 if kdir.exists():
                     os.rename(kdir, trash / "kernel")
@@ -364,12 +369,18 @@ class _staging:
         self.ctx, self.prefix = ctx, prefix
 
     def __enter__(self) -> Path:
+        from banger.state.staging import write_owner
+
         self.ctx.cfg.staging_dir.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=self.prefix, dir=self.ctx.cfg.staging_dir))
+        write_owner(self.path)  # a killed pull leaves a dir `banger gc` reclaims once we are gone
         return self.path
 
     def __exit__(self, *exc):
-        shutil.rmtree(self.path, ignore_errors=True)
+        from banger.interrupts import shielded
+
+        with shielded():  # a second Ctrl-C / SIGTERM must not cut the clean-up short
+            shutil.rmtree(self.path, ignore_errors=True)
         return False
 
 
@@ -409,6 +420,7 @@ def _publish(ctx, name: str, src: Path, manifest: dict) -> dict:
         replaced = True
     else:
         os.rename(src, final)
+    fsutil.fsync_dir(final.parent)  # the swap / rename survives a host crash before the row commits
     try:
         ctx.store.execute(
             "INSERT INTO kernels (name, version, source, dir, manifest, created_at) VALUES (?,?,?,?,?,?) "
@@ -620,7 +632,7 @@ def _unpack_deb(ctx, deb: Path, stage: Path) -> dict:
     root = stage / "deb"
     root.mkdir()
     with ctx.progress.task(f"extracting {deb.name}", None):
-        run([require("dpkg-deb", "dpkg"), "-x", str(deb), str(root)], timeout=600)
+        run([require("dpkg-deb", "dpkg"), "-x", str(deb), str(root)], timeout=600, contain=True)
     kernels = sorted((root / "boot").glob("vmlinuz-*")) if (root / "boot").is_dir() else []
     if not kernels:
         raise UsageError(f"{deb.name} contains no /boot/vmlinuz-*: it is not a kernel image package",

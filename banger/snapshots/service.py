@@ -31,7 +31,7 @@ from pathlib import Path
 
 from banger.errors import BangerError, Conflict, InvalidState, NotFound
 from banger.guest.names import Subnet, validate_name
-from banger.host.fsutil import atomic_write_json, reflink_or_sparse_copy
+from banger.host.fsutil import atomic_write_json, reflink_or_sparse_copy, rename_durably
 from banger.vms import runtime as vms
 
 META = "meta.json"
@@ -101,6 +101,9 @@ def create(ctx, vm_ref: str, name: str | None = None) -> dict:
         vm = vms.get(ctx, vm["id"])
         h = vms.load_handles(ctx, vm)
         st = vms.effective_state(ctx, vm, h)
+        if st == vms.PAUSED:  # an earlier snapshot create was killed with the guest paused
+            vms.resume_orphaned(ctx, vm, h)
+            st = vms.effective_state(ctx, vm, h)
         if st != vms.RUNNING:
             raise InvalidState(f"VM {vm['name']} is {st}; only a running VM can be snapshotted",
                                f"start it first: banger vm start {vm['name']}")
@@ -124,7 +127,7 @@ def create(ctx, vm_ref: str, name: str | None = None) -> dict:
                 atomic_write_json(staging / META, meta)
                 (staging / OWNER_FILE).unlink()
                 final.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(staging, final)
+                rename_durably(staging, final)
                 published = True
                 with ctx.store.immediate() as c:
                     c.execute("INSERT INTO snapshots (name, vm_id, vm_name, backend, dir, meta, created_at) "
@@ -143,6 +146,9 @@ def _capture(ctx, vm: dict, h: dict, staging: Path) -> dict:
     d = vms.vm_dir(ctx, vm)
     copies = {}
     ctx.progress.step("pausing the guest and writing its memory")
+    from banger.interrupts import shielded
+
+    vms.mark_pausing(ctx, vm, h, "snapshot")  # before pausing: a kill -9 from here on is detectable
     try:
         vmm_meta = driver.snapshot(h, staging)
         ctx.progress.step("copying the overlay and work disks")
@@ -151,11 +157,14 @@ def _capture(ctx, vm: dict, h: dict, staging: Path) -> dict:
         if (d / vms.KNOWN_HOSTS).exists():
             shutil.copyfile(d / vms.KNOWN_HOSTS, staging / KNOWN_HOSTS)
     finally:
-        try:
-            driver.resume(h)
-        except BangerError:
-            if vms.vmm_alive(ctx, vm, h):
-                raise
+        with shielded():  # a second Ctrl-C / SIGTERM must not leave the guest paused
+            try:
+                driver.resume(h)
+            except BangerError:
+                if vms.vmm_alive(ctx, vm, h):
+                    raise
+            else:
+                vms.clear_pausing(ctx, vm, h)
     o = vm["options"] or {}
     return {"vmm": vmm_meta, "backend": vm["backend"], "vm_id": vm["id"], "vm_name": vm["name"],
             "image": vm["image"], "kernel": vm["kernel"], "vcpu": vm["vcpu"], "memory_mib": vm["memory_mib"],
@@ -225,10 +234,12 @@ def _uncopy_disks(run):
 
 
 def _vmm_restore(run):
+    from banger.vms import plans
+
     spec = vms.vm_spec(run.ctx, run.vm, run.tap)
     vms.run_dir(run.ctx, run.vm).mkdir(parents=True, exist_ok=True)
-    run.handles = vms.vm_driver(run.ctx, run.vm).restore(spec, run.sdir, run.meta["vmm"], run.ctx.progress)
-    vms.save_handles(run.ctx, run.vm, run.handles)
+    plans.launched(run, lambda: vms.vm_driver(run.ctx, run.vm).restore(spec, run.sdir, run.meta["vmm"],
+                                                                        run.ctx.progress))
     run.timings["vmm_restored_ms"] = round((time.monotonic() - run.t0) * 1000, 1)
 
 

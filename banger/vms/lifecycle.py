@@ -21,6 +21,7 @@ from banger.vms.runtime import (
     CREATING,
     ERROR,
     OVERLAY,
+    PAUSED,
     RUNNING,
     STOPPED,
     WORK,
@@ -48,11 +49,14 @@ def view(ctx, vm, *, stages: bool = False) -> dict:
     d["error"] = vm.get("error")
     if st == ERROR and vm["state"] == CREATING:
         d["error"] = "create was interrupted; run `banger gc` to clean up"
-    if vm["state"] == RUNNING and st != RUNNING:
+    if st == PAUSED:
+        d["error"] = ("the guest was left paused by a killed command "
+                      f"({(h.get('paused_by') or {}).get('op')}); `banger gc` resumes it")
+    elif vm["state"] == RUNNING and st != RUNNING:
         d["error"] = d["error"] or "the VMM process is gone"
     d["dir"] = str(vm_dir(ctx, vm))
-    d["pid"] = h.get("pid") if st == RUNNING else None
-    d["tap"] = h.get("tap") if st == RUNNING else None
+    d["pid"] = h.get("pid") if st in (RUNNING, PAUSED) else None
+    d["tap"] = h.get("tap") if st in (RUNNING, PAUSED) else None
     d["work_seed"] = (vm.get("options") or {}).get("work_seed")
     if stages:
         rows = ctx.store.stages(vm["id"])
@@ -221,7 +225,7 @@ def start(ctx, ref: str, *, wait_ssh: bool = True, keep_ssh: bool = False):
     with ctx.locks.hold(f"vm/{vm['id']}", purpose="start"):
         vm = get(ctx, vm["id"])
         st = effective_state(ctx, vm)
-        if st == RUNNING:
+        if st in (RUNNING, PAUSED):
             raise InvalidState(f"VM {vm['name']} is already running", f"banger vm ssh {vm['name']}")
         if st in (CREATING, ERROR) and not (vm_dir(ctx, vm) / OVERLAY).exists():
             raise InvalidState(f"VM {vm['name']} was never built ({vm.get('error') or st})",
@@ -321,7 +325,7 @@ def delete(ctx, ref: str, *, force: bool = False) -> dict:
             raise NotFound(f"no VM named {ref!r}", "it was deleted meanwhile")
         _refuse_live_create(vm)
         st = effective_state(ctx, vm)
-        if st == RUNNING and not force:
+        if st in (RUNNING, PAUSED) and not force:
             raise InvalidState(f"VM {vm['name']} is running", f"stop it first, or: banger vm delete -f {vm['name']}")
         destroy_vm(ctx, vm)
     return {"id": vm["id"], "name": vm["name"], "deleted": True}

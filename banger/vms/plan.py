@@ -17,7 +17,7 @@ lists are the model), and one runner with one failure policy runs every plan.
   ``undo:<name>``) is buffered and written to ``stage_events`` in one transaction when the plan ends.
 
 Test hook: ``BANGER_TEST_PAUSE_AT=<step>`` makes the runner stop right AFTER that step finished
-(its resources exist, its undo has not run), write ``$BANGER_RUN/paused-<vm_id>`` naming the step,
+(its resources exist, its undo has not run), write ``$BANGER_RUN/paused-<vm_id>`` (op, step, pid, start),
 and block until killed.  The e2e suite SIGKILLs the command there and checks that ``banger gc``
 leaves nothing.
 """
@@ -202,7 +202,9 @@ class Runner:
         self.flush()
         marker = self.ctx.cfg.run / f"paused-{self.vm_id}"
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"{self.op} {name} {os.getpid()}\n")
+        from banger.host.procs import start_time
+
+        marker.write_text(f"{self.op} {name} {os.getpid()} {start_time(os.getpid()) or 0}\n")
         while True:  # blocked until the test kills us
             time.sleep(3600)
 

@@ -53,7 +53,7 @@ def build_argv(spec: VmSpec, *, qemu_bin: str, accel: str, incoming: bool = Fals
             "-object", "rng-random,id=rng0,filename=/dev/urandom",
             "-device", "virtio-rng-device,rng=rng0"]
     for d in spec.drives:
-        opts = f"file={d.path},if=none,id={d.drive_id},format=raw,cache=unsafe,discard=unmap"
+        opts = f"file={d.path},if=none,id={d.drive_id},format=raw,cache=writeback,discard=unmap"
         if d.read_only:
             opts = f"file={d.path},if=none,id={d.drive_id},format=raw,readonly=on"
         argv += ["-drive", opts, "-device", f"virtio-blk-device,drive={d.drive_id}"]
@@ -250,6 +250,21 @@ class QemuDriver:
                 os.close(fd)
         return {"backend": self.name, "files": {"state": SNAPSHOT_FILE}, "state_bytes": out.stat().st_size,
                 "argv_accel": self._accel()}
+
+    def cancel_snapshot(self, handles: dict, timeout: float = 30.0) -> None:
+        """Abort an outgoing migration left running by a snapshot whose command died (QEMU keeps writing
+        the stream to the file it was handed); the guest stays paused. No-op without one."""
+        from banger.vmm.qemu.qmp import Qmp
+
+        with Qmp(handles["qmp"], timeout=10).connect() as q:
+            if q.execute("query-migrate").get("status") in ("setup", "active", "pre-switchover", "device"):
+                q.execute("migrate_cancel")
+            deadline = time.monotonic() + timeout
+            while q.execute("query-migrate").get("status") in ("setup", "active", "pre-switchover", "device",
+                                                               "cancelling"):
+                if time.monotonic() > deadline:
+                    raise GuestTimeout("QEMU did not cancel the snapshot migration in time", "run banger gc again")
+                time.sleep(0.05)
 
     def restore(self, spec: VmSpec, snapshot_dir: Path, meta: dict, progress=None) -> dict:
         """Start QEMU with ``-incoming defer`` and feed it the migration stream; the VM resumes running."""

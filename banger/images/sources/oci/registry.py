@@ -272,7 +272,9 @@ class Registry:
         self._check(r, f"blob {digest}")
         self.fetched.append(digest)
         h = hashlib.sha256()
-        fd, tmp = tempfile.mkstemp(prefix=f".{uuid.uuid4().hex[:8]}.", suffix=".part", dir=d)
+        from banger.state.staging import owner_tag  # the writer in the name: gc reaps it once we are gone
+
+        fd, tmp = tempfile.mkstemp(prefix=f"{owner_tag()}{uuid.uuid4().hex[:8]}.", suffix=".part", dir=d)
         try:
             with publish_by_rename(tmp, dest):  # only verified blobs ever appear under their digest
                 total = size or int(r.headers.get("Content-Length") or 0) or None
