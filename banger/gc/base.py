@@ -60,3 +60,21 @@ def locked(ctx, rep: Report, name: str):
             yield False
             return
         yield True
+
+
+def unmount_under(d) -> None:
+    """Lazily unmount every mount point inside ``d`` (deepest first)."""
+    from banger.host.runner import require, run
+
+    root = str(d.resolve()) + "/"
+    targets = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                target = line.split()[4].replace("\\040", " ")
+                if target.startswith(root):
+                    targets.append(target)
+    except OSError:
+        return
+    for t in sorted(set(targets), key=len, reverse=True):
+        run([require("umount"), "-l", t], check=False, timeout=60)

@@ -151,6 +151,9 @@ def _capture(ctx, vm: dict, h: dict, staging: Path) -> dict:
     vms.mark_pausing(ctx, vm, h, "snapshot")  # before pausing: a kill -9 from here on is detectable
     try:
         vmm_meta = driver.snapshot(h, staging)
+        from banger.vms.plan import pause_point
+
+        pause_point(ctx, vm["id"], "snapshot", "vmm.snapshot")  # test hook: the guest is paused here
         ctx.progress.step("copying the overlay and work disks")
         for f in DISKS:
             copies[f] = reflink_or_sparse_copy(d / f, staging / f)
@@ -326,10 +329,10 @@ def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = Tru
             raise
         if wait_ssh:
             timings["ssh_ready_ms"] = round((time.monotonic() - run.t0) * 1000, 1)
+        out = lifecycle.view(ctx, ctx.store.vm_by_id(vm["id"]), stages=True)  # under the lock
+        h = vms.load_handles(ctx, vm)
     if run.transport is not None:
         run.transport.close()
-    out = lifecycle.view(ctx, ctx.store.vm_by_id(vm["id"]), stages=True)
-    h = vms.load_handles(ctx, vm)
     out["restored_from"] = snapshot
     out["restore"] = {**timings, **({"vmm": h.get("restore_timings")} if h.get("restore_timings") else {}),
                       "mem_backend": h.get("mem_backend")}

@@ -194,7 +194,7 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
         except BaseException:
             drop_unstarted(ctx, vm_id)
             raise
-    out = view(ctx, ctx.store.vm_by_id(vm["id"]), stages=True)
+        out = view(ctx, ctx.store.vm_by_id(vm["id"]), stages=True)  # under the lock: a delete may follow
     out["work_disk_method"] = getattr(run, "work_method", None)
     if keep_ssh:
         return out, run.transport
@@ -232,7 +232,7 @@ def start(ctx, ref: str, *, wait_ssh: bool = True, keep_ssh: bool = False):
                                f"delete it (banger vm delete {vm['name']}) and create it again")
         teardown_runtime(ctx, vm)  # leftovers of a crash
         run = plan.execute(ctx, vm, plans.start_plan(wait_ssh=wait_ssh), unwound_state=STOPPED)
-    out = view(ctx, get(ctx, vm["id"]), stages=True)
+        out = view(ctx, get(ctx, vm["id"]), stages=True)
     if keep_ssh:
         return out, run.transport
     if run.transport is not None:
@@ -277,7 +277,7 @@ def stop(ctx, ref: str, *, force: bool = False, timeout: float | None = None) ->
     with ctx.locks.hold(f"vm/{vm['id']}", purpose="stop"):
         vm = get(ctx, vm["id"])
         _stop_locked(ctx, vm, force=force, timeout=timeout)
-    return view(ctx, get(ctx, vm["id"]), stages=True)
+        return view(ctx, get(ctx, vm["id"]), stages=True)
 
 
 def _stop_locked(ctx, vm, *, force: bool, timeout: float | None) -> None:

@@ -197,16 +197,27 @@ class Runner:
         self.done.clear()
 
     def _maybe_pause(self, name: str) -> None:
-        if os.environ.get(PAUSE_ENV) != name:
-            return
-        self.flush()
-        marker = self.ctx.cfg.run / f"paused-{self.vm_id}"
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        from banger.host.procs import start_time
+        if os.environ.get(PAUSE_ENV) == name:
+            self.flush()
+            pause_point(self.ctx, self.vm_id, self.op, name)
 
-        marker.write_text(f"{self.op} {name} {os.getpid()} {start_time(os.getpid()) or 0}\n")
-        while True:  # blocked until the test kills us
+
+def pause_point(ctx, vm_id: str, op: str, name: str) -> None:
+    """The test hook (module doc) for code outside a plan too (e.g. ``snapshot create`` with the guest
+    paused): block here if BANGER_TEST_PAUSE_AT names this point. The marker goes when we are
+    interrupted (a SIGTERM unwinds from here like from anywhere else)."""
+    if os.environ.get(PAUSE_ENV) != name:
+        return
+    from banger.host.procs import start_time
+
+    marker = ctx.cfg.run / f"paused-{vm_id}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{op} {name} {os.getpid()} {start_time(os.getpid()) or 0}\n")
+    try:
+        while True:  # blocked until the test kills or signals us
             time.sleep(3600)
+    finally:
+        marker.unlink(missing_ok=True)
 
 
 def _reason(e: BaseException) -> str:

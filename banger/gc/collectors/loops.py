@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from banger.gc.base import locked
+from banger.gc.base import locked, unmount_under
 from banger.state import staging
 
 KEY = "loops"
@@ -62,6 +62,11 @@ def _records(ctx) -> tuple[set, set]:
 
 def collect(ctx, rep) -> None:
     live, dead = _records(ctx)
+    if not rep.dry_run:  # a dead owner's mounts first (a promote's overlay view sits on its loops)
+        d = ctx.cfg.staging_dir
+        for s in sorted(d.iterdir()) if d.is_dir() else []:
+            if staging.recorded_loops(s) and staging.owner_alive(s) is False:
+                unmount_under(s)
     for lo in _loop_devices(ctx):
         rel = lo["rel"]
         if lo["name"] in live or lo["back_file"] in live:

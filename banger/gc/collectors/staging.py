@@ -6,27 +6,10 @@ from __future__ import annotations
 import shutil
 import time
 
+from banger.gc.base import unmount_under
 from banger.state import staging
 
 KEY = "staging"
-
-
-def _unmount_under(d) -> None:
-    """Lazily unmount every mount point inside ``d`` (deepest first)."""
-    from banger.host.runner import require, run
-
-    root = str(d.resolve()) + "/"
-    targets = []
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                target = line.split()[4].replace("\\040", " ")
-                if target.startswith(root):
-                    targets.append(target)
-    except OSError:
-        return
-    for t in sorted(set(targets), key=len, reverse=True):
-        run([require("umount"), "-l", t], check=False, timeout=60)
 
 
 def collect(ctx, rep) -> None:
@@ -44,7 +27,7 @@ def collect(ctx, rep) -> None:
         if rep.dry_run:
             continue
         if s.is_dir() and not s.is_symlink():
-            _unmount_under(s)  # a killed promote's overlay view, say
+            unmount_under(s)  # a killed promote's overlay view, say
             shutil.rmtree(s, ignore_errors=True)
         else:
             s.unlink(missing_ok=True)
