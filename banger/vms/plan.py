@@ -258,6 +258,9 @@ def execute(ctx, vm, plan: Plan, *, success_state: str | None = "running", unwou
                 e.args = (e.message,)
                 _mark(ctx, vm, state=RUNNING, error=e.message)
                 raise
+            if isinstance(e, GuestTimeout) and not keep_on_timeout and runner.current == "guest.ssh":
+                e.hint = ("the VM was removed, as asked; its console is in the message. If the host is just "
+                          "slow, raise ssh_timeout_s in config.toml")
             errs = runner.unwind()
             reason = _reason(e)
             if errs:  # keep the row in `error` so `banger gc` finds what could not be undone

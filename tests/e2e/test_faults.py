@@ -31,8 +31,10 @@ from tests.support.netns import banger_argv, py_argv
 STEPS = ["prepare", "disk.work", "disk.overlay", "net.tap", "vmm.launch", "guest.ssh"]
 
 
-def _paused(env, step: str, op: str = "create"):
+def _paused(env, step: str, op: str = "create", proc=None):
     def find():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{op} exited before pausing at {step}: {proc.communicate()}")
         for m in env.run_dir.glob("paused-*"):
             try:
                 if m.read_text().split()[:2] == [op, step]:
@@ -110,9 +112,9 @@ def test_gc_in_a_loop_spares_creates_starts_and_users_then_snapshot_kill_recover
 
     # kill -9 of `snapshot create` while the guest is paused: every reader says so, gc resumes it,
     # the staging dir goes, and the same snapshot create then succeeds
-    p = env.spawn(banger_argv("snapshot", "create", "gca", "--name", "gcsnap", "--json"),
+    p = env.spawn(banger_argv("snapshot", "create", "gca", "gcsnap", "--json"),
                   env={**env.env, "BANGER_TEST_PAUSE_AT": "vmm.snapshot"})
-    marker = _paused(env, "vmm.snapshot", "snapshot")
+    marker = _paused(env, "vmm.snapshot", "snapshot", p)
     p.send_signal(signal.SIGKILL)
     p.communicate(timeout=60)
     marker.unlink()
@@ -126,7 +128,7 @@ def test_gc_in_a_loop_spares_creates_starts_and_users_then_snapshot_kill_recover
     assert [s for s in rep["staging"] if "snapshot-gcsnap-" in s], rep
     assert env.banger_json("vm", "show", "gca")["data"]["state"] == "running"
     assert env.banger("vm", "exec", "gca", "--", "echo", "alive").stdout.strip() == "alive"
-    snap = env.banger_json("snapshot", "create", "gca", "--name", "gcsnap", timeout=600)["data"]
+    snap = env.banger_json("snapshot", "create", "gca", "gcsnap", timeout=600)["data"]
     assert snap["name"] == "gcsnap" and snap["exists"]
     assert env.banger("vm", "exec", "gca", "--", "echo", "still").stdout.strip() == "still"
     env.banger_json("snapshot", "rm", "gcsnap")
@@ -141,7 +143,7 @@ def test_signals_at_every_create_stage_and_vm_run_rm_leave_nothing_without_gc(vm
         name = f"sig-{step.replace('.', '-')}"
         p = env.spawn(banger_argv("vm", "create", "--name", name, "--json"),
                       env={**env.env, "BANGER_TEST_PAUSE_AT": step})
-        marker = _paused(env, step)
+        marker = _paused(env, step, proc=p)
         p.send_signal(sig)
         out, err = p.communicate(timeout=300)
         assert p.returncode == 128 + sig, (step, p.returncode, out, err[-2000:])
@@ -167,12 +169,13 @@ def test_signals_at_every_create_stage_and_vm_run_rm_leave_nothing_without_gc(vm
     # console tail is in the error
     (env.home / "config.toml").write_text("ssh_timeout_s = 1.0\n")
     try:
-        doc = env.banger_json("vm", "run", "--rm", "--name", "sig-slow", "--", "true", check=False, timeout=300)
+        cp = env.run(banger_argv("vm", "run", "--rm", "--json", "--name", "sig-slow", "--", "true"), timeout=300)
     finally:
         (env.home / "config.toml").unlink()
-    assert doc["_exit"] == 7 and doc["error"]["code"] == "timeout", doc
+    doc = _last_json(cp.stdout)
+    assert cp.returncode == 7 and doc["error"]["code"] == "timeout", doc
     assert "Serial console (last lines):" in doc["error"]["message"]
-    assert "kept for inspection" not in doc["error"]["message"]
+    assert "kept for inspection" not in doc["error"]["message"] and "removed" in doc["error"]["hint"]
     assert_no_leaks(env)
 
 
@@ -202,7 +205,7 @@ def test_delete_racing_create(vmenv, tmp_path):
     # a create in progress (paused after its work disk) holds its row: delete says so at once
     p = env.spawn(banger_argv("vm", "create", "--no-start", "--name", "race-0", "--json"),
                   env={**env.env, "BANGER_TEST_PAUSE_AT": "disk.work"})
-    _paused(env, "disk.work")
+    _paused(env, "disk.work", proc=p)
     t0 = time.monotonic()
     doc = env.banger_json("vm", "delete", "-f", "race-0", check=False, timeout=60)
     assert doc["_exit"] == 4 and doc["error"]["code"] == "invalid_state", doc
@@ -233,7 +236,7 @@ def test_gc_spares_a_promote_in_progress_and_reclaims_a_killed_one(vmenv):
     env.banger_json("vm", "create", "--no-start", "--name", "promo-gc", timeout=300)
     p = env.spawn(banger_argv("vm", "promote", "promo-gc", "promoted-gc", "--json"),
                   env={**env.env, "BANGER_TEST_PAUSE_AT": "mount.merged"})
-    marker = _paused(env, "mount.merged", "promote")
+    marker = _paused(env, "mount.merged", "promote", p)
     loops = loops_under(env.home)
     assert len(loops) == 2  # the image's rootfs and the VM's overlay disk
     def promote_mounts():  # (ip netns exec gives each command its own mount namespace: look in the promote's)
