@@ -9,8 +9,9 @@ from banger.cli.app import JsonOpt, emit, make_ctx, say
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
-@app.command(help="Remove leaked TAPs, stray VMM processes, sockets, loop devices, staging dirs and stuck rows; "
-                  "delete expired VMs (--ttl); reap stale network rules; refresh VM names.")
+@app.command(help="Remove what crashed or killed commands left behind (stuck rows, their processes, TAPs, network "
+                  "rules, sockets, loop devices, staging dirs, partial downloads); resume guests left paused; delete "
+                  "expired VMs (--ttl); refresh VM names.")
 def gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only report what would be removed.")] = False,
        json_out: JsonOpt = False):
     ctx = make_ctx(json_out)
@@ -18,15 +19,18 @@ def gc(dry_run: Annotated[bool, typer.Option("--dry-run", help="Only report what
 
     def render(r):
         verb = "would remove" if r["dry_run"] else "removed"
-        labels = {"rows": "stuck VM row", "processes": "stray process", "taps": "leaked TAP",
+        labels = {"rows": "stuck VM", "processes": "stray process", "taps": "leaked TAP", "nat": "stale NAT rules of",
                   "sockets": "runtime dir", "loops": "loop device", "vm_dirs": "orphan VM dir",
-                  "staging": "staging dir", "expired": "expired VM", "rules": "stale network rules"}
+                  "staging": "staging dir", "blobs": "partial download", "snapshots": "orphan snapshot dir",
+                  "expired": "expired VM", "rules": "stale network rules"}
+        for item in r.get("resumed", []):
+            say(f"{'would resume' if r['dry_run'] else 'resumed'} paused guest: {item['name']}")
         for k, label in labels.items():
             for item in r.get(k, []):
-                what = (item.get("name") or item.get("pid")) if isinstance(item, dict) else item
+                what = (item.get("name") or item.get("vm_id") or item.get("pid")) if isinstance(item, dict) else item
                 say(f"{verb} {label}: {what}")
-        for item in r.get("busy", []):
-            say(f"skipped expired VM {item['name']}: busy (the next gc gets it)")
+        for b in r.get("busy", []):
+            say(f"skipped (in use): {b.get('lock') or b.get('name')}")
         for e in r["errors"]:
             say(f"[red]error:[/] {e}")
         if not r["total"]:

@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     caller = os.umask(PRIVATE_UMASK)  # other local users get nothing: every file banger creates is 0600, dirs 0700
     os.environ["BANGER_CALLER_UMASK"] = f"{caller:o}"  # what the user's own copies (vm cp) are created with
+    from banger import interrupts
+
+    interrupts.install()  # SIGTERM / SIGHUP unwind like Ctrl-C (plans undo, `vm run --rm` deletes)
     if _fast_path(argv):
         return
     app = build_app(argv)
@@ -135,8 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         rv = app(args=argv, prog_name="banger", standalone_mode=False)
     except SystemExit:
         raise
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        sys.exit(getattr(e, "exit_code", 130))
     except Exception as e:  # typer's (vendored click) usage errors: no public base class to name
         fmt = getattr(e, "format_message", None)
         code = getattr(e, "exit_code", None)

@@ -48,8 +48,11 @@ def emit(fn: Callable[[], Any], *, json_out: bool, render: Callable[[Any], None]
         data = fn()
     except BangerError as e:
         _fail(e.to_dict(), e.exit_code, json_out)
-    except KeyboardInterrupt:
-        _fail({"code": "interrupted", "message": "interrupted", "hint": None}, EXIT_INTERRUPTED, json_out)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (banger.interrupts)
+        from banger.interrupts import reason
+
+        _fail({"code": "interrupted", "message": reason(e), "hint": None}, getattr(e, "exit_code", EXIT_INTERRUPTED),
+              json_out)
     except Exception as e:  # an internal bug: say so plainly, traceback only with --debug
         if os.environ.get("BANGER_DEBUG"):
             import traceback
@@ -67,14 +70,17 @@ def emit(fn: Callable[[], Any], *, json_out: bool, render: Callable[[Any], None]
 
 
 def _fail(err: dict, code: int, json_out: bool):
-    if json_out:
-        sys.stdout.write(json.dumps({"ok": False, "error": err}, default=str) + "\n")
-        sys.stdout.flush()
-    else:
-        con = _stderr_console()
-        con.print(f"[bold red]error:[/] {_escape(err['message'])}")
-        if err.get("hint"):
-            con.print(f"[yellow]hint:[/] {_escape(err['hint'])}")
+    try:
+        if json_out:
+            sys.stdout.write(json.dumps({"ok": False, "error": err}, default=str) + "\n")
+            sys.stdout.flush()
+        else:
+            con = _stderr_console()
+            con.print(f"[bold red]error:[/] {_escape(err['message'])}")
+            if err.get("hint"):
+                con.print(f"[yellow]hint:[/] {_escape(err['hint'])}")
+    except OSError:  # the terminal went away (SIGHUP): the exit code still tells
+        pass
     raise SystemExit(code)
 
 

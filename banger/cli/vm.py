@@ -210,16 +210,33 @@ def run(cmd: Cmd = None, image: ImageOpt = None, kernel: KernelOpt = None, name:
                              "use vm create --net none, or --net isolated")
         kw = _create_kwargs(image, kernel, name, vcpu, memory, overlay_size, work_disk_size, nat, backend,
                             no_work_seed, publish, net, allow, ttl, cold)
-        v, t = vms.create(ctx, keep_ssh=True, claim=_pool_claim(), **kw)
+        made: dict = {}  # filled as soon as the row exists: --rm holds on every exit path from then on
+        t = None
         try:
+            v, t = vms.create(ctx, keep_ssh=True, remove=rm, reserved=made, claim=_pool_claim(), **kw)
             res = _run_in_guest(t, cmd, json_out)
         finally:
-            t.close()
-            if rm:
-                vms.delete(ctx, v["id"], force=True)
+            if t is not None:
+                t.close()
+            if rm and made:
+                _remove(ctx, made["id"])
         return {"vm": v, "deleted": rm, **res}
 
     emit(go, json_out=json_out, exit_code=lambda d: d["exit_status"])
+
+
+def _remove(ctx, vm_id: str) -> None:
+    """`vm run --rm`'s clean-up: delete the VM whatever happened (shielded: a second Ctrl-C or a SIGTERM
+    cannot stop it half way); a create that failed already removed it itself."""
+    from banger.errors import NotFound
+    from banger.interrupts import shielded
+    from banger.vms import lifecycle as vms
+
+    with shielded():
+        try:
+            vms.delete(ctx, vm_id, force=True)
+        except NotFound:
+            pass
 
 
 @app.command(help="Start a stopped VM and wait for SSH.")

@@ -45,6 +45,14 @@ def expired(ctx, report: dict, *, dry_run: bool) -> None:
             _err(report, f"expired VM {vm['name']}", e)
 
 
+def _live(ctx, vm) -> bool:
+    """Its rules are in use: being built or claimed, pooled capacity, running (or left paused)."""
+    from banger.vms import runtime as rt
+
+    return (vm["state"] in (rt.CREATING, rt.POOLED, rt.CLAIMING)
+            or rt.effective_state(ctx, vm) in (rt.RUNNING, rt.PAUSED))
+
+
 def stale_rules(ctx, report: dict, *, dry_run: bool) -> None:
     """Reap nftables policy of VMs that are not running (report["rules"])."""
     from banger.host.runner import which
@@ -55,8 +63,7 @@ def stale_rules(ctx, report: dict, *, dry_run: bool) -> None:
     if which("nft") is None:
         return
     try:
-        live = {vm["id"] for vm in ctx.store.list_vms()
-                if vm["state"] == rt.CREATING or rt.effective_state(ctx, vm) == rt.RUNNING}
+        live = {vm["id"] for vm in ctx.store.list_vms() if _live(ctx, vm)}
         stale = policy.stale_rules(ctx, live)
     except BangerError as e:
         _err(report, "network rules", e)
@@ -71,7 +78,7 @@ def stale_rules(ctx, report: dict, *, dry_run: bool) -> None:
         try:
             with ctx.locks.hold(f"vm/{vm_id}", timeout=0, purpose="gc: stale network rules"):
                 cur = ctx.store.vm_by_id(vm_id)
-                if cur is not None and (cur["state"] == rt.CREATING or rt.effective_state(ctx, cur) == rt.RUNNING):
+                if cur is not None and _live(ctx, cur):
                     continue  # started meanwhile: its rules are live, not stale
                 policy.reap_rules(ctx, [vm_id])
             report["rules"].append(entry)

@@ -29,13 +29,34 @@ def atomic_write_bytes(path: Path | str, data: bytes, mode: int = 0o600, *, mkdi
         os.chmod(tmp, mode)
 
 
+def fsync_dir(path: Path | str) -> None:
+    """fsync a directory, so a rename (or create / unlink) inside it survives a host crash: a rename
+    is durable only once its directory's entry is on disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rename_durably(src: Path | str, dest: Path | str) -> None:
+    """``os.rename`` then fsync the directory (both, if they differ) so the new name survives a crash."""
+    os.rename(src, dest)
+    fsync_dir(os.path.dirname(os.path.abspath(dest)))
+    src_dir = os.path.dirname(os.path.abspath(src))
+    if src_dir != os.path.dirname(os.path.abspath(dest)):
+        fsync_dir(src_dir)
+
+
 @contextmanager
 def publish_by_rename(tmp: Path | str, dest: Path | str):
     """Fill ``tmp`` (a sibling of ``dest``) inside the block; on success rename it over ``dest``
-    in one step, on any failure remove it. Readers of ``dest`` never see a partial file."""
+    in one step (then fsync the directory: the new name is durable), on any failure remove it.
+    Readers of ``dest`` never see a partial file."""
     try:
         yield tmp
         os.replace(tmp, dest)
+        fsync_dir(os.path.dirname(os.path.abspath(dest)))
     except BaseException:
         try:
             os.unlink(tmp)

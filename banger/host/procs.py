@@ -20,6 +20,7 @@ import select
 import signal
 import sys
 import time
+from contextlib import contextmanager
 
 # What a helper process gets as its environment: nothing of the caller's.
 HELPER_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
@@ -150,6 +151,35 @@ def _reap(fd: int) -> None:
         pass
 
 
+# Callbacks of the enclosing ``recording()`` blocks: every detached process is announced to them the
+# moment it exists, so its owner can write it down before doing anything slow (banger gc knows our
+# processes only from such records: pid + start time, never from their command lines).
+_WATCHERS: list = []
+
+
+@contextmanager
+def recording(callback):
+    """Within the block, call ``callback(pid, start, argv)`` for each detached process spawned."""
+    _WATCHERS.append(callback)
+    try:
+        yield
+    finally:
+        _WATCHERS.remove(callback)
+
+
+def announce(pid: int, start: int, argv: list[str]) -> None:
+    """Tell the ``recording()`` callbacks about a just-spawned detached process. Every spawner of a
+    process that outlives its command calls this right after the spawn; if a callback fails (it could
+    not write its record), the process is killed and the error raised: an unrecorded helper must not
+    be left running."""
+    try:
+        for cb in list(_WATCHERS):
+            cb(pid, start, [str(a) for a in argv])
+    except BaseException:
+        kill(pid, start)
+        raise
+
+
 def spawn_detached(argv: list[str], *, stdout_path: str | None = None, env: dict | None = None,
                    pass_fds: tuple = (), cwd: str | None = None, umask: int = 0o077) -> tuple[int, int]:
     """Start ``argv`` in a new session so it outlives this command; return (pid, start_time)."""
@@ -166,6 +196,7 @@ def spawn_detached(argv: list[str], *, stdout_path: str | None = None, env: dict
     st = start_time(p.pid)
     # Popen keeps a handle; detach it so no ResourceWarning and no reaping by us later.
     p.returncode = 0
+    announce(p.pid, st or 0, argv)
     return p.pid, st or 0
 
 

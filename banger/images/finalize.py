@@ -34,8 +34,11 @@ def guest_file(name: str) -> bytes:
 
 
 def rmtree(p: Path | None) -> None:
+    from banger.interrupts import shielded
+
     if p is not None and os.path.lexists(p):
-        shutil.rmtree(p, ignore_errors=True)
+        with shielded():  # a second Ctrl-C / SIGTERM must not cut the clean-up short
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def tree_usage(tree: Path) -> tuple[int, int]:

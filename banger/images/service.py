@@ -103,8 +103,12 @@ def show(ctx, name: str) -> dict:
 # ---------------------------------------------------------------- what sources build with
 def new_staging(ctx, label: str) -> Path:
     """A private staging dir for one build/pull (the caller removes it; publish renames it)."""
+    from banger.state.staging import write_owner
+
     ctx.cfg.staging_dir.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"image-{label}-", dir=ctx.cfg.staging_dir))
+    d = Path(tempfile.mkdtemp(prefix=f"image-{label}-", dir=ctx.cfg.staging_dir))
+    write_owner(d)  # a killed build / pull leaves a dir `banger gc` reclaims once we are gone
+    return d
 
 
 def single_flight(ctx, name: str):
@@ -151,7 +155,10 @@ def publish(ctx, name: str, staging_dir: Path | str, *, kind: str, source: str |
                 rmtree(dest)
             fsutil.atomic_write_json(staging / "meta.json", {"name": name, "kind": kind, "source": source,
                                                              "digest": digest, "kernel": kernel, **meta})
-            os.rename(staging, dest)
+            from banger.state.staging import OWNER_FILE
+
+            (staging / OWNER_FILE).unlink(missing_ok=True)  # ours, not the image's
+            fsutil.rename_durably(staging, dest)
             try:
                 with ctx.store.immediate() as c:
                     c.execute(
@@ -172,27 +179,27 @@ def publish(ctx, name: str, staging_dir: Path | str, *, kind: str, source: str |
 def delete(ctx, name: str) -> dict:
     show(ctx, name)
     with ctx.locks.hold(f"image/{name}", purpose=f"deleting image {name}"):
-        if get(ctx, name) is None:
-            raise NotFound(f"no image named {name!r}", "list images with: banger image list")
+        # users first, in the same write transaction as the row's delete: a `vm create` reserving this
+        # image (which checks the image row in its own BEGIN IMMEDIATE) is either seen here or fails;
+        # nothing is touched on disk until no VM or snapshot can need the files any more
+        with ctx.store.immediate() as c:
+            if c.execute("SELECT 1 FROM images WHERE name = ?", (name,)).fetchone() is None:
+                raise NotFound(f"no image named {name!r}", "list images with: banger image list")
+            users = [r["name"] for r in c.execute("SELECT name FROM vms WHERE image = ? ORDER BY name", (name,))]
+            snaps = [r["name"] for r in c.execute("SELECT name FROM snapshots WHERE json_extract(meta, '$.image') = ?"
+                                                  " ORDER BY name", (name,))]
+            if users or snaps:
+                who = ", ".join([f"VM {u}" for u in users] + [f"snapshot {s}" for s in snaps])
+                raise Conflict(f"image {name!r} is used by {who}",
+                               "delete those first (banger vm delete NAME, banger snapshot rm NAME)",
+                               details={"vms": users, "snapshots": snaps})
+            c.execute("DELETE FROM images WHERE name = ?", (name,))
         d = ctx.cfg.images_dir / name
         trash = None
         if os.path.lexists(d):
             ctx.cfg.staging_dir.mkdir(parents=True, exist_ok=True)
             trash = ctx.cfg.staging_dir / f"trash-{name}-{uuid.uuid4().hex[:8]}"
             os.rename(d, trash)
-        try:
-            # the users check and the delete in one write transaction: a `vm create` reserving this
-            # image (which checks the image row in its own BEGIN IMMEDIATE) is either seen here or fails
-            with ctx.store.immediate() as c:
-                users = [r["name"] for r in c.execute("SELECT name FROM vms WHERE image = ? ORDER BY name", (name,))]
-                if users:
-                    raise Conflict(f"image {name!r} is used by VM(s): {', '.join(users)}",
-                                    "delete those VMs first (banger vm delete NAME)", details={"vms": users})
-                c.execute("DELETE FROM images WHERE name = ?", (name,))
-        except BaseException:
-            if trash is not None:
-                os.rename(trash, d)
-            raise
     rmtree(trash)
     return {"name": name, "deleted": True}
 

@@ -108,7 +108,9 @@ def _installed(ctx, name: str) -> dict | None:
 def _users(ctx, name: str) -> dict:
     vms = [r["name"] for r in ctx.store.query("SELECT name FROM vms WHERE kernel = ? ORDER BY name", (name,))]
     imgs = [r["name"] for r in ctx.store.query("SELECT name FROM images WHERE kernel = ? ORDER BY name", (name,))]
-    return {"vms": vms, "images": imgs}
+    snaps = [r["name"] for r in ctx.store.query(
+        "SELECT name FROM snapshots WHERE json_extract(meta, '$.kernel') = ? ORDER BY name", (name,))]
+    return {"vms": vms, "images": imgs, "snapshots": snaps}
 
 
 # ---------------------------------------------------------------- public API
@@ -262,11 +264,14 @@ def remove(ctx, name: str) -> dict:
                 vms = [r["name"] for r in c.execute("SELECT name FROM vms WHERE kernel = ? ORDER BY name", (name,))]
                 imgs = [r["name"] for r in
                         c.execute("SELECT name FROM images WHERE kernel = ? ORDER BY name", (name,))]
-                if vms or imgs:
-                    who = ", ".join([f"vm {v}" for v in vms] + [f"image {i}" for i in imgs])
+                snaps = [r["name"] for r in c.execute(
+                    "SELECT name FROM snapshots WHERE json_extract(meta, '$.kernel') = ? ORDER BY name", (name,))]
+                if vms or imgs or snaps:
+                    who = ", ".join([f"vm {v}" for v in vms] + [f"image {i}" for i in imgs]
+                                    + [f"snapshot {s}" for s in snaps])
                     raise Conflict(f"kernel {name!r} is in use by {who}",
-                                   "delete those VMs / images first (or re-point the images at another kernel)",
-                                   details={"vms": vms, "images": imgs})
+                                   "delete those VMs / images / snapshots first (or re-point the images at another "
+                                   "kernel)", details={"vms": vms, "images": imgs, "snapshots": snaps})
                 c.execute("DELETE FROM kernels WHERE name = ?", (name,))
                 if kdir.exists():
                     os.rename(kdir, trash / "kernel")
@@ -291,10 +296,16 @@ class _staging:
     def __enter__(self) -> Path:
         self.ctx.cfg.staging_dir.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=self.prefix, dir=self.ctx.cfg.staging_dir))
+        from banger.state.staging import write_owner
+
+        write_owner(self.path)  # a killed pull leaves a dir `banger gc` reclaims once we are gone
         return self.path
 
     def __exit__(self, *exc):
-        shutil.rmtree(self.path, ignore_errors=True)
+        from banger.interrupts import shielded
+
+        with shielded():  # a second Ctrl-C / SIGTERM must not cut the clean-up short
+            shutil.rmtree(self.path, ignore_errors=True)
         return False
 
 
@@ -334,6 +345,7 @@ def _publish(ctx, name: str, src: Path, manifest: dict) -> dict:
         replaced = True
     else:
         os.rename(src, final)
+    fsutil.fsync_dir(final.parent)  # the swap / rename survives a host crash before the row commits
     try:
         ctx.store.execute(
             "INSERT INTO kernels (name, version, source, dir, manifest, created_at) VALUES (?,?,?,?,?,?) "

@@ -29,7 +29,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from banger.errors import BangerError, Conflict, InvalidState, NotFound
-from banger.host.fsutil import atomic_write_json, reflink_or_sparse_copy
+from banger.host.fsutil import atomic_write_json, reflink_or_sparse_copy, rename_durably
 from banger.names import Subnet, validate_name
 from banger.snapshots import manifest
 from banger.state.staging import OWNER_FILE
@@ -103,6 +103,9 @@ def create(ctx, vm_ref: str, name: str | None = None) -> dict:
         vm = vms.get(ctx, vm["id"])
         h = vms.load_handles(ctx, vm)
         st = vms.effective_state(ctx, vm, h)
+        if st == vms.PAUSED:  # an earlier snapshot create was killed with the guest paused
+            vms.resume_orphaned(ctx, vm, h)
+            st = vms.effective_state(ctx, vm, h)
         if st != vms.RUNNING:
             raise InvalidState(f"VM {vm['name']} is {st}; only a running VM can be snapshotted",
                                f"start it first: banger vm start {vm['name']}")
@@ -141,7 +144,7 @@ def publish(ctx, name: str, staging: Path, meta: dict, *, vm, kind: str = "user"
         atomic_write_json(staging / META, meta)
         (staging / OWNER_FILE).unlink(missing_ok=True)
         final.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(staging, final)
+        rename_durably(staging, final)
         published = True
         with ctx.store.immediate() as c:
             c.execute("INSERT INTO snapshots (name, vm_id, vm_name, backend, dir, meta, created_at, kind) "
@@ -163,20 +166,29 @@ def capture(ctx, vm, h: dict, staging: Path, *, resume: bool = True, final: bool
     d = vms.vm_dir(ctx, vm)
     copies = {}
     ctx.progress.step("pausing the guest and writing its memory")
+    from banger.interrupts import shielded
+
+    vms.mark_pausing(ctx, vm, h, "snapshot")  # before pausing: a kill -9 from here on is detectable
     try:
         vmm_meta = driver.snapshot(h, staging, final=final, memory_path=memory_path)
+        from banger.vms.plan import pause_point
+
+        pause_point(ctx, vm["id"], "snapshot", "vmm.snapshot")  # test hook: the guest is paused here
         ctx.progress.step("copying the overlay and work disks")
         for f in DISKS:
             copies[f] = reflink_or_sparse_copy(d / f, staging / f)
         if (d / vms.KNOWN_HOSTS).exists():
             shutil.copyfile(d / vms.KNOWN_HOSTS, staging / KNOWN_HOSTS)
     finally:
-        if resume:
-            try:
-                driver.resume(h)
-            except BangerError:
-                if vms.vmm_alive(ctx, vm, h):
-                    raise
+        with shielded():  # a second Ctrl-C / SIGTERM must not leave the guest paused
+            if resume:
+                try:
+                    driver.resume(h)
+                except BangerError:
+                    if vms.vmm_alive(ctx, vm, h):
+                        raise
+                else:
+                    vms.clear_pausing(ctx, vm, h)
     o = vm["options"] or {}
     return {"vmm": vmm_meta, "backend": vm["backend"], "vm_id": vm["id"], "vm_name": vm["name"],
             "image": vm["image"], "kernel": vm["kernel"], "vcpu": vm["vcpu"], "memory_mib": vm["memory_mib"],
@@ -248,10 +260,12 @@ def _uncopy_disks(run):
 
 
 def _vmm_restore(run):
+    from banger.vms import plans
+
     spec = vms.vm_spec(run.ctx, run.vm, run.tap)
     vms.run_dir(run.ctx, run.vm).mkdir(parents=True, exist_ok=True)
-    run.handles = vms.vm_driver(run.ctx, run.vm).restore(spec, run.sdir, run.meta["vmm"], run.ctx.progress)
-    vms.save_handles(run.ctx, run.vm, run.handles)
+    plans.launched(run, lambda: vms.vm_driver(run.ctx, run.vm).restore(spec, run.sdir, run.meta["vmm"],
+                                                                        run.ctx.progress))
     run.timings["vmm_restored_ms"] = round((time.monotonic() - run.t0) * 1000, 1)
 
 
@@ -405,6 +419,7 @@ def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = Tru
     The clone keeps the snapshot's network mode and --allow list; it publishes only the ``publish``
     (-p) values given here, never the source VM's ports."""
     from banger.host import procs
+    from banger.names import new_vm_id
     from banger.net import ports as ports_mod
     from banger.net import publish as publish_mod
     from banger.state.reservation import reserve_vm
@@ -456,22 +471,29 @@ def restore(ctx, snapshot: str, name: str | None = None, *, wait_ssh: bool = Tru
     o["net"] = mode
     o["allow"] = list(meta.get("allow") or [])
     o["made"] = {"how": "restore", "snapshot": snapshot}
-    try:
-        vm = reserve_vm(ctx.store, Subnet(ctx.cfg.subnet), name=name, image=meta.get("image"),
-                        kernel=meta.get("kernel"), backend=snap["backend"], vcpu=meta["vcpu"],
-                        memory_mib=meta["memory_mib"], overlay_size_mib=meta["overlay_size_mib"],
-                        work_disk_size_mib=meta["work_disk_size_mib"], nat=bool(meta.get("nat")), options=o)
-    except BangerError as e:
-        if e.code == "conflict" and name:
-            raise vms.name_taken(name) from None
-        raise
     timings: dict = {}
-    with ctx.locks.hold(f"vm/{vm['id']}", purpose="restore"), ExitStack() as snap_lock:
-        # held while the snapshot's files are read (disk copies, VMM start); released before the guest waits
-        snap_lock.enter_context(ctx.locks.hold(f"snapshot/{snapshot}", purpose="restore"))
-        run = plan.execute(ctx, vm, restore_plan(wait_ssh=wait_ssh, net=mode != vms.NET_NONE, ports=bool(specs)),
-                           delete_on_unwind=True, snapshot=snapshot, sdir=sdir, meta=meta, snap_lock=snap_lock,
-                           timings=timings, big_files=big_files, t0=time.monotonic(), ports=specs)
+    vm_id = new_vm_id()
+    # the new VM's lock first, then its row (never visible unlocked; see vms.lifecycle.create)
+    with ctx.locks.hold(f"vm/{vm_id}", purpose="restore"), ExitStack() as snap_lock:
+        try:
+            try:
+                vm = reserve_vm(ctx.store, Subnet(ctx.cfg.subnet), name=name, image=meta.get("image"),
+                                kernel=meta.get("kernel"), backend=snap["backend"], vcpu=meta["vcpu"],
+                                memory_mib=meta["memory_mib"], overlay_size_mib=meta["overlay_size_mib"],
+                                work_disk_size_mib=meta["work_disk_size_mib"], nat=bool(meta.get("nat")), options=o,
+                                vm_id=vm_id)
+            except BangerError as e:
+                if e.code == "conflict" and name:
+                    raise vms.name_taken(name) from None
+                raise
+            # held while the snapshot's files are read (disk copies, VMM start); released before the guest waits
+            snap_lock.enter_context(ctx.locks.hold(f"snapshot/{snapshot}", purpose="restore"))
+            run = plan.execute(ctx, vm, restore_plan(wait_ssh=wait_ssh, net=mode != vms.NET_NONE, ports=bool(specs)),
+                               delete_on_unwind=True, snapshot=snapshot, sdir=sdir, meta=meta, snap_lock=snap_lock,
+                               timings=timings, big_files=big_files, t0=time.monotonic(), ports=specs)
+        except BaseException:
+            lifecycle.drop_unstarted(ctx, vm_id)
+            raise
         if wait_ssh:
             timings["ssh_ready_ms"] = round((time.monotonic() - run.t0) * 1000, 1)
             hostnames.mark_ready(ctx, vm)

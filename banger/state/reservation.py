@@ -15,14 +15,18 @@ from banger.names import Subnet, generate_name, new_vm_id, validate_name
 def reserve_vm(store, subnet: Subnet, *, name: str | None, image: str | None, kernel: str | None,
                backend: str, vcpu: int, memory_mib: int, overlay_size_mib: int, work_disk_size_mib: int,
                nat: bool = False, options: dict | None = None, state: str = "creating",
-               check_refs: bool = False) -> dict:
+               check_refs: bool = False, vm_id: str | None = None) -> dict:
     """Insert the VM row. With ``check_refs`` the image and kernel rows must still exist, checked in the
     same transaction, so a concurrent ``image delete``/``kernel rm`` (which checks for users in its own
-    BEGIN IMMEDIATE) either sees this VM or makes this reservation fail; never a VM on a deleted kernel."""
+    BEGIN IMMEDIATE) either sees this VM or makes this reservation fail; never a VM on a deleted kernel.
+
+    ``vm_id``: the id to use. A caller that must hold ``vm/<id>`` before the row becomes visible (so
+    no ``vm delete`` or ``gc`` can come between the row and the lock) generates it first with
+    ``new_vm_id``, takes the lock, then reserves."""
     if name is not None:
         validate_name(name)
     now = time.time()
-    vm_id = new_vm_id()
+    vm_id = vm_id or new_vm_id()
     with store.immediate() as c:
         if name is None:
             for _ in range(50):

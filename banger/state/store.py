@@ -10,6 +10,7 @@ name + IP reservation are atomic across processes.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -129,6 +130,37 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+@contextmanager
+def _init_lock(db: Path):
+    """Serialise the first open of a database (the switch to WAL and the migrations) across processes.
+
+    Two processes switching a fresh database to WAL at once both take SQLite's SHARED lock to read
+    the header; the one that then asks for RESERVED while the other holds it gets "database is
+    locked" immediately (a lock upgrade inside a read transaction never waits: it could deadlock).
+    Under load a preempted converter makes that window wide: parallel `kernel pull`s and `image
+    pull`s on a new BANGER_HOME failed so in CI. A flock held only for this step closes it; the lock
+    file sits beside the database and is never deleted."""
+    import fcntl
+
+    fd = os.open(db.with_name(db.name + ".init.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    from banger.errors import LockTimeout
+
+                    raise LockTimeout(f"another process has been initialising {db} for {BUSY_TIMEOUT_MS // 1000}s",
+                                      "check for a hung banger process (ps) and retry") from None
+                time.sleep(0.005)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _dict_factory(cursor, row):
     return {d[0]: row[i] for i, d in enumerate(cursor.description)}
 
@@ -143,12 +175,11 @@ class Store:
         self.conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         self.conn.row_factory = _dict_factory
         self.conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        mode = self.conn.execute("PRAGMA journal_mode").fetchone()["journal_mode"]
-        if mode != "wal":
-            self.conn.execute("PRAGMA journal_mode=WAL")
+        if not self._ready():
+            with _init_lock(self.path):
+                self._initialise()
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
 
     def close(self) -> None:
         self.conn.close()
@@ -160,12 +191,31 @@ class Store:
         self.close()
 
     # ---- schema ----
+    def _ready(self) -> bool:
+        """WAL already and the schema current: the common case, two reads and no lock."""
+        return self.journal_mode == "wal" and self._version() >= SCHEMA_VERSION
+
+    def _version(self) -> int:
+        return self.one("PRAGMA user_version")["user_version"]
+
+    def _initialise(self) -> None:
+        """Switch to WAL and migrate; the caller holds the init lock (see _init_lock)."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while self.journal_mode != "wal":
+            try:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.OperationalError as e:
+                # Only a process outside banger's init lock (an old banger, a sqlite3 shell) can be
+                # part-way through a rollback-journal write here; this switch is the one lock upgrade
+                # SQLite's busy handler does not wait for, so wait it out ourselves.
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        self._migrate()
+
     def _migrate(self) -> None:
-        version = self.conn.execute("PRAGMA user_version").fetchone()["user_version"]
-        if version >= SCHEMA_VERSION:
-            return
         with self.immediate():
-            version = self.conn.execute("PRAGMA user_version").fetchone()["user_version"]
+            version = self._version()
             for i in range(version, SCHEMA_VERSION):
                 for stmt in MIGRATIONS[i].split(";"):
                     if stmt.strip():
@@ -196,7 +246,13 @@ class Store:
         return self.conn.execute(sql, params).fetchall()
 
     def one(self, sql: str, params=()) -> dict | None:
-        return self.conn.execute(sql, params).fetchone()
+        # close the cursor at once: a statement left un-finished keeps a read transaction open, and
+        # the next BEGIN IMMEDIATE on this connection would then fail with SQLITE_BUSY_SNAPSHOT
+        cur = self.conn.execute(sql, params)
+        try:
+            return cur.fetchone()
+        finally:
+            cur.close()
 
     def execute(self, sql: str, params=()) -> int:
         """Run one write statement in its own BEGIN IMMEDIATE transaction; returns rowcount.

@@ -5,12 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from banger.errors import InvalidState, UsageError
-from banger.vms.runtime import NET_NONE, RUNNING, SERIAL, effective_state, get, net_mode, ssh_files, vm_dir
+from banger.vms.runtime import (
+    NET_NONE,
+    PAUSED,
+    RUNNING,
+    SERIAL,
+    effective_state,
+    get,
+    net_mode,
+    ssh_files,
+    vm_dir,
+)
 
 
 def running(ctx, ref: str):
     vm = get(ctx, ref)
     st = effective_state(ctx, vm)
+    if st == PAUSED:
+        raise InvalidState(f"VM {vm['name']} is paused: a snapshot create was killed while its guest was paused",
+                           "run `banger gc` (it resumes the guest)")
     if st != RUNNING:
         raise InvalidState(f"VM {vm['name']} is {st}", f"start it: banger vm start {vm['name']}")
     return vm

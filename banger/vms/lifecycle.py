@@ -25,6 +25,7 @@ from banger.vms.runtime import (
     NET_NAT,
     NET_NONE,
     OVERLAY,
+    PAUSED,
     RUNNING,
     STOPPED,
     WORK,
@@ -54,11 +55,14 @@ def view(ctx, vm, *, stages: bool = False) -> dict:
     d["error"] = vm.get("error")
     if st == ERROR and vm["state"] == CREATING:
         d["error"] = "create was interrupted; run `banger gc` to clean up"
-    if vm["state"] == RUNNING and st != RUNNING:
+    if st == PAUSED:
+        d["error"] = ("the guest was left paused by a killed command "
+                      f"({(h.get('paused_by') or {}).get('op')}); `banger gc` resumes it")
+    elif vm["state"] == RUNNING and st != RUNNING:
         d["error"] = d["error"] or "the VMM process is gone"
     d["dir"] = str(vm_dir(ctx, vm))
-    d["pid"] = h.get("pid") if st == RUNNING else None
-    d["tap"] = h.get("tap") if st == RUNNING else None
+    d["pid"] = h.get("pid") if st in (RUNNING, PAUSED) else None
+    d["tap"] = h.get("tap") if st in (RUNNING, PAUSED) else None
     d["work_seed"] = (vm.get("options") or {}).get("work_seed")
     _net_view(ctx, vm, d, live=stages and st == RUNNING)
     made = (vm.get("options") or {}).get("made") or {}
@@ -199,7 +203,8 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
            backend: str | None = None, vcpu: int | None = None, memory_mib: int | None = None,
            overlay_size_mib: int | None = None, work_disk_size_mib: int | None = None, nat: bool | None = None,
            start: bool = True, wait_ssh: bool = True, work_seed: bool = True, keep_ssh: bool = False,
-           net: str | None = None, allow=None, publish=None, ttl=None, cold: bool = False, claim=None):
+           net: str | None = None, allow=None, publish=None, ttl=None, cold: bool = False, claim=None,
+           remove: bool = False, reserved: dict | None = None):
     """Create (and by default boot) a VM. Returns its view; with ``keep_ssh`` returns (view, transport).
 
     ``net``: nat | isolated | none (default: ``--nat``/config ``nat`` -> nat, else isolated);
@@ -209,7 +214,14 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
     A create the warm VM pool can honour (booting, work seed, the default isolated network with no
     --allow, -p or --ttl, a pooled clone of the template for exactly this image, kernel, backend, size)
     claims that clone instead of booting: ``claim`` (banger.vmpool.service.claim_for_create, passed in by
-    the caller: the pool sits above the lifecycle) is asked first; ``cold`` forces a boot."""
+    the caller: the pool sits above the lifecycle) is asked first; ``cold`` forces a boot.
+
+    ``remove`` (``vm run --rm``): the caller deletes the VM when it is done with it. The intent is in
+    the row's options from the start (``rm``), so ``banger gc`` deletes the VM once its creator is
+    dead (a ``vm run --rm`` killed with -9); a failed create leaves nothing, not even for inspection.
+    ``reserved``, if given, gets ``id`` and ``name`` as soon as the row exists (so a caller can clean
+    up on any exit path, even one between the row's insert and this function's return)."""
+    from banger.names import new_vm_id
     from banger.state.reservation import reserve_vm
 
     cfg = ctx.cfg
@@ -254,6 +266,8 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
         got = None if claim is None else claim(ctx, img, ker, be, name=name, vcpu=vcpu, memory_mib=memory_mib,
                      overlay_size_mib=overlay_size_mib, work_disk_size_mib=work_disk_size_mib, wait_ssh=wait_ssh)
         if got is not None:
+            if reserved is not None:  # `vm run --rm` deletes a claimed clone like any other VM
+                reserved.update(id=got.vm["id"], name=got.vm["name"])
             out = view(ctx, ctx.store.vm_by_id(got.vm["id"]), stages=True)
             if keep_ssh:
                 return out, got.transport
@@ -266,33 +280,46 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
                "kernel_version": ker.get("version"), "made": {"how": "cold"},
                "creator": {"pid": os.getpid(), "start": procs.start_time(os.getpid())}, **netopts}
 
-    # phase 2: reserve (one BEGIN IMMEDIATE)
-    try:
-        vm = reserve_vm(ctx.store, Subnet(cfg.subnet), name=name, image=img.get("name"), kernel=ker.get("name"),
-                        backend=be, vcpu=vcpu, memory_mib=memory_mib, overlay_size_mib=overlay_size_mib,
-                        work_disk_size_mib=work_disk_size_mib, nat=nat, options=options,
-                        check_refs=True)  # a concurrent image delete / kernel rm cannot slip in between
-    except BangerError as e:
-        if e.code == "conflict" and name:
-            raise name_taken(name) from None
-        raise
+    if remove:
+        options["rm"] = True
 
+    # phase 2: reserve (one BEGIN IMMEDIATE) while already holding the new VM's lock, so its row is
+    # never visible unlocked: a `vm delete` or `gc` in between would pull the row from under the build.
     # phase 3: build and boot under vm/<id> only
     from banger.vms import diskpool, plan, plans
 
     dkey = diskpool.key(img, work_size_mib=work_disk_size_mib, overlay_size_mib=overlay_size_mib,
                         use_seed=work_seed)
-    with ctx.locks.hold(f"vm/{vm['id']}", purpose="create"):
+    vm_id = new_vm_id()
+    with ctx.locks.hold(f"vm/{vm_id}", purpose="create"):
         try:
-            run = plan.execute(ctx, vm, plans.create_plan(start=start, wait_ssh=wait_ssh,
-                                                          ready_disks=bool(diskpool.ready(cfg, dkey)),
-                                                          net=netopts["net"] != NET_NONE, ports=bool(specs)),
-                               success_state=RUNNING if start else STOPPED, unwound_state=ERROR,
-                               image=img, work_size_mib=work_disk_size_mib, use_seed=work_seed,
-                               overlay_size_mib=overlay_size_mib, diskset_key=dkey, ports=specs)
-        except BangerError as e:
-            if e.details.get("step") == "net.ports":  # refused before anything was built: no row either
-                ctx.store.delete_vm_row(vm["id"])
+            try:
+                vm = reserve_vm(ctx.store, Subnet(cfg.subnet), name=name, image=img.get("name"),
+                                kernel=ker.get("name"), backend=be, vcpu=vcpu, memory_mib=memory_mib,
+                                overlay_size_mib=overlay_size_mib, work_disk_size_mib=work_disk_size_mib, nat=nat,
+                                options=options,
+                                check_refs=True,  # a concurrent image delete / kernel rm cannot slip in between
+                                vm_id=vm_id)
+            except BangerError as e:
+                if e.code == "conflict" and name:
+                    raise name_taken(name) from None
+                raise
+            if reserved is not None:
+                reserved.update(id=vm["id"], name=vm["name"])
+            try:
+                run = plan.execute(ctx, vm, plans.create_plan(start=start, wait_ssh=wait_ssh,
+                                                              ready_disks=bool(diskpool.ready(cfg, dkey)),
+                                                              net=netopts["net"] != NET_NONE, ports=bool(specs)),
+                                   success_state=RUNNING if start else STOPPED, unwound_state=ERROR,
+                                   delete_on_unwind=remove, keep_on_timeout=not remove,
+                                   image=img, work_size_mib=work_disk_size_mib, use_seed=work_seed,
+                                   overlay_size_mib=overlay_size_mib, diskset_key=dkey, ports=specs)
+            except BangerError as e:
+                if e.details.get("step") == "net.ports":  # refused before anything was built: no row either
+                    ctx.store.delete_vm_row(vm["id"])
+                raise
+        except BaseException:
+            drop_unstarted(ctx, vm_id)
             raise
         if run.transport is not None:
             hostnames.mark_ready(ctx, vm)
@@ -375,6 +402,20 @@ def _not_pooled(vm) -> None:
                            "vm create claims it; banger pool drain --vms removes the pool")
 
 
+def drop_unstarted(ctx, vm_id: str) -> None:
+    """A signal between the reservation and the plan's start: the plan's failure policy never ran (it
+    always moves the row out of ``creating``), nothing was built; the row goes (if it was inserted)."""
+    from banger.interrupts import shielded
+
+    with shielded():
+        cur = ctx.store.vm_by_id(vm_id)
+        if cur is not None and cur["state"] == CREATING:
+            import shutil
+
+            shutil.rmtree(vm_dir(ctx, cur), ignore_errors=True)
+            ctx.store.delete_vm_row(cur["id"])
+
+
 # ---------------------------------------------------------------- start / stop / restart
 def start(ctx, ref: str, *, wait_ssh: bool = True, keep_ssh: bool = False):
     from banger.vms import plan, plans
@@ -384,7 +425,7 @@ def start(ctx, ref: str, *, wait_ssh: bool = True, keep_ssh: bool = False):
     with ctx.locks.hold(f"vm/{vm['id']}", purpose="start"):
         vm = get(ctx, vm["id"])
         st = effective_state(ctx, vm)
-        if st == RUNNING:
+        if st in (RUNNING, PAUSED):
             raise InvalidState(f"VM {vm['name']} is already running", f"banger vm ssh {vm['name']}")
         if st in (CREATING, ERROR) and not (vm_dir(ctx, vm) / OVERLAY).exists():
             raise InvalidState(f"VM {vm['name']} was never built ({vm.get('error') or st})",
@@ -482,14 +523,24 @@ def restart(ctx, ref: str, *, wait_ssh: bool = True) -> dict:
 
 
 # ---------------------------------------------------------------- delete / prune / set
+def _refuse_live_create(vm) -> None:
+    c = (vm.get("options") or {}).get("creator") or {}
+    if vm["state"] == CREATING and creator_alive(vm) and c.get("pid") != os.getpid():
+        raise InvalidState(f"VM {vm['name']} is being created (by process {c.get('pid')})",
+                           "wait for the create to finish (or interrupt it: it cleans up after itself), "
+                           "then delete it", details={"creator_pid": c.get("pid")})
+
+
 def delete(ctx, ref: str, *, force: bool = False, sync_names: bool = True) -> dict:
     vm = get(ctx, ref)
+    _refuse_live_create(vm)  # at once: not after waiting minutes for the create's lock
     with ctx.locks.hold(f"vm/{vm['id']}", purpose="delete"):
         vm = ctx.store.vm_by_id(vm["id"])
         if vm is None:
             raise NotFound(f"no VM named {ref!r}", "it was deleted meanwhile")
+        _refuse_live_create(vm)
         st = effective_state(ctx, vm)
-        if st == RUNNING and not force:
+        if st in (RUNNING, PAUSED) and not force:
             raise InvalidState(f"VM {vm['name']} is running", f"stop it first, or: banger vm delete -f {vm['name']}")
         destroy_vm(ctx, vm)
     names = hostnames.after_change(ctx) if sync_names else None

@@ -17,7 +17,7 @@ lists are the model), and one runner with one failure policy runs every plan.
   ``undo:<name>``) is buffered and written to ``stage_events`` in one transaction when the plan ends.
 
 Test hook: ``BANGER_TEST_PAUSE_AT=<step>`` makes the runner stop right AFTER that step finished
-(its resources exist, its undo has not run), write ``$BANGER_RUN/paused-<vm_id>`` naming the step,
+(its resources exist, its undo has not run), write ``$BANGER_RUN/paused-<vm_id>`` (op, step, pid, start),
 and block until killed.  The e2e suite SIGKILLs the command there and checks that ``banger gc``
 leaves nothing.
 """
@@ -25,16 +25,14 @@ leaves nothing.
 from __future__ import annotations
 
 import os
-import signal
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from typing import Any
 
 from banger.errors import BangerError, GuestTimeout
+from banger.interrupts import SHIELDED, shielded  # noqa: F401  (re-exported: plan.shielded)
 
 PAUSE_ENV = "BANGER_TEST_PAUSE_AT"
-SHIELDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class StepFailed(BangerError):
@@ -105,21 +103,6 @@ class Run:
         self.tap: str | None = None
         self.transport = None
         self.__dict__.update(data)
-
-
-@contextmanager
-def shielded():
-    """Block SIGINT/SIGTERM/SIGHUP for the duration (they are delivered when it ends): an unwind or
-    a publish must not be cut in half by a second Ctrl-C or a closed terminal."""
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, SHIELDED)
-    except (ValueError, OSError):  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class _Done:
@@ -214,27 +197,43 @@ class Runner:
         self.done.clear()
 
     def _maybe_pause(self, name: str) -> None:
-        if os.environ.get(PAUSE_ENV) != name:
-            return
-        self.flush()
-        marker = self.ctx.cfg.run / f"paused-{self.vm_id}"
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"{self.op} {name} {os.getpid()}\n")
-        while True:  # blocked until the test kills us
+        if os.environ.get(PAUSE_ENV) == name:
+            self.flush()
+            pause_point(self.ctx, self.vm_id, self.op, name)
+
+
+def pause_point(ctx, vm_id: str, op: str, name: str) -> None:
+    """The test hook (module doc) for code outside a plan too (e.g. ``snapshot create`` with the guest
+    paused): block here if BANGER_TEST_PAUSE_AT names this point. The marker goes when we are
+    interrupted (a SIGTERM unwinds from here like from anywhere else)."""
+    if os.environ.get(PAUSE_ENV) != name:
+        return
+    from banger.host.procs import start_time
+
+    marker = ctx.cfg.run / f"paused-{vm_id}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{op} {name} {os.getpid()} {start_time(os.getpid()) or 0}\n")
+    try:
+        while True:  # blocked until the test kills or signals us
             time.sleep(3600)
+    finally:
+        marker.unlink(missing_ok=True)
 
 
 def _reason(e: BaseException) -> str:
     if isinstance(e, BangerError):
         return e.message
     if isinstance(e, KeyboardInterrupt):
-        return "interrupted"
+        from banger.interrupts import reason
+
+        return reason(e)
     return f"{type(e).__name__}: {e}"
 
 
 def execute(ctx, vm, plan: Plan, *, success_state: str | None = "running", unwound_state: str = "error",
-            delete_on_unwind: bool = False, **data) -> Run:
+            delete_on_unwind: bool = False, keep_on_timeout: bool = True, **data) -> Run:
     """Run ``plan`` for ``vm`` (the caller holds vm/<id>) with the one failure policy (module doc).
+    ``keep_on_timeout=False`` unwinds an SSH timeout too (``vm run --rm``: nothing is kept).
     Returns the Run; on failure re-raises after the policy was applied."""
     from banger.vms.runtime import RUNNING, vmm_alive
 
@@ -252,11 +251,16 @@ def execute(ctx, vm, plan: Plan, *, success_state: str | None = "running", unwou
         return run
     except BaseException as e:
         with shielded():
-            if (isinstance(e, GuestTimeout) and runner.current == "guest.ssh"
+            if (keep_on_timeout and isinstance(e, GuestTimeout) and runner.current == "guest.ssh"
                     and vmm_alive(ctx, vm, run.handles)):
                 runner.forget()  # kept for inspection: `vm logs`, then `vm delete -f`
+                e.message += "\nThe VM is kept for inspection."
+                e.args = (e.message,)
                 _mark(ctx, vm, state=RUNNING, error=e.message)
                 raise
+            if isinstance(e, GuestTimeout) and not keep_on_timeout and runner.current == "guest.ssh":
+                e.hint = ("the VM was removed, as asked; its console is in the message. If the host is just "
+                          "slow, raise ssh_timeout_s in config.toml")
             errs = runner.unwind()
             reason = _reason(e)
             if errs:  # keep the row in `error` so `banger gc` finds what could not be undone

@@ -89,17 +89,29 @@ def _unnet(run):
     rt.net_down(run.ctx, run.vm)
 
 
+def launched(run, start_vmm) -> None:
+    """Run ``start_vmm()`` (a driver's launch or restore, returning handles) with every process it
+    spawns written down as it appears (runtime.recording_spawns), then publish the handles with those
+    records in them. Every step that starts a VMM goes through here."""
+    with rt.recording_spawns(run.ctx, run.vm) as spawned:
+        handles = start_vmm()
+        handles["spawned"] = list(spawned)
+        run.handles = handles
+        rt.save_handles(run.ctx, run.vm, handles)
+    (rt.vm_dir(run.ctx, run.vm) / rt.SPAWNED).unlink(missing_ok=True)
+
+
 def _launch(run):
     spec = rt.vm_spec(run.ctx, run.vm, run.tap)
     rt.run_dir(run.ctx, run.vm).mkdir(parents=True, exist_ok=True)
-    run.handles = rt.vm_driver(run.ctx, run.vm).launch(spec, run.ctx.progress)
-    rt.save_handles(run.ctx, run.vm, run.handles)
+    launched(run, lambda: rt.vm_driver(run.ctx, run.vm).launch(spec, run.ctx.progress))
 
 
 def unlaunch(run):
     """Undo of any step that started a VMM (launch, restore): kill it and its helpers, drop its files."""
     rt.kill_vmm(run.ctx, run.vm, run.handles or rt.load_handles(run.ctx, run.vm))
-    (rt.vm_dir(run.ctx, run.vm) / rt.HANDLES).unlink(missing_ok=True)
+    for f in (rt.HANDLES, rt.SPAWNED):
+        (rt.vm_dir(run.ctx, run.vm) / f).unlink(missing_ok=True)
     shutil.rmtree(rt.run_dir(run.ctx, run.vm), ignore_errors=True)
 
 

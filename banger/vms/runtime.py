@@ -11,19 +11,24 @@ the guest powered itself off), never ``running``.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from banger.errors import BangerError, Conflict, ExternalError, GuestTimeout, NotFound
 from banger.host import procs
-from banger.host.fsutil import atomic_write_json, read_json
+from banger.host.fsutil import atomic_write_bytes, atomic_write_json, read_json
 from banger.names import Subnet
 
 RUNNING, STOPPED, CRASHED, CREATING, ERROR = "running", "stopped", "crashed", "creating", "error"
 POOLED, CLAIMING = "pooled", "claiming"   # warm-pool clones (banger.vmpool): capacity, and being claimed
+PAUSED = "paused"  # shown (never stored) for a running VM whose guest a killed command left paused
 
 OVERLAY, WORK, SERIAL, HANDLES, KNOWN_HOSTS = "overlay.ext4", "work.ext4", "serial.log", "handles.json", "known_hosts"
+SPAWNED = "spawned.json"  # processes a launch spawned, each written down the moment it exists
 HOST_KEY = "etc/ssh/ssh_host_ed25519_key"
 
 
@@ -75,16 +80,59 @@ def creator_alive(vm) -> bool:
 
 
 def effective_state(ctx, vm, handles: dict | None = None) -> str:
-    """The state to show: a 'running' row whose VMM is gone is crashed (or stopped if the guest powered off)."""
+    """The state to show: a 'running' row whose VMM is gone is crashed (or stopped if the guest powered
+    off); one whose guest was left paused by a command that died meanwhile is ``paused``."""
     st = vm["state"]
-    if st == RUNNING and not vmm_alive(ctx, vm, handles):
-        tail = serial_tail(ctx, vm, 5)
-        return STOPPED if "reboot: Power down" in tail or "reboot: Restarting" in tail else CRASHED
+    if st == RUNNING:
+        h = load_handles(ctx, vm) if handles is None else handles
+        if not vmm_alive(ctx, vm, h):
+            tail = serial_tail(ctx, vm, 5)
+            return STOPPED if "reboot: Power down" in tail or "reboot: Restarting" in tail else CRASHED
+        if pause_orphaned(h):
+            return PAUSED
     if st in (CREATING, CLAIMING) and not creator_alive(vm):
         return ERROR
     if st == POOLED and not vmm_alive(ctx, vm, handles):
         return CRASHED
     return st
+
+
+# ---------------------------------------------------------------- a guest paused by a command
+# A command that pauses a guest (snapshot create) first writes who paused it and why into the handles
+# (``paused_by``: pid + start time); it clears the mark once the guest runs again. A mark whose owner
+# is dead means the command was killed with the guest paused: readers show the VM ``paused``, and gc
+# (or the next snapshot create), under the VM's lock, resume it.
+def mark_pausing(ctx, vm, handles: dict, op: str) -> None:
+    handles["paused_by"] = {"pid": os.getpid(), "start": procs.start_time(os.getpid()), "op": op}
+    save_handles(ctx, vm, handles)
+
+
+def clear_pausing(ctx, vm, handles: dict) -> None:
+    if handles.pop("paused_by", None) is not None:
+        save_handles(ctx, vm, handles)
+
+
+def pause_orphaned(handles: dict) -> bool:
+    p = (handles or {}).get("paused_by")
+    return bool(p) and not procs.alive(p.get("pid"), p.get("start"))
+
+
+def resume_orphaned(ctx, vm, handles: dict) -> bool:
+    """The caller holds vm/<id>. If a dead command left the guest paused, abort what that command had
+    the VMM doing (a QEMU migration to a snapshot file keeps going without it) and resume the guest.
+    Returns True if it did."""
+    if not pause_orphaned(handles) or not vmm_alive(ctx, vm, handles):
+        return False
+    from banger.interrupts import shielded
+
+    drv = vm_driver(ctx, vm)
+    with shielded():
+        cancel = getattr(drv, "cancel_snapshot", None)
+        if cancel is not None:
+            cancel(handles)
+        drv.resume(handles)
+        clear_pausing(ctx, vm, handles)
+    return True
 
 
 # ---------------------------------------------------------------- the VMM
@@ -134,16 +182,48 @@ def guest_dns(ctx) -> list[str]:
 
 
 def kill_vmm(ctx, vm, handles: dict | None = None) -> None:
-    """Force the VMM and every helper process its driver recorded down (idempotent)."""
+    """Force the VMM and every helper process recorded for this VM down (idempotent): what the driver
+    put in handles.json and what a launch wrote down as it spawned (``spawned.json``)."""
     h = load_handles(ctx, vm) if handles is None else handles
-    if not h:
-        return
-    try:
-        vm_driver(ctx, vm).kill(h)
-    except BangerError:
-        pass
-    for p in helper_processes(h):  # whatever the driver could not take down itself
+    if h:
+        try:
+            vm_driver(ctx, vm).kill(h)
+        except Exception:  # noqa: BLE001 - partial handles (a launch cut short): the recorded pids below still go
+            pass
+    for p in recorded_processes(ctx, vm, h):  # whatever the driver could not take down itself
         procs.kill(p["pid"], p["start"])
+
+
+@contextmanager
+def recording_spawns(ctx, vm):
+    """Around a VMM launch or restore: every detached process spawned inside (the VMM, the console
+    pump, the UFFD handler, the supervisor) is appended to ``spawned.json`` in the VM dir the moment it
+    exists, before the driver does anything slow; so a command killed before handles.json is written
+    still leaves a positive record of what it started (``recorded_processes``; gc and the undo kill
+    exactly those). Yields the list, which the caller keeps in the handles."""
+    path = vm_dir(ctx, vm) / SPAWNED
+    seen: list[dict] = list(read_json(path, []) or [])
+
+    def note(pid: int, start: int, argv: list[str]) -> None:
+        seen.append({"role": f"spawned:{os.path.basename(argv[0])}", "pid": pid, "start": start})
+        atomic_write_bytes(path, json.dumps(seen).encode(), 0o600, mkdir=False)
+
+    with procs.recording(note):
+        yield seen
+
+
+def recorded_processes(ctx, vm, handles: dict | None = None) -> list[dict]:
+    """Every process banger recorded for ``vm`` (a row or ``{"id": ...}``): the helpers in its handles
+    (the VMM first), the launch's spawn records kept in the handles, and a ``spawned.json`` left by a
+    launch that never got to write handles.json. Deduplicated; ``{"role", "pid", "start"}``."""
+    h = load_handles(ctx, vm) if handles is None else handles
+    out, seen = [], set()
+    for p in [*helper_processes(h), *(h.get("spawned") or []), *(read_json(vm_dir(ctx, vm) / SPAWNED, []) or [])]:
+        key = (p.get("pid"), p.get("start"))
+        if p.get("pid") and key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
 
 
 def helper_processes(handles: dict) -> list[dict]:
@@ -245,10 +325,11 @@ def wait_for_ssh(ctx, vm, handles: dict, timeout: float | None = None):
     try:
         return ssh.wait_ready(vm["ip"], deadline=time.monotonic() + timeout, alive=alive, **ssh_files(ctx, vm))
     except GuestTimeout as e:
-        raise GuestTimeout(f"guest did not answer SSH within {timeout:g}s ({e.message}); the VM is kept for "
-                           f"inspection. Serial console (last lines):\n{serial_tail(ctx, vm)}",
+        tail = serial_tail(ctx, vm)
+        raise GuestTimeout(f"guest did not answer SSH within {timeout:g}s ({e.message}). "
+                           f"Serial console (last lines):\n{tail}",
                            f"inspect with `banger vm logs {vm['name']}`, remove with "
-                           f"`banger vm delete -f {vm['name']}`") from None
+                           f"`banger vm delete -f {vm['name']}`", details={"console_tail": tail}) from None
 
 
 # ---------------------------------------------------------------- teardown
@@ -256,7 +337,8 @@ def teardown_runtime(ctx, vm) -> None:
     """Idempotently remove everything a (possibly dead) running VM holds: VMM + helpers, sockets,
     TAP, neighbour, NAT."""
     kill_vmm(ctx, vm)
-    (vm_dir(ctx, vm) / HANDLES).unlink(missing_ok=True)
+    for f in (HANDLES, SPAWNED):
+        (vm_dir(ctx, vm) / f).unlink(missing_ok=True)
     shutil.rmtree(run_dir(ctx, vm), ignore_errors=True)
     net_down(ctx, vm)
 

@@ -333,7 +333,10 @@ def test_failed_restore_leaves_nothing(driver, fc_cfg, fc_record, tmp_path, tap,
     with pytest.raises(FirecrackerApiError) as ei:
         driver.restore(spec, dest, meta)
     assert "Failed to restore from snapshot" in ei.value.fault_message and "TAP" in ei.value.hint
-    new = [f for f in fc_record.glob("*.jsonl") if f.name not in before]
+    deadline = time.monotonic() + 30  # the fake writes its record file itself: on a loaded host, a little later
+    while not (new := [f for f in fc_record.glob("*.jsonl") if f.name not in before]):
+        assert time.monotonic() < deadline, "the restored VMM's record file never appeared"
+        time.sleep(0.02)
     pid = int(new[0].name.rsplit("-", 1)[1].split(".")[0])
     wait_gone(pid, None)
     assert events(fc_record, pid, "exit")[0]["code"] == 1  # a failed load is fatal to the VMM
@@ -379,7 +382,10 @@ def test_load_is_bounded_when_the_handler_does_not_serve(driver, fc_cfg, fc_reco
         driver.restore(spec, dest, meta)
     assert time.monotonic() - t0 < 20
     assert "/snapshot/load" in ei.value.message
-    new = [f for f in fc_record.glob("*.jsonl") if f.name not in before]
+    deadline = time.monotonic() + 30  # the fake writes its record file itself: on a loaded host, a little later
+    while not (new := [f for f in fc_record.glob("*.jsonl") if f.name not in before]):
+        assert time.monotonic() < deadline, "the restored VMM's record file never appeared"
+        time.sleep(0.02)
     pid = int(new[0].name.rsplit("-", 1)[1].split(".")[0])
     wait_gone(pid, None)
     wait_gone(spawned["pid"], spawned["st"])

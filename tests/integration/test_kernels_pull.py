@@ -336,10 +336,10 @@ def test_list_show_rm_and_rm_refused_while_in_use(cfg, catalog):
                   "'172.30.0.2','02:00:00:00:00:01',?,?)", (now, now))
     doc = banger_json("kernel", "rm", "ka", check=False)
     assert doc["error"]["code"] == "conflict"
-    assert doc["error"]["details"] == {"vms": ["vm1"], "images": ["img1"]}
+    assert doc["error"]["details"] == {"vms": ["vm1"], "images": ["img1"], "snapshots": []}
     assert "vm vm1" in doc["error"]["message"] and "image img1" in doc["error"]["message"]
     assert (cfg.kernels_dir / "ka" / "vmlinux").exists() and _rows(cfg) == ["ka"]
-    assert banger_json("kernel", "show", "ka")["data"]["used_by"] == {"vms": ["vm1"], "images": ["img1"]}
+    assert banger_json("kernel", "show", "ka")["data"]["used_by"] == {"vms": ["vm1"], "images": ["img1"], "snapshots": []}
     with sqlite3.connect(cfg.db_path) as c:
         c.execute("DELETE FROM vms")
     assert banger_json("kernel", "rm", "ka", check=False)["error"]["details"]["images"] == ["img1"]

@@ -2,65 +2,91 @@
 
 from __future__ import annotations
 
-import time
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
 from banger.errors import LockTimeout
 from banger.state.locks import Locks
-from tests.support.procs import spawn_py
 
 HOLD = """
 import sys, time
+from banger.errors import LockTimeout
 from banger.state.locks import Locks
 locks = Locks(sys.argv[1])
-with locks.hold(sys.argv[2], purpose="test"):
+name, mode = sys.argv[2], sys.argv[3]
+if mode == "probe":  # one try without waiting: proof, not timing, that another process holds it
+    try:
+        with locks.hold(name, timeout=0):
+            print("free", flush=True)
+    except LockTimeout:
+        print("busy", flush=True)
+with locks.hold(name, purpose="test"):
     print("acquired", time.time(), flush=True)
-    time.sleep(float(sys.argv[3]))
+    sys.stdin.readline()  # held until the test says so (or closes our stdin)
 print("released", time.time(), flush=True)
 """
 
 
-def _start_holder(locks_dir, name, seconds):
-    p = spawn_py(HOLD, str(locks_dir), name, str(seconds))
+def _holder(locks_dir, name, mode="hold"):
+    """A process that (after a probe, with mode "probe") holds ``name`` until ``_release(p)``."""
+    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLD), str(locks_dir), name, mode],
+                         env=os.environ.copy(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    return p
+
+
+def _line(p) -> list[str]:
     line = p.stdout.readline()
-    assert line.startswith("acquired"), p.stderr.read()
-    return p, float(line.split()[1])
+    assert line, p.stderr.read()
+    return line.split()
+
+
+def _release(p) -> float:
+    p.stdin.write("go\n")
+    p.stdin.flush()
+    words = _line(p)
+    assert words[0] == "released", words
+    p.wait(30)
+    return float(words[1])
 
 
 def test_same_lock_blocks_other_process(tmp_path):
-    p1, t1 = _start_holder(tmp_path, "vm/abc", 1.0)
-    p2 = spawn_py(HOLD, str(tmp_path), "vm/abc", "0")
-    line = p2.stdout.readline()
-    t2 = float(line.split()[1])
-    rel1 = float(p1.stdout.readline().split()[1])
-    p1.wait(10), p2.wait(10)
-    # the second process only got the lock after the first released it
-    assert t2 >= rel1 - 0.005, (t2, rel1)
-    assert t2 - t1 >= 0.9
+    p1 = _holder(tmp_path, "vm/abc")
+    assert _line(p1)[0] == "acquired"
+    p2 = _holder(tmp_path, "vm/abc", "probe")
+    assert _line(p2) == ["busy"]  # held by p1: refused at once
+    rel1 = _release(p1)
+    words = _line(p2)  # ... and granted once p1 let go
+    assert words[0] == "acquired" and float(words[1]) >= rel1 - 0.005, (words, rel1)
+    _release(p2)
 
 
 def test_different_locks_do_not_block(tmp_path):
-    p1, t1 = _start_holder(tmp_path, "vm/one", 2.0)
-    p2, t2 = _start_holder(tmp_path, "vm/two", 0)
-    p3, t3 = _start_holder(tmp_path, "image/one", 0)
-    assert t2 - t1 < 1.0 and t3 - t1 < 1.0
-    for p in (p1, p2, p3):
-        p.wait(10)
+    p1 = _holder(tmp_path, "vm/one")
+    assert _line(p1)[0] == "acquired"
+    others = [_holder(tmp_path, n, "probe") for n in ("vm/two", "image/one")]
+    for p in others:
+        assert _line(p) == ["free"]  # taken without waiting while vm/one is held
+        assert _line(p)[0] == "acquired"
+    for p in (*others, p1):
+        _release(p)
 
 
 def test_timeout_names_the_holder(tmp_path):
-    p1, _ = _start_holder(tmp_path, "kernel/k1", 3.0)
+    p1 = _holder(tmp_path, "kernel/k1")
+    assert _line(p1)[0] == "acquired"
     locks = Locks(tmp_path)
-    t0 = time.monotonic()
     with pytest.raises(LockTimeout) as ei:
         with locks.hold("kernel/k1", timeout=0.3):
             pass
-    assert time.monotonic() - t0 < 2.0
     assert f"pid={p1.pid}" in ei.value.message and "kernel/k1" in ei.value.message
     assert ei.value.hint
     assert locks.is_held("kernel/k1")
-    p1.wait(10)
+    _release(p1)
     assert not locks.is_held("kernel/k1")
 
 

@@ -26,6 +26,8 @@ def _bridge_checks(ns, name: str, addr: str, mac: str):
 
 
 def test_bridge_created_with_gateway_and_idempotent(netns):
+    # a fresh netns inherits ip_forward from the root namespace on some hosts (Docker's, say): start from 0
+    netns.set_sysctl("net.ipv4.ip_forward", "0")
     first = result(netns.call("hostnet.ensure_bridge(ctx)"))
     assert first["created"] is True and first["changed"] is True
     _bridge_checks(netns, "banger0", "172.30.0.1/24", "06:00:ac:1e:00:01")
@@ -189,11 +191,14 @@ def test_nat_leaves_foreign_rules_alone(netns):
     assert len(other) == 1  # a look-alike comment in someone else's table is not ours
 
 
-def test_concurrent_nat_enables_never_duplicate(netns):
+def test_concurrent_nat_enables_never_duplicate(netns, tmp_path):
+    from tests.support.procs import Barrier
+
     vms = _vms(netns, 4)
-    start = time.time() + 1.0
-    procs = [netns.spawn_call(f"policy.enable_nat(ctx, {_row(v)!r})", start) for v in vms]
-    procs += [netns.spawn_call(f"policy.enable_nat(ctx, {_row(vms[0])!r})", start) for _ in range(3)]
+    go = Barrier(tmp_path / "go", 7)
+    procs = [netns.spawn_call(f"policy.enable_nat(ctx, {_row(v)!r})", go) for v in vms]
+    procs += [netns.spawn_call(f"policy.enable_nat(ctx, {_row(vms[0])!r})", go) for _ in range(3)]
+    go.release()
     for p in procs:
         so, se = p.communicate(timeout=120)
         assert p.returncode == 0 and '"value"' in so, (so, se)

@@ -84,11 +84,14 @@ def test_concurrent_warms_never_overshoot(netns):
         _assert_pooled_device(link)
 
 
-def test_eight_concurrent_claims_from_a_pool_of_four_get_distinct_taps(netns):
+def test_eight_concurrent_claims_from_a_pool_of_four_get_distinct_taps(netns, tmp_path):
+    from tests.support.procs import Barrier
+
     netns.banger_json("pool", "warm", "4")
     warm = set(_taps(netns))
-    start = time.time() + 1.5
-    procs = [netns.spawn_call(f"pool.claim(ctx, 'vm{i}')", start) for i in range(8)]
+    go = Barrier(tmp_path / "go", 8)
+    procs = [netns.spawn_call(f"pool.claim(ctx, 'vm{i}')", go) for i in range(8)]
+    go.release()
     got = [result(r) for r in _gather(procs)]
     assert len(set(got)) == 8, got
     assert warm <= set(got)  # the four warm ones were handed out, four more were created

@@ -5,21 +5,20 @@ from __future__ import annotations
 import json
 
 from banger.state.store import Store
-from tests.support.procs import spawn_py
+from tests.support.procs import Barrier, spawn_py
 
 RESERVE = """
-import json, sys, time
+import json, sys
 from banger.config import load_config
 from banger.names import Subnet
 from banger.state.reservation import reserve_vm
 from banger.state.store import Store
 from banger.errors import BangerError
+from tests.support.procs import barrier_wait
 cfg = load_config()
-go_at = float(sys.argv[2])
 store = Store(cfg.db_path)
 name = sys.argv[1] or None
-while time.time() < go_at:
-    time.sleep(0.001)
+barrier_wait(sys.argv[2])  # all children are here, connected, before any of them reserves
 try:
     vm = reserve_vm(store, Subnet(cfg.subnet), name=name, image="img", kernel="k", backend="qemu",
                     vcpu=1, memory_mib=256, overlay_size_mib=64, work_disk_size_mib=64)
@@ -29,12 +28,11 @@ except BangerError as e:
 """
 
 
-def _run_all(names, banger_env):
-    import time
-
+def _run_all(names, banger_env, tmp_path):
     Store(banger_env["home"] / "state.db").close()  # schema first, so the race is about rows
-    go_at = time.time() + 1.5
-    procs = [spawn_py(RESERVE, n, str(go_at)) for n in names]
+    go = Barrier(tmp_path / "go", len(names))
+    procs = [spawn_py(RESERVE, n, str(go.path)) for n in names]
+    go.release()
     out = []
     for p in procs:
         so, se = p.communicate(timeout=120)
@@ -43,8 +41,8 @@ def _run_all(names, banger_env):
     return out
 
 
-def test_sixteen_processes_reserve_distinct_names_and_ips(banger_env):
-    results = _run_all([""] * 16, banger_env)
+def test_sixteen_processes_reserve_distinct_names_and_ips(banger_env, tmp_path):
+    results = _run_all([""] * 16, banger_env, tmp_path)
     assert all(r["ok"] for r in results), results
     assert len({r["name"] for r in results}) == 16
     assert len({r["ip"] for r in results}) == 16
@@ -54,8 +52,8 @@ def test_sixteen_processes_reserve_distinct_names_and_ips(banger_env):
     assert len(rows) == 16 and all(r["state"] == "creating" for r in rows)
 
 
-def test_duplicate_name_race_has_exactly_one_winner(banger_env):
-    results = _run_all(["dup"] * 8 + [f"other-{i}" for i in range(8)], banger_env)
+def test_duplicate_name_race_has_exactly_one_winner(banger_env, tmp_path):
+    results = _run_all(["dup"] * 8 + [f"other-{i}" for i in range(8)], banger_env, tmp_path)
     dup = [r for r in results[:8]]
     winners = [r for r in dup if r["ok"]]
     losers = [r for r in dup if not r["ok"]]

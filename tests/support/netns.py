@@ -103,9 +103,8 @@ from banger.net import pool
 from banger.net import policy, ports, publish, hosts, dns  # noqa: F401
 ctx = Ctx()
 if len(sys.argv) > 2 and sys.argv[2]:
-    start_at = float(sys.argv[2])
-    while time.time() < start_at:
-        time.sleep(0.001)
+    from tests.support.procs import barrier_wait
+    barrier_wait(sys.argv[2])
 try:
     res = {"value": eval(sys.argv[1])}
 except BangerError as e:
@@ -181,9 +180,10 @@ class NetNS:
             raise AssertionError(f"{expr} crashed in {self.name} (exit {cp.returncode}):\n{cp.stderr}")
         return json.loads(cp.stdout.strip().splitlines()[-1])
 
-    def spawn_call(self, expr: str, start_at: float | None = None) -> subprocess.Popen:
-        """Like call() but in the background; waits until wall time ``start_at`` before evaluating."""
-        return self.spawn(py_argv(_CALL, expr, "" if start_at is None else repr(start_at)))
+    def spawn_call(self, expr: str, barrier=None) -> subprocess.Popen:
+        """Like call() but in the background; with ``barrier`` (a tests.support.procs.Barrier) it waits,
+        ready, until the barrier is released before evaluating (a real barrier, not a wall-clock time)."""
+        return self.spawn(py_argv(_CALL, expr, "" if barrier is None else str(barrier.path)))
 
     # ---- independent checks (iproute2 / nft / procfs inside the namespace) ----
     def ip_json(self, *args) -> list:

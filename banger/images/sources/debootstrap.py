@@ -150,7 +150,7 @@ def build(ctx, name: str, *, suite: str = "bookworm", packages: list[str] | None
             t0 = time.monotonic()
             ctx.progress.step(f"debootstrap {suite} from {mirror} (about a minute)")
             run(argv, timeout=3600, hint="check the host's apt mirror is reachable (apt-get update)",
-                umask=GUEST_UMASK)  # the guest's own files keep their usual modes under banger's umask 077
+                umask=GUEST_UMASK, contain=True)  # the guest's own files keep their usual modes under banger's umask 077
             t_boot = time.monotonic() - t0
             ctx.progress.step("trimming and installing banger-init")
             _trim(tree)

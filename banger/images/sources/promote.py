@@ -30,10 +30,15 @@ KIND = "promoted"
 PER_VM_FILES = ("etc/ssh/ssh_host_ed25519_key", "etc/ssh/ssh_host_ed25519_key.pub", "etc/hostname")
 
 
-def _losetup_ro(path: Path) -> str:
+def _losetup_ro(scratch: Path, path: Path) -> str:
+    # on record in our staging dir before and after the attach: gc spares the loops of a live promote
+    # (the image's rootfs is not under our vm/<id> lock) and detaches those a killed one left
+    staging.record_loop(scratch, path)
     cp = run([require("losetup"), "--find", "--show", "--read-only", str(path)], timeout=30,
              hint="loop devices are needed to read the disks (modprobe loop)")
-    return cp.stdout.strip()
+    dev = cp.stdout.strip()
+    staging.record_loop(scratch, path, dev)
+    return dev
 
 
 def _mount(argv_opts: list[str], target: Path) -> None:
@@ -80,13 +85,14 @@ def promote(ctx, ref: str, name: str) -> dict:
         scratch = Path(tempfile.mkdtemp(prefix=f"promote-{name}-", dir=ctx.cfg.staging_dir))
         staging.write_owner(scratch)
         out = Path(tempfile.mkdtemp(prefix=f"image-{name}-", dir=ctx.cfg.staging_dir))
+        staging.write_owner(out)
         steps = Runner(ctx, vm["id"], "promote")
         loops: dict[str, str] = {}
         try:
             # a crashed VM may have left journals to replay; we own the disks under vm/<id>
             steps.run("fsck", lambda: [ext4.fsck(d / f, fix=True) for f in (vms.OVERLAY, vms.WORK)])
             for key, path in (("lower", rootfs), ("overlay", d / vms.OVERLAY)):
-                steps.run(f"loop.{key}", lambda p=path, k=key: loops.__setitem__(k, _losetup_ro(p)),
+                steps.run(f"loop.{key}", lambda p=path, k=key: loops.__setitem__(k, _losetup_ro(scratch, p)),
                           lambda k=key: loops.get(k) and _detach(loops[k]))
                 mnt = scratch / key
                 steps.run(f"mount.{key}", lambda k=key, m=mnt: _mount(["-t", "ext4", "-o", "ro,noload", loops[k]], m),

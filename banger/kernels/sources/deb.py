@@ -19,7 +19,7 @@ def unpack(ctx, deb: Path, stage: Path) -> dict:
     root = stage / "deb"
     root.mkdir()
     with ctx.progress.task(f"extracting {deb.name}", None):
-        run([require("dpkg-deb", "dpkg"), "-x", str(deb), str(root)], timeout=600)
+        run([require("dpkg-deb", "dpkg"), "-x", str(deb), str(root)], timeout=600, contain=True)
     kernels = sorted((root / "boot").glob("vmlinuz-*")) if (root / "boot").is_dir() else []
     if not kernels:
         raise UsageError(f"{deb.name} contains no /boot/vmlinuz-*: it is not a kernel image package",

@@ -176,6 +176,7 @@ class FirecrackerDriver:
                     os.close(fd)
         p.returncode = 0  # detached: never reaped through this handle
         start = procs.start_time(p.pid) or 0
+        procs.announce(p.pid, start, argv)  # recorded by the launching step before anything slow
         return {"backend": self.name, "pid": p.pid, "pid_start": start, "api_sock": paths["api_sock"],
                 "serial_in": paths["serial_in"], "serial_log": str(spec.serial_log), "vmm_log": paths["vmm_log"],
                 "tap": spec.tap, "run_dir": str(spec.run_dir), "vm_dir": str(spec.vm_dir), "argv": argv, **pump}

@@ -83,7 +83,7 @@ def build_argv(spec: VmSpec, *, qemu_bin: str, accel: str, serial_fd: int, incom
     elif memfd:
         argv += ["-object", f"memory-backend-memfd,id=microvm.ram,size={spec.memory_mib}M,share=on"]
     for d in spec.drives:
-        opts = f"file={d.path},if=none,id={d.drive_id},format=raw,cache=unsafe,discard=unmap"
+        opts = f"file={d.path},if=none,id={d.drive_id},format=raw,cache=writeback,discard=unmap"
         if d.read_only:
             opts = f"file={d.path},if=none,id={d.drive_id},format=raw,readonly=on"
         argv += ["-drive", opts, "-device", f"virtio-blk-device,drive={d.drive_id}"]
@@ -403,6 +403,21 @@ class QemuDriver:
             if time.monotonic() >= deadline:
                 raise GuestTimeout("QEMU restore did not finish within 600s", "try again")
             time.sleep(0.01)
+
+    def cancel_snapshot(self, handles: dict, timeout: float = 30.0) -> None:
+        """Abort an outgoing migration left running by a snapshot whose command died (QEMU keeps writing
+        the stream to the file it was handed); the guest stays paused. No-op without one."""
+        from banger.vmm.qemu.qmp import Qmp
+
+        with Qmp(handles["qmp"], timeout=10).connect() as q:
+            if q.execute("query-migrate").get("status") in ("setup", "active", "pre-switchover", "device"):
+                q.execute("migrate_cancel")
+            deadline = time.monotonic() + timeout
+            while q.execute("query-migrate").get("status") in ("setup", "active", "pre-switchover", "device",
+                                                               "cancelling"):
+                if time.monotonic() > deadline:
+                    raise GuestTimeout("QEMU did not cancel the snapshot migration in time", "run banger gc again")
+                time.sleep(0.05)
 
     def restore(self, spec: VmSpec, snapshot_dir: Path, meta: dict, progress=None) -> dict:
         """Start QEMU with ``-incoming defer`` and feed it the migration stream; the VM resumes running.

@@ -783,7 +783,9 @@ class Registry:
             self._check(body.r, f"blob {digest}")
             self.fetched.append(digest)
             h = hashlib.sha256()
-            fd, tmp = tempfile.mkstemp(prefix=f".{uuid.uuid4().hex[:8]}.", suffix=".part", dir=d)
+            from banger.state.staging import owner_tag  # the writer in the name: gc reaps it once we are gone
+
+            fd, tmp = tempfile.mkstemp(prefix=f"{owner_tag()}{uuid.uuid4().hex[:8]}.", suffix=".part", dir=d)
             with publish_by_rename(tmp, dest):  # only verified blobs ever appear under their digest
                 try:
                     with os.fdopen(fd, "wb") as f, _task(self.progress, f"blob {digest[7:19]}", size) as task:
