@@ -57,7 +57,6 @@ def stale_rules(ctx, report: dict, *, dry_run: bool) -> None:
     """Reap nftables policy of VMs that are not running (report["rules"])."""
     from banger.host.runner import which
     from banger.net import policy
-    from banger.vms import runtime as rt
 
     report.setdefault("rules", [])
     if which("nft") is None:

@@ -273,10 +273,13 @@ def test_damaged_template_is_rebuilt(fcpool):
     assert t2["built"] and t2["damaged"] is None and t2["key"] == t["key"]
 
 
-def test_concurrent_template_builds_single_flight(fcpool):
+def test_concurrent_template_builds_single_flight(fcpool, tmp_path):
+    from tests.support.procs import Barrier
+
     ns = fcpool
-    start = time.time() + 1.0
-    ps = [ns.spawn_call(f"{T}.ensure(ctx, {_spec_expr()}, wait_ssh=False)", start_at=start) for _ in range(3)]
+    go = Barrier(tmp_path / "go", 3)
+    ps = [ns.spawn_call(f"{T}.ensure(ctx, {_spec_expr()}, wait_ssh=False)", go) for _ in range(3)]
+    go.release()
     outs = []
     for p in ps:
         out, err = p.communicate(timeout=300)

@@ -559,13 +559,16 @@ def test_ip_forward_only_when_a_vm_needs_it_and_the_report_says_why(lab):
     assert "DOCKER-USER -i banger0" in rep["hint"]
 
 
-def test_concurrent_applies_never_duplicate(lab):
+def test_concurrent_applies_never_duplicate(lab, tmp_path):
+    from tests.support.procs import Barrier
+
     vms = lab.vms(4)
-    start = time.time() + 1.0
-    procs = [lab.ns.spawn_call(f"policy.apply(ctx, {lab.row(v)!r}, 'tap-pool-{i}', ports=())", start)
+    go = Barrier(tmp_path / "go", 7)
+    procs = [lab.ns.spawn_call(f"policy.apply(ctx, {lab.row(v)!r}, 'tap-pool-{i}', ports=())", go)
              for i, v in enumerate(vms)]
-    procs += [lab.ns.spawn_call(f"policy.apply(ctx, {lab.row(vms[0])!r}, 'tap-pool-0', ports=())", start)
+    procs += [lab.ns.spawn_call(f"policy.apply(ctx, {lab.row(vms[0])!r}, 'tap-pool-0', ports=())", go)
               for _ in range(3)]
+    go.release()
     for p in procs:
         so, se = p.communicate(timeout=120)
         assert p.returncode == 0 and '"value"' in so, (so, se)
