@@ -203,9 +203,7 @@ def main() -> None:
     speedup = round(cold / pooled, 2) if pooled else float("nan")
     ratio = round(res["fork4"]["p50"] / res["restore"]["p50"], 2)
 
-    def target(name, value, op, limit, unit):
-        met = value <= limit if op == "<=" else value >= limit
-        return {"name": name, "value": value, "op": op, "limit": limit, "unit": unit, "met": bool(met)}
+    from bench.targets import target
 
     targets = [
         target("pooled create to SSH-ready p50", pooled, "<=", 800, "ms"),

@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.targets import target  # noqa: E402
 from tests.support.netns import create_netns, delete_netns, run_in_ns  # noqa: E402
 
 INNER = r"""
@@ -73,13 +74,6 @@ shutil.rmtree(tmp, ignore_errors=True)
 shutil.rmtree(os.environ["BANGER_RUN"], ignore_errors=True)
 print(json.dumps(out))  # the TAPs go with the namespace
 """
-
-
-def target(name: str, value: float, op: str, limit: float, unit: str) -> dict:
-    """One entry of the ``targets`` list every benchmark's --json ends with."""
-    value = round(value, 2)
-    return {"name": name, "value": value, "op": op, "limit": limit, "unit": unit,
-            "met": value >= limit if op == ">=" else value <= limit}
 
 
 def main() -> int:

@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from banger.host.runner import run  # noqa: E402
 from banger.uffd import spawn_handler  # noqa: E402
+from bench.targets import target  # noqa: E402
 from tests.support.uffd_peer import UffdPeer  # noqa: E402
 
 PS = 4096
@@ -119,13 +120,6 @@ int64_t ref_serve(int uffd, int conn, uint64_t map, int nreg, const uint64_t *ba
     }
 }
 """
-
-
-def target(name: str, value: float, op: str, limit: float, unit: str) -> dict:
-    """One entry of the ``targets`` list every benchmark's --json ends with."""
-    value = round(value, 2)
-    return {"name": name, "value": value, "op": op, "limit": limit, "unit": unit,
-            "met": value >= limit if op == ">=" else value <= limit}
 
 
 def build_helper(workdir: Path) -> ctypes.CDLL:
