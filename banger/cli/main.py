@@ -102,9 +102,10 @@ def top_help() -> str:
 
 
 def _fast_path(argv: list[str]) -> bool:
-    """Typer-free paths for the hottest commands: `banger [--help]` and `banger vm list [-q]
-    [--json]` (same body as the typer command, banger/cli/vm_list.py). Any other argument
-    takes the normal path."""
+    """Typer-free paths for the hottest commands: `banger [--help]`, `banger vm list [-q]
+    [--json]` (same body as the typer command, banger/cli/vm_list.py), and `vm create` / `vm run`
+    (banger/cli/fast.py: their options as generated from the typer commands, their bodies in
+    banger/cli/vm_create.py). Anything a fast path does not handle exactly takes the typer path."""
     if argv in ([], ["-h"], ["--help"]):
         sys.stdout.write(top_help())
         return True
@@ -113,6 +114,10 @@ def _fast_path(argv: list[str]) -> bool:
 
         complete_main(argv[1:])
         return True
+    if argv[:2] in (["vm", "create"], ["vm", "run"]):  # the main job: the same body as the typer command
+        from banger.cli import fast
+
+        return fast.run(argv)
     if argv[:2] != ["vm", "list"]:
         return False
     from banger.cli.vm_list import FLAGS, run
