@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run banger's whole test suite (lint, unit, integration, e2e under QEMU) as root.
+# Run banger's whole test suite (lint, unit, integration, e2e under QEMU, then the smoke suite) as root.
 # Installs what the tests need (Debian packages, nox) first; idempotent.
 # Arguments go to pytest, e.g. ./scripts/test.sh tests/unit -q
 set -euo pipefail
@@ -11,4 +11,10 @@ apt_ensure "${RUNTIME_PKGS[@]}" e2tools docker-registry
 compgen -G "/var/lib/apt/lists/*_Packages*" >/dev/null || apt-get update -q
 TOOLS=${BANGER_TOOLS_VENV:-/opt/banger-tools}
 [ -x "$TOOLS/bin/nox" ] || { python3 -m venv "$TOOLS" && "$TOOLS/bin/pip" install -q nox; }
-exec "$TOOLS/bin/nox" -s lint tests -- "$@"
+if [ $# -gt 0 ]; then  # a selection of tests: just those
+  exec "$TOOLS/bin/nox" -s lint tests -- "$@"
+fi
+# the whole suite, then the smoke suite (user-level scenarios 4 at a time on one shared home + netns,
+# then the global ones alone)
+"$TOOLS/bin/nox" -s lint tests
+exec "$TOOLS/bin/nox" -s smoke
