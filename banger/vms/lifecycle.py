@@ -45,8 +45,9 @@ from banger.vms.runtime import (
 )
 
 
-def view(ctx, vm, *, stages: bool = False) -> dict:
-    """The public dict for one VM (what `vm show/list --json` print)."""
+def view(ctx, vm, *, stages: bool = False, claimed: dict | None = None) -> dict:
+    """The public dict for one VM (what `vm show/list --json` print). ``claimed``: every VM's published
+    ports rows by VM id, read once for a whole list (None: read this VM's)."""
     h = load_handles(ctx, vm)
     st = effective_state(ctx, vm, h)
     d = {k: vm[k] for k in ("id", "name", "image", "kernel", "backend", "vcpu", "memory_mib", "overlay_size_mib",
@@ -64,7 +65,7 @@ def view(ctx, vm, *, stages: bool = False) -> dict:
     d["pid"] = h.get("pid") if st in (RUNNING, PAUSED) else None
     d["tap"] = h.get("tap") if st in (RUNNING, PAUSED) else None
     d["work_seed"] = (vm.get("options") or {}).get("work_seed")
-    _net_view(ctx, vm, d, live=stages and st == RUNNING)
+    _net_view(ctx, vm, d, live=stages and st == RUNNING, claimed=claimed)
     made = (vm.get("options") or {}).get("made") or {}
     d["made"] = {"how": "restore" if (vm.get("options") or {}).get("restored_from") else "cold", **made}
     if stages:
@@ -76,14 +77,18 @@ def view(ctx, vm, *, stages: bool = False) -> dict:
     return d
 
 
-def _net_view(ctx, vm, d: dict, *, live: bool) -> None:
+def _net_view(ctx, vm, d: dict, *, live: bool, claimed: dict | None = None) -> None:
     """Network mode, --allow list, published ports (``live``: with "active", read from nftables) and expiry."""
-    from banger.net import ports
     from banger.vms import expiry
 
     d["net"] = net_mode(vm)
     d["allow"] = net_allow(vm)
-    d["ports"] = [p.to_dict() for p in ports.claims(ctx, vm["id"])]
+    if claimed is not None and not claimed.get(vm["id"]):
+        d["ports"] = []  # (a list with no published port at all never imports the ports module)
+    else:
+        from banger.net import ports
+
+        d["ports"] = [p.to_dict() for p in ports.claims(ctx, vm["id"])]
     if live and d["ports"]:
         from banger.net import publish
 
@@ -135,7 +140,10 @@ def user_vm(vm) -> bool:
 
 def list_vms(ctx, *, all: bool = False) -> list[dict]:
     """User VMs; ``all`` adds pooled clones and template builders."""
-    return [view(ctx, vm) for vm in ctx.store.list_vms(pooled=all) if all or user_vm(vm)]
+    claimed: dict = {}
+    for r in ctx.store.query("SELECT vm_id FROM published_ports"):  # one query for the whole list
+        claimed[r["vm_id"]] = True
+    return [view(ctx, vm, claimed=claimed) for vm in ctx.store.list_vms(pooled=all) if all or user_vm(vm)]
 
 
 def show(ctx, ref: str) -> dict:
