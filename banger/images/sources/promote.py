@@ -95,12 +95,12 @@ def promote(ctx, ref: str, name: str) -> dict:
                 steps.run(f"loop.{key}", lambda p=path, k=key: loops.__setitem__(k, _losetup_ro(scratch, p)),
                           lambda k=key: loops.get(k) and _detach(loops[k]))
                 mnt = scratch / key
-                steps.run(f"mount.{key}", lambda k=key, m=mnt: _mount(["-t", "ext4", "-o", "ro,noload", loops[k]], m),
+                steps.run(f"mount.{key}", lambda k=key, m=mnt: _mount(["-t", "ext4", "-o", "ro,noload,nodev,nosuid,noexec", loops[k]], m),
                           lambda m=mnt: _umount(m))
             steps.run("scrub", lambda: _scrub_layer(scratch / "scrub", scratch / "lower"))
             merged = scratch / "merged"
             lowers = f"{scratch / 'scrub'}:{scratch / 'overlay' / 'upper'}:{scratch / 'lower'}"
-            steps.run("mount.merged", lambda: _mount(["-t", "overlay", "overlay", "-o", f"ro,lowerdir={lowers}"],
+            steps.run("mount.merged", lambda: _mount(["-t", "overlay", "overlay", "-o", f"ro,nodev,nosuid,noexec,lowerdir={lowers}"],
                                                      merged), lambda: _umount(merged))
 
             def pack():
