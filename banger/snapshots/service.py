@@ -135,7 +135,10 @@ def create(ctx, vm_ref: str, name: str | None = None) -> dict:
                               (name, vm["id"], vm["name"], vm["backend"], str(final), json.dumps(meta, sort_keys=True),
                                time.time()))
             except BaseException:
-                shutil.rmtree(final if published else staging, ignore_errors=True)
+                from banger.interrupts import shielded
+
+                with shielded():  # a second Ctrl-C / SIGTERM must not cut the clean-up short
+                    shutil.rmtree(final if published else staging, ignore_errors=True)
                 raise
     return view(get(ctx, name))
 
