@@ -11,10 +11,17 @@ from banger.errors import BangerError, LockTimeout
 # disks and a VMM) will have their own state. Every VM collector skips these rows as it skips idle
 # pooled TAPs; the pool (`pool drain`) is what removes them.
 CAPACITY_STATES = frozenset({"pooled"})
+# States of a row an operation is building (a create, a pool claim): its owner's business while the
+# owner (options.creator) lives; the vms collector settles it once the owner is dead.
+IN_PROGRESS_STATES = frozenset({"creating", "claiming"})
 
 
 def is_capacity(vm) -> bool:
     return vm is not None and vm["state"] in CAPACITY_STATES
+
+
+def in_progress(vm) -> bool:
+    return vm is not None and vm["state"] in IN_PROGRESS_STATES
 
 
 class Report:

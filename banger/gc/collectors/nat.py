@@ -3,7 +3,7 @@ under that VM's lock; the banger table goes with its last rule."""
 
 from __future__ import annotations
 
-from banger.gc.base import is_capacity, locked
+from banger.gc.base import in_progress, is_capacity, locked
 from banger.vms import runtime as rt
 
 KEY = "nat"
@@ -13,7 +13,7 @@ def _stale(ctx, vm_id: str) -> bool:
     vm = ctx.store.vm_by_id(vm_id)
     if vm is None:
         return True
-    if is_capacity(vm) or vm["state"] == rt.CREATING:
+    if is_capacity(vm) or in_progress(vm):
         return False
     return rt.effective_state(ctx, vm) not in (rt.RUNNING, rt.PAUSED)
 
