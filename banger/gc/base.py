@@ -10,11 +10,18 @@ from banger.errors import BangerError, LockTimeout
 # VM states that are capacity, never leaks: the warm VM pool's clones (paused, holding a slot, a TAP,
 # disks and a VMM) will have their own state. Every VM collector skips these rows as it skips idle
 # pooled TAPs; the pool (`pool drain`) is what removes them.
-CAPACITY_STATES = frozenset({"pooled", "claiming"})  # claiming: settled by the pool collector
+CAPACITY_STATES = frozenset({"pooled"})
+# States of a row an operation is building (a create, a pool claim): its owner's business while the
+# owner (options.creator) lives; the vms collector settles it once the owner is dead.
+IN_PROGRESS_STATES = frozenset({"creating", "claiming"})
 
 
 def is_capacity(vm) -> bool:
     return vm is not None and vm["state"] in CAPACITY_STATES
+
+
+def in_progress(vm) -> bool:
+    return vm is not None and vm["state"] in IN_PROGRESS_STATES
 
 
 class Report:

@@ -126,7 +126,10 @@ def create(ctx, vm_ref: str, name: str | None = None) -> dict:
                 meta["manifest_ms"] = round((time.monotonic() - t_m) * 1000, 1)
                 meta["create_ms"] = round((time.monotonic() - t0) * 1000, 1)
             except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
+                from banger.interrupts import shielded
+
+                with shielded():  # a second Ctrl-C / SIGTERM must not cut the clean-up short
+                    shutil.rmtree(staging, ignore_errors=True)
                 raise
             publish(ctx, name, staging, meta, vm=vm)
     return view(get(ctx, name))
@@ -152,7 +155,10 @@ def publish(ctx, name: str, staging: Path, meta: dict, *, vm, kind: str = "user"
                       (name, vm["id"], vm["name"], vm["backend"], str(final), json.dumps(meta, sort_keys=True),
                        time.time(), kind))
     except BaseException:
-        shutil.rmtree(final if published else staging, ignore_errors=True)
+        from banger.interrupts import shielded
+
+        with shielded():  # a second Ctrl-C / SIGTERM must not cut the clean-up short
+            shutil.rmtree(final if published else staging, ignore_errors=True)
         raise
     return get(ctx, name)
 

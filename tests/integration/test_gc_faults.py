@@ -214,3 +214,33 @@ def test_kill_9_during_image_pull_then_gc(banger_env, cfg, registry, kill_in, ne
     d = banger_json("image", "pull", f"{registry.host}/test/gcpull:v1", "--name", "gcpull")["data"]
     assert d["name"] == "gcpull" and Path(d["rootfs"]).is_file()
     assert netns.banger_json("gc", "--dry-run")["data"]["total"] == 0
+
+
+@pytest.mark.slow
+def test_kill_9_during_image_build_then_gc(cfg, netns):
+    """debootstrap (slow: it runs twice, about a minute each) killed with its banger: its whole tree
+    dies at once (it runs in a PID namespace whose init dies with banger), gc removes the half-built
+    tree, and the same build then succeeds. The build runs in a private mount namespace of its own
+    here, so whatever debootstrap mounts in the target never reaches the host's."""
+    from tests.support.images import CACHE
+
+    shared = CACHE / "debootstrap-cache"  # debootstrap's package cache, shared with the default image
+    shared.mkdir(parents=True, exist_ok=True)
+    (cfg.cache_dir).mkdir(parents=True, exist_ok=True)
+    os.symlink(shared, cfg.cache_dir / "debootstrap")
+    argv = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m", "banger.cli.main",
+            "image", "build", "gcbuild", "--json"]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    tree = _wait(lambda: next((d / "tree" for d in _staging(cfg, "image-gcbuild-")
+                               if (d / "tree" / "usr" / "bin").is_dir()), None), 900, "debootstrap to unpack", 0.05)
+    stage = tree.parent
+    assert _procs_naming(stage), "expected debootstrap to be running"
+    _kill9(p)
+    _wait(lambda: not _procs_naming(stage), 30, "debootstrap's tree to die with banger", 0.05)
+    rep = netns.banger_json("gc")["data"]
+    assert not rep["errors"] and [Path(s) for s in rep["staging"]] == [stage], rep
+    assert _staging(cfg, "") == []
+    d = banger_json("image", "build", "gcbuild", timeout=1800)["data"]
+    assert d["name"] == "gcbuild" and Path(d["rootfs"]).is_file()
+    assert _staging(cfg, "") == []
+    banger_json("image", "delete", "gcbuild")

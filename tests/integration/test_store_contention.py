@@ -15,7 +15,7 @@ import json
 
 from tests.support.procs import Barrier, cpu_burners, spawn_py
 
-ROUNDS = 30
+ROUNDS = 60
 PROCS = 32
 
 WORKER = """

@@ -5,7 +5,7 @@ Known positively: gc never looks at command lines, so a user's `tail -f .../seri
 
 from __future__ import annotations
 
-from banger.gc.base import is_capacity, locked
+from banger.gc.base import in_progress, is_capacity, locked
 from banger.host import procs
 from banger.vms import runtime as rt
 
@@ -13,7 +13,7 @@ KEY = "processes"
 
 
 def _strays(ctx, vm, h) -> list[dict]:
-    if is_capacity(vm) or vm["state"] == rt.CREATING:  # a live create's own; a dead one's: the vms collector
+    if is_capacity(vm) or in_progress(vm):  # a live create's own; a dead one's: the vms collector
         return []
     if vm["state"] == rt.RUNNING and rt.vmm_alive(ctx, vm, h):
         return []  # the VM runs: everything recorded for it is its own

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 
-from banger.gc.base import is_capacity, locked
+from banger.gc.base import in_progress, is_capacity, locked
 from banger.host import procs
 from banger.vms import runtime as rt
 
@@ -16,7 +16,7 @@ def _stale(ctx, vm_id: str) -> bool:
     vm = ctx.store.vm_by_id(vm_id)
     if vm is None:
         return True
-    if is_capacity(vm) or vm["state"] == rt.CREATING:
+    if is_capacity(vm) or in_progress(vm):
         return False  # a create in progress (it holds the lock) or a dead one's (the vms collector)
     return not rt.vmm_alive(ctx, vm)
 

@@ -4,14 +4,14 @@ reaped under the pool lock). Idle pooled TAPs are capacity, not leaks."""
 
 from __future__ import annotations
 
-from banger.gc.base import is_capacity, locked
+from banger.gc.base import in_progress, is_capacity, locked
 from banger.vms import runtime as rt
 
 KEY = "taps"
 
 
 def _stale_claim(ctx, vm) -> bool:
-    if is_capacity(vm) or vm["state"] == rt.CREATING:
+    if is_capacity(vm) or in_progress(vm):
         return False
     return rt.effective_state(ctx, vm) not in (rt.RUNNING, rt.PAUSED)
 

@@ -4,7 +4,7 @@ killed `snapshot create` (resumed). Each decided under the VM's lock, on the row
 
 from __future__ import annotations
 
-from banger.gc.base import is_capacity, locked
+from banger.gc.base import in_progress, is_capacity, locked
 from banger.vms import runtime as rt
 
 KEYS = ("rows", "resumed")
@@ -15,7 +15,7 @@ def _verdict(ctx, vm, h) -> str | None:
         return None
     if vm["state"] == rt.CREATING and not rt.creator_alive(vm):
         return "stale_create"
-    if (vm.get("options") or {}).get("rm") and vm["state"] != rt.CREATING and not rt.creator_alive(vm):
+    if (vm.get("options") or {}).get("rm") and not in_progress(vm) and not rt.creator_alive(vm):
         return "rm_creator_dead"
     if vm["state"] == rt.RUNNING and rt.pause_orphaned(h) and rt.vmm_alive(ctx, vm, h):
         return "paused_orphan"
