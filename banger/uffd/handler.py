@@ -296,7 +296,9 @@ class Handler:
             raise hs.HandlerFailed(f"cannot serve this memory layout: {e}",
                                    "the snapshot's memory file does not match its regions; re-create it") from None
         if plan is not None:
-            server.set_plan(plan.tobytes())
+            # a replayed log is what the guest is about to touch: both copy threads on it; a fill is
+            # background work and keeps to one thread (the guest runs meanwhile)
+            server.set_plan(plan.tobytes(), copier=self.stats["mode"] == "replay")
         self.handshake_done = True
         self.server = server
         if self.terminated:  # a signal that landed between the handshake and here
