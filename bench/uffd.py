@@ -355,6 +355,8 @@ def main(argv=None) -> int:
                                       "handler": {k: s[k] for k in ("prefetch_ms", "plan_done_ms", "hot_pages",
                                                                     "prefetch_batches", "service_mean_us",
                                                                     "first_fault_ms", "last_fault_ms")}
+                                      | {k: s.get(k) for k in ("serve_cpu_ms", "copier_cpu_ms", "copier_pages",
+                                                               "ev_wait_ms")}
                                       | {"serving_ms": r["stats"].get("serving_ms")}})
             # (d) File backend
             fd = os.open(mem, os.O_RDONLY)

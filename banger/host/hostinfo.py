@@ -79,8 +79,8 @@ def tsc_from_sysfs(path: str = SYSFS_TSC) -> int | None:
 
 
 def tsc_from_kernel_log(lines) -> tuple[int, str] | None:
-    """The TSC rate in the kernel's own messages (``lines``: message texts, with or without the
-    'tsc: ' prefix handling done here), as (kHz, source)."""
+    """(kHz, source) from the kernel's own ``tsc: ...`` messages (``lines``: message texts, the
+    /dev/kmsg record header already stripped); the best kind wins, the last printed of a kind."""
     found: dict[str, int] = {}
     for msg in lines:
         if not msg.startswith("tsc: "):

@@ -373,7 +373,8 @@ typedef struct {
     size_t log_len, log_cap;
     uint64_t *pending_plan;
     size_t pending_len;
-    int pending_set;
+    int pending_set, pending_copier;
+    int plan_copier; /* the copier helps with the current plan (under cur_lock) */
 
     int record;  /* atomic */
     int stop;    /* atomic */
@@ -822,6 +823,7 @@ static void take_pending_plan(Server *s)
         free(s->by_start);
         s->plan = s->pending_plan;
         s->plan_len = s->pending_len;
+        s->plan_copier = s->pending_copier;
         s->pending_plan = NULL;
         s->pending_len = 0;
         s->pending_set = 0;
@@ -1033,7 +1035,7 @@ static void *copier_main(void *arg)
             break;
         if (!c.valid) {
             pthread_mutex_lock(&s->cur_lock);
-            while (!LOAD(s->copier_stop) && !claim_batch(s, s->copier_batch_pages, &c))
+            while (!LOAD(s->copier_stop) && !(s->plan_copier && claim_batch(s, s->copier_batch_pages, &c)))
                 pthread_cond_wait(&s->cur_cond, &s->cur_lock);
             pthread_mutex_unlock(&s->cur_lock);
             if (!c.valid)
@@ -1439,9 +1441,16 @@ static PyObject *Server_stop(Server *s, PyObject *noargs)
     Py_RETURN_NONE;
 }
 
-/* set_plan(runs: bytes) with native-endian uint64 pairs (file_page, npages); replaces any plan. */
-static PyObject *Server_set_plan(Server *s, PyObject *arg)
+/* set_plan(runs: bytes, *, copier=False) with native-endian uint64 pairs (file_page, npages); replaces
+ * any plan. copier: the second copy thread helps with it (a plan the guest is waiting for, not a
+ * background fill that would take a second core from the running guest). */
+static PyObject *Server_set_plan(Server *s, PyObject *args, PyObject *kw)
 {
+    static char *kwlist[] = {"runs", "copier", NULL};
+    PyObject *arg;
+    int copier = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|$p", kwlist, &arg, &copier))
+        return NULL;
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -1465,6 +1474,7 @@ static PyObject *Server_set_plan(Server *s, PyObject *arg)
     free(s->pending_plan);
     s->pending_plan = copy;
     s->pending_len = n;
+    s->pending_copier = copier;
     s->pending_set = 1;
     pthread_mutex_unlock(&s->lock);
     if (s->wake_fd >= 0)
@@ -1516,8 +1526,9 @@ static PyMethodDef server_methods[] = {
      "run() -> 'peer_closed' | 'peer_exited' | 'stopped'. Serves until the VMM goes away or stop() is called; "
      "releases the GIL; raises OSError when serving fails."},
     {"stop", (PyCFunction)Server_stop, METH_NOARGS, "stop(): make run() return 'stopped' (thread-safe)."},
-    {"set_plan", (PyCFunction)Server_set_plan, METH_O,
-     "set_plan(runs: bytes): prefetch these (file_page, npages) uint64 pairs, in order (thread-safe)."},
+    {"set_plan", (PyCFunction)(void (*)(void))Server_set_plan, METH_VARARGS | METH_KEYWORDS,
+     "set_plan(runs: bytes, *, copier=False): prefetch these (file_page, npages) uint64 pairs, in order; with "
+     "copier, the second copy thread helps (thread-safe)."},
     {"set_record", (PyCFunction)Server_set_record, METH_O, "set_record(mode): 0 records nothing, 1 every first touch, 2 first touches of pages outside the plan."},
     {"access_log", (PyCFunction)Server_access_log, METH_NOARGS,
      "access_log() -> bytes of uint32 memory-file page indices in first-touch order."},

@@ -40,8 +40,9 @@ class Server:
     def run(self) -> str:
         """Serve until 'peer_closed' | 'peer_exited' | 'stopped' (GIL released); OSError on failure."""
     def stop(self) -> None: ...
-    def set_plan(self, runs: bytes | bytearray | memoryview) -> None:
-        """Prefetch these native uint64 (first_file_page, npages) pairs in order; replaces any plan."""
+    def set_plan(self, runs: bytes | bytearray | memoryview, *, copier: bool = False) -> None:
+        """Prefetch these native uint64 (first_file_page, npages) pairs in order; replaces any plan.
+        ``copier``: the second copy thread helps (a plan the guest waits for, not a background fill)."""
     def set_record(self, on: bool) -> None: ...
     def access_log(self) -> bytes:
         """Native uint32 memory-file page indices in first-touch order."""

@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _copier_enabled() -> bool:
+    return os.environ.get("BANGER_UFFD_COPIER", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 class Handler:
     def __init__(self, args: argparse.Namespace):
         self.a = args
@@ -296,7 +300,13 @@ class Handler:
             raise hs.HandlerFailed(f"cannot serve this memory layout: {e}",
                                    "the snapshot's memory file does not match its regions; re-create it") from None
         if plan is not None:
-            server.set_plan(plan.tobytes())
+            # a replayed log is what the guest is about to touch: both copy threads on it; a fill is
+            # background work and keeps to one thread (the guest runs meanwhile)
+            # The second copy thread is off unless BANGER_UFFD_COPIER=1: under load it let a copy land
+            # after a REMOVE (a guest page read non-zero after MADV_DONTNEED; tests/integration/
+            # test_uffd_handler.py::test_removes_racing_the_prefetch_read_zeros caught it in CI). One
+            # thread keeps the REMOVE rule exact; the 2-guest-thread prefetch target is missed instead.
+            server.set_plan(plan.tobytes(), copier=self.stats["mode"] == "replay" and _copier_enabled())
         self.handshake_done = True
         self.server = server
         if self.terminated:  # a signal that landed between the handshake and here

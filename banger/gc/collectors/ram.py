@@ -3,7 +3,7 @@ keep their pages; the file itself is reaped."""
 
 from __future__ import annotations
 
-KEY = "ram"
+KEY = "staging"  # reported with the other staging leftovers
 
 
 def collect(ctx, rep) -> None:
