@@ -91,10 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _copier_enabled() -> bool:
-    return os.environ.get("BANGER_UFFD_COPIER", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 class Handler:
     def __init__(self, args: argparse.Namespace):
         self.a = args
@@ -294,7 +290,8 @@ class Handler:
                                   batch_pages=max(1, a.batch_bytes // page_size),
                                   busy_batch_pages=max(1, a.busy_batch_bytes // page_size),
                                   fault_around=a.fault_around_bytes // page_size,
-                                  copy_threads=a.copy_threads or (2 if len(os.sched_getaffinity(0)) > 1 else 1),
+                                  copy_threads=a.copy_threads or 1,  # the second copier only when asked for (--copy-threads 2):
+                                  # under CI load a background fill with it let a copy land after a REMOVE
                                   copier_batch_pages=max(1, a.copier_batch_bytes // page_size))
         except (ValueError, OSError) as e:
             raise hs.HandlerFailed(f"cannot serve this memory layout: {e}",
@@ -302,11 +299,9 @@ class Handler:
         if plan is not None:
             # a replayed log is what the guest is about to touch: both copy threads on it; a fill is
             # background work and keeps to one thread (the guest runs meanwhile)
-            # The second copy thread is off unless BANGER_UFFD_COPIER=1: under load it let a copy land
-            # after a REMOVE (a guest page read non-zero after MADV_DONTNEED; tests/integration/
-            # test_uffd_handler.py::test_removes_racing_the_prefetch_read_zeros caught it in CI). One
-            # thread keeps the REMOVE rule exact; the 2-guest-thread prefetch target is missed instead.
-            server.set_plan(plan.tobytes(), copier=self.stats["mode"] == "replay" and _copier_enabled())
+            # a replayed log is what the guest is about to touch: both copy threads on it (when asked for);
+            # a fill is background work and keeps to one thread (the guest runs meanwhile)
+            server.set_plan(plan.tobytes(), copier=self.stats["mode"] == "replay")
         self.handshake_done = True
         self.server = server
         if self.terminated:  # a signal that landed between the handshake and here
