@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="recording: this many quiet intervals in a row settle it")
     ap.add_argument("--no-fill", action="store_true", help="no sequential background fill")
     ap.add_argument("--copy-threads", type=int, choices=(1, 2), default=None,
-                    help="threads copying the prefetch plan (default: 2 when this process may run on more than one CPU)")
+                    help="threads copying a replayed prefetch plan (default 1; 2 adds a second copier)")
     ap.add_argument("--copier-batch-bytes", type=int, default=128 << 10,
                     help="largest copy of the second copy thread (what an event read may wait behind)")
     ap.add_argument("--plan-order", choices=("touch", "chunked"), default="touch",
