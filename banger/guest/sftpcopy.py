@@ -187,7 +187,10 @@ class _Download:
         seen: set[str] = set()
         out = []
         try:
-            for a in self.sftp.listdir_iter(rpath, read_aheads=1):
+            # listdir_attr, not listdir_iter: the iterator's read-ahead leaves a READDIR in flight whose
+            # answer a later request on the channel can take for its own (seen as a listing with a
+            # bogus empty name, intermittently); one synchronous listing per directory is exact
+            for a in self.sftp.listdir_attr(rpath):
                 name = a.filename
                 self.entries += 1
                 if self.entries > MAX_ENTRIES:
