@@ -31,6 +31,7 @@ from pathlib import Path
 from banger.errors import BangerError, Conflict, InvalidState, NotFound
 from banger.host.fsutil import atomic_write_json, reflink_or_sparse_copy, rename_durably
 from banger.names import Subnet, validate_name
+from banger.net import fastnet
 from banger.snapshots import manifest
 from banger.state.staging import OWNER_FILE
 from banger.vms import runtime as vms
@@ -292,58 +293,18 @@ def _readdress(run):
                       deadline=time.monotonic() + 10)
 
 
-def set_master(dev: str, master: str | None) -> None:
-    """Attach ``dev`` to bridge ``master`` (None: detach) with one RTM_SETLINK IFLA_MASTER request (no
-    pyroute2 on this path). Attaching an up port whose carrier is on enables it at once (STP off)."""
-    import socket
-    import struct
-
-    from banger.errors import HostError
-
-    def attr(kind: int, payload: bytes) -> bytes:
-        n = 4 + len(payload)
-        return struct.pack("HH", n, kind) + payload + b"\0" * ((4 - n % 4) % 4)
-
-    try:
-        idx = socket.if_nametoindex(dev)
-        midx = socket.if_nametoindex(master) if master else 0
-    except OSError as e:
-        raise HostError(f"cannot {'attach' if master else 'detach'} {dev}: {e}", "run banger gc") from None
-    body = struct.pack("BBHiII", socket.AF_UNSPEC, 0, 0, idx, 0, 0) + attr(10, struct.pack("I", midx))  # IFLA_MASTER
-    msg = struct.pack("IHHII", 16 + len(body), 19, 0x1 | 0x4, 1, 0) + body  # RTM_SETLINK, REQUEST|ACK
-    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-    try:
-        s.settimeout(5)
-        s.bind((0, 0))
-        s.send(msg)
-        while True:
-            data = s.recv(65536)
-            off = 0
-            while off + 16 <= len(data):
-                length, mtype, _f, seq, _pid = struct.unpack_from("IHHII", data, off)
-                if mtype == 2 and seq == 1:  # NLMSG_ERROR (0: the ack)
-                    code = -struct.unpack_from("i", data, off + 16)[0]
-                    if code:
-                        raise HostError(f"cannot {'attach' if master else 'detach'} {dev}: {os.strerror(code)}",
-                                        "run banger gc")
-                    return
-                off += max(16, (length + 3) & ~3)
-    finally:
-        s.close()
-
-
 def _isolate(run):
     """Until it is told its new address, a clone still sends with its source's MAC (and, say, the source's
     TCP segments): on the bridge that would teach the FDB to send the source's (or the template builder's
     slot's) traffic to the clone's port. Its TAP stays off the bridge until then (the console, not the
     network, carries the new address)."""
-    set_master(run.tap, None)
+    fastnet.set_master(run.tap, None)
 
 
 def _join(run):
     # back on the bridge: QEMU opened the TAP during the restore, so its carrier is on and the port
     # forwards at once (toggling IFF_UP instead waited for linkwatch: up to ~1 s)
-    set_master(run.tap, run.ctx.cfg.bridge)
+    fastnet.set_master(run.tap, run.ctx.cfg.bridge)
 
 
 def _check_snapshot(run):
