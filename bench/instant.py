@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.targets import installed_like  # noqa: E402
 from tests.support.netns import banger_argv, create_netns, delete_netns, run_in_ns  # noqa: E402
 
 
@@ -93,6 +94,7 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=5, help="runs per measurement")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    installed_like(ROOT)
     n = max(1, a.n)
 
     home = Path(tempfile.mkdtemp(prefix="banger-bench-"))

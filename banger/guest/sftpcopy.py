@@ -390,7 +390,9 @@ def _run(d: _Download, remote: str, pfd: int, name: str, st, parent: Path) -> in
     """Create the new top-level file or directory, fill it; on any failure remove what was created."""
     import struct
 
-    import paramiko
+    from banger.guest.ssh import import_paramiko
+
+    paramiko = import_paramiko()
 
     is_dir = stat.S_ISDIR(st.st_mode)
     created = False
@@ -432,7 +434,9 @@ def fetch_file(sftp, remote: str, local: Path, *, max_bytes: int | None = None,
     ``max_bytes`` (default: free space minus the margin), removed on any failure; returns its size.
     For callers that hold an SFTP client already (workspace export bundles and patches);
     ``progress(done, claimed)`` is called after each window."""
-    import paramiko
+    from banger.guest.ssh import import_paramiko
+
+    paramiko = import_paramiko()
 
     local = Path(local)
     pfd = os.open(local.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -10,17 +10,33 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def atomic_write_bytes(path: Path | str, data: bytes, mode: int = 0o600, *, mkdir: bool = True) -> None:
+def atomic_write_bytes(path: Path | str, data: bytes, mode: int = 0o600, *, mkdir: bool = True,
+                       durable: bool = True) -> None:
     """Write ``data`` to a sibling temp file, fsync it, then rename over ``path``.
 
     Readers see either the old or the new content, never a torn one. With ``mkdir=False`` a
     missing parent is an error (FileNotFoundError) instead of being re-created: for writers
-    that must not resurrect a directory someone else removed.
+    that must not resurrect a directory someone else removed. ``durable=False`` skips both fsyncs:
+    for records of live processes (a VM's handles), which a host crash makes moot anyway; the rename
+    still keeps every reader from a torn file while the host runs.
     """
     path = Path(path)
     if mkdir:
         path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if not durable:
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        return
     with publish_by_rename(tmp, path):
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -65,8 +81,8 @@ def publish_by_rename(tmp: Path | str, dest: Path | str):
         raise
 
 
-def atomic_write_json(path: Path | str, obj, mode: int = 0o600) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode)
+def atomic_write_json(path: Path | str, obj, mode: int = 0o600, *, durable: bool = True) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode, durable=durable)
 
 
 def read_json(path: Path | str, default=None):

@@ -25,7 +25,6 @@ import os
 import re
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 from banger.errors import Conflict, InvalidName, NotFound, UsageError
@@ -198,7 +197,7 @@ def delete(ctx, name: str) -> dict:
         trash = None
         if os.path.lexists(d):
             ctx.cfg.staging_dir.mkdir(parents=True, exist_ok=True)
-            trash = ctx.cfg.staging_dir / f"trash-{name}-{uuid.uuid4().hex[:8]}"
+            trash = ctx.cfg.staging_dir / f"trash-{name}-{os.urandom(4).hex()}"
             os.rename(d, trash)
     rmtree(trash)
     return {"name": name, "deleted": True}
@@ -221,7 +220,7 @@ def ensure_seed_key(ctx, row: dict) -> dict:
         if row.get("key_fingerprint") == fp:
             return row
         seed = Path(row["work_seed"])
-        tmp = seed.parent / f".{SEED_NAME}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp = seed.parent / f".{SEED_NAME}.{os.urandom(4).hex()}.tmp"
         with fsutil.publish_by_rename(tmp, seed):  # readers cloning the old seed keep their (whole) inode
             reseed(seed, tmp, key.public_line)
             ext4.fsck(tmp)

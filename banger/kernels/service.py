@@ -25,7 +25,6 @@ Each real download appends one JSON line to ``cfg.cache_dir/kernel-downloads.log
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -315,6 +314,8 @@ _RENAME_EXCHANGE = 2
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (renameat2 RENAME_EXCHANGE). False if the call is unavailable."""
     try:
+        import ctypes
+
         libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.renameat2
     except (OSError, AttributeError):

@@ -128,3 +128,16 @@ def set_neighbour(dev: str, ip: str, mac: str) -> None:
             raise HostError(f"cannot add neighbour {ip} on {dev}: permission denied", "run banger as root") from None
         raise HostError(f"cannot add neighbour {ip} lladdr {mac} on {dev}: {e}", "check `ip neigh` on the host") \
             from None
+
+
+def set_up(dev: str, up: bool) -> None:
+    """Set ``dev`` administratively up or down with one RTM_SETLINK request (ifi_change = IFF_UP). A
+    TAP that is down passes no frame to its bridge: a VM's TAP stays down until its guard is in place."""
+    from banger.errors import HostError
+
+    try:
+        idx = socket.if_nametoindex(dev)
+        body = struct.pack("BBHiII", socket.AF_UNSPEC, 0, 0, idx, IFF_UP if up else 0, IFF_UP)
+        _request(struct.pack("IHHII", 16 + len(body), 19, NLM_F_REQUEST | NLM_F_ACK, 1, 0) + body)  # RTM_SETLINK
+    except OSError as e:
+        raise HostError(f"cannot set {dev} {'up' if up else 'down'}: {e}", "run banger gc") from None

@@ -38,7 +38,6 @@ off (another tool may rely on it) but ``forwarding_report`` says who needs it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -235,6 +234,8 @@ def _net(ctx) -> _Net:
 
 
 def _h(obj) -> str:
+    import hashlib
+
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 

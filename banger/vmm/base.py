@@ -47,6 +47,9 @@ class VmmDriver(Protocol):
         """Spawn the VMM detached (new session), configure and boot it. Return handles:
         at least {"backend", "pid", "pid_start"}. On failure, kill what was spawned and raise."""
 
+    def confirm_started(self, handles: dict) -> None:
+        """Raise unless the VMM ``launch`` just started is up (for a boot nobody waits on over SSH)."""
+
     def is_running(self, handles: dict) -> bool:
         """True only if the recorded process (pid + start time) is alive."""
 
@@ -82,8 +85,8 @@ class Backend:
         """Can this host run guests with this backend? (ok, why not / how)."""
         raise NotImplementedError
 
-    def boot_args(self) -> list[str]:
-        """Kernel command-line arguments this backend's device model needs."""
+    def boot_args(self, cfg=None) -> list[str]:
+        """Kernel command-line arguments this backend's device model needs (``cfg``: for per-boot caches)."""
         return []
 
     def helpers(self, handles: dict) -> list[dict]:

@@ -202,10 +202,10 @@ def claim(ctx, spec, *, name: str | None = None, wait_ssh: bool = True):
         vm = _take(ctx, spec.key, name)
         if vm is None:
             return None
-        if wait_ssh:  # paramiko's import (~0.1-0.2 s) overlaps the resume and the guest's rename
-            import threading
+        if wait_ssh:  # paramiko's import (~0.1 s) overlaps the resume and the guest's rename
+            from banger.guest import ssh
 
-            threading.Thread(target=_import_paramiko, daemon=True).start()
+            ssh.preload()
         with ctx.locks.hold(f"vm/{vm['id']}", purpose="claim"):
             vm = ctx.store.vm_by_id(vm["id"])
             if vm is None:  # deleted (`vm delete` of the pooled row) between the update and the lock
@@ -224,11 +224,6 @@ def claim(ctx, spec, *, name: str | None = None, wait_ssh: bool = True):
     return None
 
 
-def _import_paramiko() -> None:
-    try:
-        import paramiko  # noqa: F401
-    except Exception:  # noqa: BLE001 - the main thread's own import reports it
-        pass
 
 
 def recover(ctx, vm, *, dry_run: bool = False) -> str | None:

@@ -256,8 +256,6 @@ def create(ctx, *, name: str | None = None, image: str | None = None, kernel: st
         publish_mod.precheck(ctx, specs)
     if netopts["net"] == NET_NONE:
         wait_ssh = False  # no network card: nothing to reach over SSH
-    if wait_ssh and start:
-        _preload_ssh()  # paramiko's import (~180 ms) overlaps the disks, the network and the guest's boot
 
     # phase 1: resolve (no lock)
     img, ker, be = resolve(ctx, image=image, kernel=kernel, backend=backend)
@@ -370,19 +368,6 @@ def net_options(ctx, *, net=None, nat=None, allow=None, publish=None, ttl=None) 
     return opts, specs
 
 
-def _preload_ssh() -> None:
-    import sys
-    import threading
-
-    if "paramiko" not in sys.modules:
-        threading.Thread(target=_import_paramiko, name="preload-ssh", daemon=True).start()
-
-
-def _import_paramiko() -> None:
-    try:
-        import paramiko  # noqa: F401
-    except Exception:  # noqa: BLE001 - the real import later reports it
-        pass
 
 
 def warm_disks(ctx, n: int) -> dict:
@@ -441,8 +426,6 @@ def start(ctx, ref: str, *, wait_ssh: bool = True, keep_ssh: bool = False):
         teardown_runtime(ctx, vm)  # leftovers of a crash
         has_net = net_mode(vm) != NET_NONE
         wait_ssh = wait_ssh and has_net
-        if wait_ssh:
-            _preload_ssh()
         run = plan.execute(ctx, vm, plans.start_plan(wait_ssh=wait_ssh, net=has_net), unwound_state=STOPPED)
         if run.transport is not None:
             hostnames.mark_ready(ctx, vm)

@@ -82,11 +82,23 @@ def _unclaim_ports(run):
 
 # ---------------------------------------------------------------- boot
 def _net(run):
-    run.tap = rt.net_up(run.ctx, run.vm)
+    """The TAP, held down while its policy goes in from a thread; ``launched`` brings it up."""
+    run.tap, run.net_pending = rt.net_up(run.ctx, run.vm, background=True)
 
 
 def _unnet(run):
+    pending = getattr(run, "net_pending", None)
+    if pending is not None:
+        pending.wait()  # the policy's removal must not race its apply
     rt.net_down(run.ctx, run.vm)
+
+
+def net_ready(run) -> None:
+    """The VM's network policy is in place and its TAP up (a no-op once done, or without a TAP)."""
+    pending = getattr(run, "net_pending", None)
+    if pending is not None:
+        pending.ready()
+        run.net_pending = None
 
 
 def launched(run, start_vmm) -> None:
@@ -99,12 +111,29 @@ def launched(run, start_vmm) -> None:
         run.handles = handles
         rt.save_handles(run.ctx, run.vm, handles)
     (rt.vm_dir(run.ctx, run.vm) / rt.SPAWNED).unlink(missing_ok=True)
+    net_ready(run)  # the policy went in while the VMM started; only now can a frame leave the TAP
 
 
-def _launch(run):
+def _start_vmm(run):
     spec = rt.vm_spec(run.ctx, run.vm, run.tap)
     rt.run_dir(run.ctx, run.vm).mkdir(parents=True, exist_ok=True)
     launched(run, lambda: rt.vm_driver(run.ctx, run.vm).launch(spec, run.ctx.progress))
+
+
+def _launch(run):
+    _start_vmm(run)
+    from banger.guest import ssh
+
+    ssh.preload()  # paramiko's import (~100 ms of CPU) runs while the guest boots, not beside the host steps
+
+
+def _launch_confirmed(run):
+    """The launch of a boot nobody waits on over SSH: also wait until the VMM is up (its start-up
+    errors fail the step, not some later command)."""
+    _start_vmm(run)
+    rt.vm_driver(run.ctx, run.vm).confirm_started(run.handles)
+
+
 
 
 def unlaunch(run):
@@ -131,6 +160,7 @@ DISK_OVERLAY = Step("disk.overlay", _overlay_disk, _unoverlay_disk, "overlay dis
 DISK_CLAIM = Step("disk.claim", _claim_disks, _unclaim_disks, "disks (ready-made)")
 NET_TAP = Step("net.tap", _net, _unnet, "network")
 VMM_LAUNCH = Step("vmm.launch", _launch, unlaunch, lambda run: f"starting {run.vm['backend']}")
+VMM_LAUNCH_CONFIRMED = Step("vmm.launch", _launch_confirmed, unlaunch, VMM_LAUNCH.message)
 GUEST_SSH = Step("guest.ssh", _ssh, _close_ssh, "waiting for SSH")
 NET_PORTS = Step("net.ports", _claim_ports, _unclaim_ports, "publishing ports")
 
@@ -141,12 +171,20 @@ BOOT_STEPS = ("net.tap", "vmm.launch", "guest.ssh")
 def boot_plan(op: str, *, wait_ssh: bool = True) -> Plan:
     """The base list every VM-making plan is edited from."""
     plan = Plan(op, [PREPARE, DISK_WORK, DISK_OVERLAY, NET_TAP, VMM_LAUNCH, GUEST_SSH])
-    return plan if wait_ssh else plan.without("guest.ssh")
+    return plan if wait_ssh else without_ssh(plan)
+
+
+def without_ssh(plan: Plan) -> Plan:
+    """No SSH wait: the launch itself then confirms the VMM came up."""
+    plan = plan.without("guest.ssh") if "guest.ssh" in plan.names() else plan
+    if any(s is VMM_LAUNCH for s in plan.steps):
+        plan = plan.replace("vmm.launch", VMM_LAUNCH_CONFIRMED)
+    return plan
 
 
 def without_network(plan: Plan) -> Plan:
     """``--net none``: no TAP, no network card, so nothing to wait for over SSH either."""
-    return plan.without(*(n for n in ("net.tap", "guest.ssh") if n in plan.names()))
+    return without_ssh(plan.without("net.tap") if "net.tap" in plan.names() else plan)
 
 
 def create_plan(*, start: bool = True, wait_ssh: bool = True, ready_disks: bool = False, net: bool = True,

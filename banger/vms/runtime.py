@@ -54,12 +54,21 @@ def run_dir(ctx, vm) -> Path:
     return ctx.cfg.vm_run_dir(vm["id"])
 
 
+def _runtime_json(path: Path, default):
+    """A record of live processes (handles.json, spawned.json); written without fsync (a host crash
+    ends those processes too), so a file a crash left empty or torn reads as no record at all."""
+    try:
+        return read_json(path, default) or default
+    except ValueError:
+        return default
+
+
 def load_handles(ctx, vm) -> dict:
-    return read_json(vm_dir(ctx, vm) / HANDLES, {}) or {}
+    return _runtime_json(vm_dir(ctx, vm) / HANDLES, {})
 
 
 def save_handles(ctx, vm, handles: dict) -> None:
-    atomic_write_json(vm_dir(ctx, vm) / HANDLES, handles, 0o600)
+    atomic_write_json(vm_dir(ctx, vm) / HANDLES, handles, 0o600, durable=False)
 
 
 def serial_tail(ctx, vm, n: int = 25) -> str:
@@ -156,7 +165,7 @@ def vm_spec(ctx, vm, tap: str | None):
     has_net = tap is not None and net_mode(vm) != NET_NONE
     cmdline = guest_cmdline(ip=vm["ip"] if has_net else None, prefixlen=subnet.prefixlen, gateway=subnet.gateway,
                             hostname=vm["name"], init=o.get("init"), dns=guest_dns(ctx) if has_net else None,
-                            extra=registry.backend(vm["backend"]).boot_args())
+                            extra=registry.backend(vm["backend"]).boot_args(ctx.cfg))
     d = vm_dir(ctx, vm)
     return VmSpec(vm_id=vm["id"], name=vm["name"], vcpu=vm["vcpu"], memory_mib=vm["memory_mib"],
                   vmlinux=Path(o["vmlinux"]) if o.get("vmlinux") else None,
@@ -202,11 +211,11 @@ def recording_spawns(ctx, vm):
     still leaves a positive record of what it started (``recorded_processes``; gc and the undo kill
     exactly those). Yields the list, which the caller keeps in the handles."""
     path = vm_dir(ctx, vm) / SPAWNED
-    seen: list[dict] = list(read_json(path, []) or [])
+    seen: list[dict] = list(_runtime_json(path, []))
 
     def note(pid: int, start: int, argv: list[str]) -> None:
         seen.append({"role": f"spawned:{os.path.basename(argv[0])}", "pid": pid, "start": start})
-        atomic_write_bytes(path, json.dumps(seen).encode(), 0o600, mkdir=False)
+        atomic_write_bytes(path, json.dumps(seen).encode(), 0o600, mkdir=False, durable=False)
 
     with procs.recording(note):
         yield seen
@@ -218,7 +227,7 @@ def recorded_processes(ctx, vm, handles: dict | None = None) -> list[dict]:
     launch that never got to write handles.json. Deduplicated; ``{"role", "pid", "start"}``."""
     h = load_handles(ctx, vm) if handles is None else handles
     out, seen = [], set()
-    for p in [*helper_processes(h), *(h.get("spawned") or []), *(read_json(vm_dir(ctx, vm) / SPAWNED, []) or [])]:
+    for p in [*helper_processes(h), *(h.get("spawned") or []), *_runtime_json(vm_dir(ctx, vm) / SPAWNED, [])]:
         key = (p.get("pid"), p.get("start"))
         if p.get("pid") and key not in seen:
             seen.add(key)
@@ -251,18 +260,70 @@ def net_allow(vm) -> list[str]:
     return list((vm.get("options") or {}).get("allow") or [])
 
 
-def net_up(ctx, vm) -> str | None:
+def net_up(ctx, vm, *, background: bool = False):
     """The VM's TAP on the bridge with its policy applied (anti-spoofing guard, egress per its mode and
-    --allow list, its published ports); None for ``--net none`` (no TAP, no network card)."""
+    --allow list, its published ports); None for ``--net none`` (no TAP, no network card).
+
+    ``background``: return ``(tap, PendingPolicy)`` at once instead, with the TAP administratively
+    down while the policy goes in from a thread (its two nft runs overlap the VMM's start-up); the
+    caller brings the TAP up through ``PendingPolicy.ready()`` once the VMM holds it."""
     if net_mode(vm) == NET_NONE:
-        return None
+        return (None, None) if background else None
     from banger.net import bridge, policy, pool
 
     bridge.ensure_bridge(ctx)
     tap = pool.claim(ctx, vm["id"])
     _neighbour(ctx, vm, add=True)
+    if background:
+        return tap, PendingPolicy(ctx, vm, tap)
     policy.apply(ctx, vm, tap)
     return tap
+
+
+class PendingPolicy:
+    """A VM's network policy being applied in a thread (its own Ctx: its own SQLite connection).
+
+    Until ``ready()`` returned, the VM's TAP is down: a down bridge port forwards nothing, so a guest
+    (or a restored one, running at once) cannot send a frame before its guard is in place, whatever
+    the timing. ``ready()`` waits for the thread, raises what it raised, and only then sets the TAP up;
+    ``wait()`` only waits (an undo: nothing may race the policy's removal)."""
+
+    def __init__(self, ctx, vm, tap: str):
+        import threading
+
+        from banger.net import fastnet, ports
+
+        self.tap, self.error, self.result = tap, None, None
+        fastnet.set_up(tap, False)
+        claims = ports.claims(ctx, vm["id"]) if net_mode(vm) != NET_NONE else ()
+        cfg = ctx.cfg
+
+        def work():
+            from banger.context import Ctx
+            from banger.net import policy
+
+            c = Ctx(cfg)
+            try:
+                self.result = policy.apply(c, vm, tap, ports=claims)
+            except BaseException as e:  # noqa: BLE001 - handed to ready()
+                self.error = e
+            finally:
+                c.close()
+
+        self._thread = threading.Thread(target=work, name=f"policy-{vm['id']}", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def ready(self) -> dict:
+        from banger.net import fastnet
+
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        fastnet.set_up(self.tap, True)
+        return self.result
 
 
 def net_down(ctx, vm) -> None:
@@ -319,7 +380,11 @@ def wait_for_ssh(ctx, vm, handles: dict, timeout: float | None = None):
 
     def alive():
         if not vmm_alive(ctx, vm, handles):
-            raise ExternalError(f"the VMM exited while the guest was booting; serial console:\n"
+            from banger.vmm.qemu.driver import log_tail
+
+            own = log_tail(Path(handles["vmm_log"]), 15) if handles.get("vmm_log") else ""
+            raise ExternalError(f"the VMM exited while the guest was booting"
+                                f"{'; its log:' + chr(10) + own if own.strip() else ''}; serial console:\n"
                                 f"{serial_tail(ctx, vm)}", "see `banger vm logs` for the whole console")
 
     try:

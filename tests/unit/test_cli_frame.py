@@ -55,8 +55,9 @@ def test_unknown_command_exit_code(banger_env):
 
 
 def _imported_modules(args, env):
-    code = ("import sys, runpy\nsys.argv=['banger', *sys.argv[1:]]\n"
-            "try:\n    runpy.run_module('banger.cli.main', run_name='__main__')\n"
+    # main() itself (the program's entry() leaves through os._exit, with no chance to print after it)
+    code = ("import sys\nsys.argv=['banger', *sys.argv[1:]]\nfrom banger.cli.main import main\n"
+            "try:\n    main()\n"
             "except SystemExit:\n    pass\n"
             "import json\nprint('\\n@@' + json.dumps(sorted(sys.modules)))")
     cp = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=60)

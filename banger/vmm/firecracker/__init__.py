@@ -28,7 +28,7 @@ class FirecrackerBackend(Backend):
             return False, f"{cfg.firecracker_bin} not found on PATH"
         return True, "Firecracker on KVM"
 
-    def boot_args(self) -> list[str]:
+    def boot_args(self, cfg=None) -> list[str]:
         return ["reboot=k", "pci=off"]  # Firecracker exits on the i8042 reset; it has no PCI bus
 
     def helpers(self, handles: dict) -> list[dict]:

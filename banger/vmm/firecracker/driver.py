@@ -244,6 +244,9 @@ class FirecrackerDriver:
             raise
         return handles
 
+    def confirm_started(self, handles: dict) -> None:
+        """``launch`` configured the VM over the API and saw InstanceStart accepted: nothing to wait for."""
+
     # ------------------------------------------------------------------ control
     def is_running(self, handles: dict) -> bool:
         return procs.alive(handles.get("pid"), handles.get("pid_start"))

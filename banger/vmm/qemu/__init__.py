@@ -22,12 +22,12 @@ class QemuBackend(Backend):
             return False, f"{cfg.qemu_bin} not found (apt-get install qemu-system-x86)"
         return True, f"QEMU with {qemu_accel().upper()}"
 
-    def boot_args(self) -> list[str]:
+    def boot_args(self, cfg=None) -> list[str]:
         # QEMU runs with -no-reboot: a triple fault (reboot=t) always exits (reboot=k hangs on microvm
         # with a bzImage). microvm under TCG needs the TSC rate or the kernel hangs calibrating.
         from banger.host.hostinfo import tsc_khz
 
-        khz = tsc_khz()
+        khz = tsc_khz(cfg.run / "host-tsc.json" if cfg is not None else None)
         return ["reboot=t", "tsc=reliable"] + ([f"tsc_early_khz={khz}"] if khz else [])
 
     def helpers(self, handles: dict) -> list[dict]:

@@ -188,15 +188,24 @@ class QemuDriver:
         if not (spec.extra or {}).get("memory_file") and self.cfg.extra.get("qemu_memfd", True):
             spec.extra = {**(spec.extra or {}), "memfd": True}
         handles = self._spawn(spec)
+        if not (spec.extra or {}).get("paused"):
+            # QEMU runs the guest from its first instant (no -S): nothing is left to configure over QMP,
+            # so launch returns as soon as the process exists. Its start-up errors (a bad path, a
+            # refused option) end the process, which the SSH wait sees (banger.vms.runtime.wait_for_ssh
+            # reports the VMM's own log then).
+            return handles
+        self.confirm_started(handles)
+        return handles
+
+    def confirm_started(self, handles: dict) -> None:
+        """QEMU's monitor answers and the guest runs (its start-up errors are raised with its log)."""
         try:
             with self._wait_qmp(handles) as q:
-                st = q.status()
-                if st != "running":
+                if q.status() != "running":
                     q.execute("cont")
         except BaseException:
             self.kill(handles)
             raise
-        return handles
 
     # ---- control ----
     def is_running(self, handles: dict) -> bool:
@@ -265,11 +274,13 @@ class QemuDriver:
             import termios
 
             deadline = time.monotonic() + timeout
+            nap = 0.0005  # the pump usually takes a line within a millisecond: poll fast, then back off
             while time.monotonic() < deadline:
                 pending = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
                 if pending == 0:
                     break
-                time.sleep(0.01)
+                time.sleep(nap)
+                nap = min(nap * 2, 0.01)
             else:
                 raise ExternalError("the guest did not read the console line in time",
                                     "is the guest's init listening on its console?")
