@@ -85,3 +85,16 @@ class Subnet:
 
         b = ipaddress.IPv4Address(self.ip(slot)).packed
         return "06:00:" + ":".join(f"{x:02x}" for x in b)
+
+
+def short_digest(data: bytes, n: int = 16) -> str:
+    """The first ``n`` hex digits of SHA-256(``data``): names for cache keys. CPython's built-in SHA-256
+    module when it has one (importing hashlib loads OpenSSL: ~2.5 ms on a `vm create`'s critical path)."""
+    try:
+        from _sha256 import sha256  # CPython <= 3.11
+    except ImportError:
+        try:
+            from _sha2 import sha256  # CPython >= 3.12
+        except ImportError:
+            from hashlib import sha256
+    return sha256(data).hexdigest()[:n]

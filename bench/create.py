@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.targets import installed_like  # noqa: E402
+from bench.targets import cli_argv, installed_like  # noqa: E402
 from tests.support.netns import banger_argv, create_netns, delete_netns, run_in_ns  # noqa: E402
 
 HOST_STEPS = ["prepare", "disk.work", "disk.overlay", "disk.claim", "net.tap", "vmm.launch"]
@@ -40,7 +40,7 @@ def pct(xs: list[float], p: float) -> float:
 
 def banger(ns, env, *args, timeout=600) -> dict:
     args = [*args[:2], "--json", *args[2:]]  # before any `--`
-    cp = run_in_ns(ns, banger_argv(*args), env, timeout=timeout)
+    cp = run_in_ns(ns, cli_argv(ROOT, *args), env, timeout=timeout)
     doc = json.loads(cp.stdout or "{}")
     if not doc.get("ok"):
         raise SystemExit(f"banger {' '.join(args)} failed: {doc}\n{cp.stderr[-2000:]}")

@@ -30,3 +30,13 @@ def installed_like(root) -> None:
     from pathlib import Path
 
     compileall.compile_dir(str(Path(root) / "banger"), quiet=1)
+
+
+def cli_argv(root, *args) -> list[str]:
+    """banger as its console script runs it (``entry()``; no ``-m``, whose runpy costs a few ms that no
+    installed banger pays), from the checkout at ``root``."""
+    import sys
+
+    code = f"import sys; sys.path.insert(0, {str(root)!r}); sys.argv[0] = 'banger'; " \
+           "from banger.cli.main import entry; entry()"
+    return [sys.executable, "-c", code, *map(str, args)]

@@ -8,7 +8,6 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
 
 from banger.errors import EXIT_ERROR, EXIT_INTERRUPTED, BangerError
 
@@ -41,8 +40,8 @@ def make_ctx(json_out: bool, *, tighten: bool = True):
     return ctx
 
 
-def emit(fn: Callable[[], Any], *, json_out: bool, render: Callable[[Any], None] | None = None,
-         exit_code: Callable[[Any], int] | None = None) -> None:
+def emit(fn: Callable[[], object], *, json_out: bool, render: Callable[[object], None] | None = None,
+         exit_code: Callable[[object], int] | None = None) -> None:
     """Run ``fn``; print its result (``render`` or the JSON envelope); map errors to exit codes."""
     try:
         data = fn()
@@ -90,7 +89,7 @@ def _escape(s: str) -> str:
     return escape(str(s))
 
 
-def print_table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:
+def print_table(columns: list[str], rows: list[list[object]], title: str | None = None) -> None:
     """A plain aligned table. Deliberately not rich: list commands are the hot path of scripts and
     prompts, and rich's import + layout cost more than the rest of `banger vm list` (bench/startup.py)."""
     cells = [["" if v is None else str(v) for v in r] for r in rows]

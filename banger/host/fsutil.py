@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,7 +22,8 @@ def atomic_write_bytes(path: Path | str, data: bytes, mode: int = 0o600, *, mkdi
     path = Path(path)
     if mkdir:
         path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = str(path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     if not durable:
         try:
             with os.fdopen(fd, "wb") as f:
@@ -142,6 +142,8 @@ def supports_reflink(directory: Path | str) -> bool:
     FICLONE = 0x40049409
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
     with tempfile.NamedTemporaryFile(dir=directory) as a, tempfile.NamedTemporaryFile(dir=directory) as b:
         a.write(b"x" * 4096)
         a.flush()

@@ -36,7 +36,6 @@ from pathlib import Path
 from banger.errors import Conflict, InvalidName, NotFound, UsageError
 from banger.host import fsutil
 from banger.kernels import catalog as _catalog
-from banger.kernels.assemble import assemble
 from banger.kernels.catalog import CATALOG_ENV, catalog
 from banger.kernels.sources import DOWNLOAD_LOG
 from banger.kernels.sources import local as _local
@@ -162,6 +161,8 @@ def pull(ctx, name: str, force: bool = False, sha256: str | None = None) -> dict
             t0 = time.monotonic()
             fetched = fetcher.fetch(ctx, name, src, stage, digest)
             t_fetch = time.monotonic() - t0
+            from banger.kernels.assemble import assemble
+
             manifest = assemble(ctx, out, stage, fetched, source=fetched["source"])
             manifest["name"] = name
             manifest["timings"] = {"fetch_s": round(t_fetch, 3), "total_s": round(time.monotonic() - t0, 3)}
@@ -197,6 +198,8 @@ def import_kernel(ctx, name: str, kernel_path, initrd=None, modules=None, force:
             out.mkdir()
             if is_dir:
                 fetched = _local.from_dir(ctx, kp, stage)
+            from banger.kernels.assemble import assemble
+
             manifest = assemble(ctx, out, stage, fetched, source=fetched["source"])
             if is_dir:
                 _local.check_assembled(fetched, manifest)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import NamedTuple
+from collections import namedtuple
 
 from banger.errors import Conflict, HostError, UsageError
 from banger.net import nft
@@ -72,13 +72,11 @@ ALLOW_FORMAT = "CIDR[:PORT[-PORT]][/tcp|/udp], e.g. 10.0.0.0/8, 192.168.1.5:5432
 
 # ---------------------------------------------------------------------------- spec parsing
 
-class Allow(NamedTuple):
-    """One ``--allow`` entry: destinations (a CIDR) and optionally a port or range and protocol."""
+class Allow(namedtuple("Allow", "net proto port_lo port_hi", defaults=(None, None, None))):
+    """One ``--allow`` entry: destinations (a CIDR) and optionally a port or range and protocol
+    (``proto``: tcp | udp | None, both when a port is given)."""
 
-    net: str
-    proto: str | None = None  # tcp | udp | None (both, when a port is given)
-    port_lo: int | None = None
-    port_hi: int | None = None
+    __slots__ = ()
 
     def __str__(self) -> str:
         s = self.net[:-3] if self.net.endswith("/32") else self.net
@@ -169,14 +167,10 @@ def parse_allows(values, subnet: str | None = None) -> tuple[Allow, ...]:
     return tuple(out)
 
 
-class VmNet(NamedTuple):
-    """What the policy needs to know about a VM."""
+class VmNet(namedtuple("VmNet", "id ip mac mode allow", defaults=((),))):
+    """What the policy needs to know about a VM: id, ip, mac (or None), mode, allow (Allow entries)."""
 
-    id: str
-    ip: str
-    mac: str | None
-    mode: str
-    allow: tuple[Allow, ...] = ()
+    __slots__ = ()
 
 
 def vm_net(vm, *, require_mac: bool = True) -> VmNet:
@@ -214,13 +208,7 @@ def vm_net(vm, *, require_mac: bool = True) -> VmNet:
 
 # ---------------------------------------------------------------------------- desired state
 
-class _Net(NamedTuple):
-    bridge: str
-    table: str
-    gateway: str
-    subnet: str
-    bridge_mac: str
-    tap_glob: str
+_Net = namedtuple("_Net", "bridge table gateway subnet bridge_mac tap_glob")
 
 
 def _net(ctx) -> _Net:

@@ -16,7 +16,6 @@ The guest's hostname comes from the kernel command line at boot (the initramfs w
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -40,7 +39,9 @@ def key(image, *, work_size_mib: int, overlay_size_mib: int, use_seed: bool) -> 
     parts = [image.get("name") or "", image.get("key_fingerprint") or "", seed or "",
              f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}" if st else "", str(work_size_mib),
              str(overlay_size_mib), "seed" if seed else "mkfs"]
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    from banger.names import short_digest
+
+    return short_digest("\0".join(parts).encode())
 
 
 def ready(cfg, k: str) -> list[Path]:

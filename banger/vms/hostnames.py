@@ -59,7 +59,7 @@ def _push(ctx, guests, lines: list[str]) -> dict:
         try:
             drv = vm_driver(ctx, vm)
             for line in lines:
-                drv.send_console(h, line, timeout=PUSH_TIMEOUT_S)
+                drv.send_console(h, line, timeout=PUSH_TIMEOUT_S, wait=False)
             result[vm["name"]] = None
         except BangerError as e:
             result[vm["name"]] = e.message

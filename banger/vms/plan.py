@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import Any
 
 from banger.errors import BangerError, GuestTimeout
 from banger.interrupts import SHIELDED, shielded  # noqa: F401  (re-exported: plan.shielded)
@@ -42,7 +41,7 @@ class StepFailed(BangerError):
 class Step:
     __slots__ = ("name", "do", "undo", "message")
 
-    def __init__(self, name: str, do: Callable[[Run], Any], undo: Callable[[Run], Any] | None = None,
+    def __init__(self, name: str, do: Callable[[Run], object], undo: Callable[[Run], object] | None = None,
                  message: str | Callable[[Run], str] | None = None):
         self.name, self.do, self.undo, self.message = name, do, undo, message
 
@@ -122,7 +121,7 @@ class Runner:
         self.current: str | None = None
         self._pending: list[tuple] = []
 
-    def run(self, name: str, do: Callable[[], Any], undo: Callable[[], Any] | None = None, *,
+    def run(self, name: str, do: Callable[[], object], undo: Callable[[], object] | None = None, *,
             message: str | None = None):
         """Run step ``name``. On failure its undo is registered too (undos are idempotent), then re-raised
         with the step named in the message."""

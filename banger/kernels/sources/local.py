@@ -12,7 +12,6 @@ banger.kernels.assemble like a pull's files: the same kernel checks, a fresh man
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -146,6 +145,8 @@ def _copy_verified(dirfd: int, rel: str, meta: dict, src: Path, dest: Path) -> N
                                  "the kernel directory was modified or damaged; pull the kernel again")
         dest.parent.mkdir(parents=True, exist_ok=True)
         limit = (MAX_FILE if want is None else want) + 1  # a file growing meanwhile is read no further
+        import hashlib
+
         h, n = hashlib.sha256(), 0
         out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         with os.fdopen(out, "wb") as f:

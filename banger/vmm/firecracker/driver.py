@@ -283,8 +283,9 @@ class FirecrackerDriver:
         with _api(handles) as api:
             api.vm.patch(state="Resumed")
 
-    def send_console(self, handles: dict, line: str, timeout: float = 5.0) -> None:
-        """Write one line to the guest's serial console input (the FIFO that is the VMM's stdin)."""
+    def send_console(self, handles: dict, line: str, timeout: float = 5.0, wait: bool = True) -> None:
+        """Write one line to the guest's serial console input (the FIFO that is the VMM's stdin; a write
+        into a pipe is taken at once, so ``wait`` changes nothing here)."""
         path = handles.get("serial_in")
         if not path or not os.path.exists(path) or not stat.S_ISFIFO(os.stat(path).st_mode):
             raise ExternalError("this VM has no serial console input", "restart the VM (banger vm restart)")

@@ -258,8 +258,10 @@ class QemuDriver:
     def resume(self, handles: dict) -> None:
         self._qmp(handles, "cont")
 
-    def send_console(self, handles: dict, line: str, timeout: float = 5.0) -> None:
-        """Write one line to the guest's serial console input (banger-init's control channel)."""
+    def send_console(self, handles: dict, line: str, timeout: float = 5.0, wait: bool = True) -> None:
+        """Write one line to the guest's serial console input (banger-init's control channel). ``wait``:
+        until the console pump took it (a client's bytes stay readable after it hangs up, so without
+        ``wait`` nothing is lost, only the check that the pump is draining)."""
         import socket
 
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -267,6 +269,8 @@ class QemuDriver:
         try:
             s.connect(handles["serial_sock"])
             s.sendall(line.rstrip("\n").encode() + b"\n")
+            if not wait:
+                return
             # The console pump reads it and queues it for QEMU (whose UART only takes a FIFO's worth at a
             # time); wait until the pump took every byte (SIOCOUTQ == 0) before hanging up.
             import fcntl
