@@ -39,9 +39,9 @@ def generate_name() -> str:
 
 
 def new_vm_id() -> str:
-    import secrets
+    import os
 
-    return secrets.token_hex(6)
+    return os.urandom(6).hex()  # (secrets would import random, hmac and base64 on every create)
 
 
 class Subnet:

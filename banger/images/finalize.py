@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from banger.host import ext4
@@ -110,6 +109,8 @@ def finalize_tree(tree: Path, *, sshd_args: str = "-D -e") -> dict:
 # ---------------------------------------------------------------- work seeds
 def make_work_seed(dest: Path, key_line: str, root_home: Path | None = None) -> None:
     """Build ``dest`` (ext4): the image's /root plus .ssh/authorized_keys with ``key_line``."""
+    import tempfile
+
     work = Path(tempfile.mkdtemp(prefix=".seed-", dir=dest.parent))
     try:
         top = work / "root"
@@ -145,6 +146,8 @@ def make_work_seed(dest: Path, key_line: str, root_home: Path | None = None) -> 
 def reseed(old_seed: Path, new_seed: Path, key_line: str) -> None:
     """Build ``new_seed`` from ``old_seed``'s files (debugfs rdump, no mount) with ``key_line``."""
     debugfs = require("debugfs", "e2fsprogs")
+    import tempfile
+
     with tempfile.TemporaryDirectory(dir=new_seed.parent, prefix=".reseed-") as td:
         home = Path(td) / "home"
         home.mkdir(mode=0o700)

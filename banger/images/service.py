@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
@@ -105,6 +104,8 @@ def new_staging(ctx, label: str) -> Path:
     from banger.state.staging import write_owner
 
     ctx.cfg.staging_dir.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
     d = Path(tempfile.mkdtemp(prefix=f"image-{label}-", dir=ctx.cfg.staging_dir))
     write_owner(d)  # a killed build / pull leaves a dir `banger gc` reclaims once we are gone
     return d

@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -256,6 +255,8 @@ def remove(ctx, name: str) -> dict:
     with _name_lock(ctx, name, "rm"):
         kdir = _kdir(ctx, name)
         ctx.cfg.staging_dir.mkdir(parents=True, exist_ok=True)
+        import tempfile
+
         trash = Path(tempfile.mkdtemp(prefix=f"rm-kernel-{name}-", dir=ctx.cfg.staging_dir))
         moved = False
         try:
@@ -297,6 +298,8 @@ class _staging:
 
     def __enter__(self) -> Path:
         self.ctx.cfg.staging_dir.mkdir(parents=True, exist_ok=True)
+        import tempfile
+
         self.path = Path(tempfile.mkdtemp(prefix=self.prefix, dir=self.ctx.cfg.staging_dir))
         from banger.state.staging import write_owner
 
