@@ -101,27 +101,30 @@ def net_ready(run) -> None:
         run.net_pending = None
 
 
-def launched(run, start_vmm) -> None:
+def launched(run, start_vmm, *, net_now: bool = True) -> None:
     """Run ``start_vmm()`` (a driver's launch or restore, returning handles) with every process it
     spawns written down as it appears (runtime.recording_spawns), then publish the handles with those
-    records in them. Every step that starts a VMM goes through here."""
+    records in them. Every step that starts a VMM goes through here. ``net_now``: then bring the
+    network up (policy in place, TAP up); False only for a fresh boot whose next step, the SSH wait,
+    does it first (the guest spends seconds booting; its TAP stays down until then)."""
     with rt.recording_spawns(run.ctx, run.vm) as spawned:
         handles = start_vmm()
         handles["spawned"] = list(spawned)
         run.handles = handles
         rt.save_handles(run.ctx, run.vm, handles)
     (rt.vm_dir(run.ctx, run.vm) / rt.SPAWNED).unlink(missing_ok=True)
-    net_ready(run)  # the policy went in while the VMM started; only now can a frame leave the TAP
+    if net_now:
+        net_ready(run)  # the policy went in while the VMM started; only now can a frame leave the TAP
 
 
-def _start_vmm(run):
+def _start_vmm(run, *, net_now: bool = True):
     spec = rt.vm_spec(run.ctx, run.vm, run.tap)
     rt.run_dir(run.ctx, run.vm).mkdir(parents=True, exist_ok=True)
-    launched(run, lambda: rt.vm_driver(run.ctx, run.vm).launch(spec, run.ctx.progress))
+    launched(run, lambda: rt.vm_driver(run.ctx, run.vm).launch(spec, run.ctx.progress), net_now=net_now)
 
 
 def _launch(run):
-    _start_vmm(run)
+    _start_vmm(run, net_now=False)  # guest.ssh brings the network up: the policy overlaps the boot
     from banger.guest import ssh
 
     ssh.preload()  # paramiko's import (~100 ms of CPU) runs while the guest boots, not beside the host steps
@@ -145,6 +148,7 @@ def unlaunch(run):
 
 
 def _ssh(run):
+    net_ready(run)  # (a fresh boot's policy went in while its VMM started; no-op when already up)
     run.transport = rt.wait_for_ssh(run.ctx, run.vm, run.handles)
 
 
