@@ -57,6 +57,31 @@ def tell(run, line_for_nonce, what: str) -> dict:
     return ans
 
 
+STANDBY_TIMEOUT_S = 30.0
+
+
+def prepare_standby(ctx, vm, handles: dict) -> str:
+    """Before a snapshot whose clones get keys of their own (a fork's source, a template's builder): ask
+    banger-init for a standby sshd waiting for the next host key (banger.guest.control), so that each clone
+    takes its key without starting an sshd. Returns "ready", "none" (no perl, no sshd, ...) or "unsupported"
+    (an image whose banger-init predates standbys); the clones work either way (without one, sshd restarts)."""
+    serial = rt.vm_dir(ctx, vm) / rt.SERIAL
+    nonce = control.new_nonce()
+    offset = control.log_size(serial)
+    rt.vm_driver(ctx, vm).send_console(handles, control.set_line(nonce, standby=True))
+
+    def alive():
+        from banger.errors import ExternalError
+
+        if not rt.vmm_alive(ctx, vm, handles):
+            raise ExternalError(f"the VMM of {vm['name']} exited:\n{rt.serial_tail(ctx, vm)}",
+                                "see `banger vm logs` for the whole console")
+
+    ans = control.wait_answer(serial, nonce, offset=offset, deadline=time.monotonic() + STANDBY_TIMEOUT_S,
+                              alive=alive, ignored_ok=True)
+    return "unsupported" if ans.get("ignored") else ans.get("standby", "unsupported")
+
+
 # ---------------------------------------------------------------- steps
 def _identity(run):
     """Address, hostname, host key, machine-id, clock and entropy of a new clone."""
@@ -64,8 +89,9 @@ def _identity(run):
 
     from banger.names import Subnet
 
-    # sshd re-executes to load the new key: SSH attempts meanwhile are refused and retried; paramiko's
-    # transport thread would print each refusal on stderr (Python's last-resort log handler)
+    # the guest's standby sshd (or, without one, a restarted sshd) takes the new key: SSH attempts meanwhile
+    # are refused and retried; paramiko's transport thread would print each refusal on stderr (Python's
+    # last-resort log handler)
     logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
     vm = run.vm

@@ -1,6 +1,8 @@
 """`banger vm fork SRC --count N`: snapshot a running VM and start N clones of it at once.
 
-1. Under the source's ``vm/<id>``: pause it, write its snapshot and copy its disks into a private
+1. Under the source's ``vm/<id>``: make sure its banger-init keeps a standby sshd waiting for a new host
+   key (``clone.prepare_standby``: each clone then takes its own key without starting an sshd; a source
+   keeps its standby for later forks), pause it, write its snapshot and copy its disks into a private
    staging dir, resume it (banger.snapshots.service.capture): the source keeps running.
 2. Reserve the N rows, then run ``fork_plan`` (banger.templates.clone) for each clone in its own
    thread (each with its own Ctx: its own SQLite connection), under each clone's ``vm/<id>``.  The
@@ -116,6 +118,10 @@ def fork(ctx, src_ref: str, *, count: int = 1, prefix: str | None = None, wait_s
             if st != rt.RUNNING:
                 raise InvalidState(f"VM {src['name']} is {st}; only a running VM can be forked",
                                    f"start it first: banger vm start {src['name']}")
+            ts = time.monotonic()
+            ctx.progress.step(f"preparing {src['name']}'s standby sshd")
+            timings["standby"] = clone.prepare_standby(ctx, src, h)
+            timings["standby_ms"] = round((time.monotonic() - ts) * 1000, 1)
             ctx.progress.step(f"snapshotting {src['name']}")
             ram_path = ram.new_path(ctx.cfg, "fork")  # (a booted QEMU VM's RAM is copied here, on a tmpfs)
             meta = snapshots.capture(ctx, src, h, staging, memory_path=ram_path)
