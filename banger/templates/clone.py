@@ -9,8 +9,9 @@ with an identity of its own.  The plans, all edited from the boot plan through t
 * ``claim_plan``     = the boot plan without the build steps and the TAP (a pooled clone holds them),
   with ``vmm.launch`` replaced by ``clone.check`` + ``vmm.resume`` + ``guest.identity`` (its new name,
   clock, entropy); a failed claim discards the clone (it cannot go back once resumed);
-* ``fork_plan``      = clone plan without the snapshot row check, and with ``fork.wait`` before the
-  restore (the fork's shared-memory snapshot may still be in the making while disks are copied).
+* ``fork_plan``      = clone plan without the snapshot row check, its disk copy moved after the TAP behind
+  ``fork.captured`` (the clone's directory and TAP are made while the source's snapshot is written), and
+  ``fork.wait`` before the restore (a restored source's memory may still be made shareable meanwhile).
 
 A clone's host key and machine-id never come from its source: the disks copied from the snapshot
 hold the source's, which the identity line replaces inside the guest (through the guest's own
@@ -142,6 +143,17 @@ def discard(run):
     shutil.rmtree(rt.vm_dir(run.ctx, run.vm), ignore_errors=True)
 
 
+def _fork_captured(run):
+    """Fork: the source's snapshot (disks, state, RAM) is written; until then the clone made its directory
+    and TAP."""
+    from banger.errors import ExternalError
+
+    if not run.snapshot_captured.wait(600):
+        raise ExternalError("the fork's snapshot was not written in time", "try again")
+    if run.shared.get("error"):
+        raise ExternalError(f"the fork's snapshot failed: {run.shared['error']}", "see the source VM's logs")
+
+
 def _fork_wait(run):
     """Fork: the snapshot's memory may still be being made shareable (QEMU loader) while disks were copied."""
     from banger.errors import ExternalError
@@ -179,7 +191,10 @@ def claim_plan(*, wait_ssh: bool = True):
 
 
 def fork_plan(*, wait_ssh: bool = True):
-    return (clone_plan("fork", wait_ssh=wait_ssh).without("snapshot.check")
+    plan = clone_plan("fork", wait_ssh=wait_ssh).without("snapshot.check")
+    copy = plan.steps[plan.names().index("disk.copy")]
+    return (plan.without("disk.copy")
+            .insert_after("net.isolate", Step("fork.captured", _fork_captured, None), copy)
             .insert_before("vmm.restore", Step("fork.wait", _fork_wait, None)))
 
 
