@@ -64,8 +64,9 @@ STANDBY_TIMEOUT_S = 30.0
 def prepare_standby(ctx, vm, handles: dict) -> str:
     """Before a snapshot whose clones get keys of their own (a fork's source, a template's builder): ask
     banger-init for a standby sshd waiting for the next host key (banger.guest.control), so that each clone
-    takes its key without starting an sshd. Returns "ready", "none" (no perl, no sshd, ...) or "unsupported"
-    (an image whose banger-init predates standbys); the clones work either way (without one, sshd restarts)."""
+    takes its key without starting an sshd. Returns "ready", "none" (no perl, no sshd, ...), "unsupported"
+    (an image whose banger-init predates standbys) or "timeout"; the clones work either way (without a
+    standby, sshd restarts)."""
     serial = rt.vm_dir(ctx, vm) / rt.SERIAL
     nonce = control.new_nonce()
     offset = control.log_size(serial)
@@ -78,8 +79,13 @@ def prepare_standby(ctx, vm, handles: dict) -> str:
             raise ExternalError(f"the VMM of {vm['name']} exited:\n{rt.serial_tail(ctx, vm)}",
                                 "see `banger vm logs` for the whole console")
 
-    ans = control.wait_answer(serial, nonce, offset=offset, deadline=time.monotonic() + STANDBY_TIMEOUT_S,
-                              alive=alive, ignored_ok=True)
+    from banger.errors import GuestTimeout
+
+    try:
+        ans = control.wait_answer(serial, nonce, offset=offset, deadline=time.monotonic() + STANDBY_TIMEOUT_S,
+                                  alive=alive, ignored_ok=True)
+    except GuestTimeout:
+        return "timeout"  # a busy guest: its clones restart sshd for their keys, as without a standby
     return "unsupported" if ans.get("ignored") else ans.get("standby", "unsupported")
 
 

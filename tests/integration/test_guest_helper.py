@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from tests.support.netns import create_netns, delete_netns, run_in_ns
@@ -76,16 +77,18 @@ def test_standby_fifo_handover(tmp_path):
     the reader sleeps opening the FIFO's first name (here `cat`, standing in for sshd) and turns that name
     into a symlink to the real key (and key.pub); sbfeed hands the key over through the second name; with
     no reader left, sbfeed fails at once instead of blocking the control loop; sbwait on a process that is
-    gone fails too."""
+    gone fails too, and looking once at a process that sleeps elsewhere fails at once."""
     key = tmp_path / "hostkey"
     key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n")
     (tmp_path / "hostkey.pub").write_text("ssh-ed25519 AAAA root@x\n")
     sb = tmp_path / "sb1"
     e = {**os.environ, "BANGER_INIT_HELPER_DIR": str(tmp_path / "helper")}
+    t0 = time.monotonic()
     cp = subprocess.run([shutil.which("dash"), str(INIT), "--check-standby", str(sb), str(key)], capture_output=True,
                         text=True, env=e, timeout=60)
     assert cp.stdout.splitlines() == ["sbdir ok", "sbwait ok", "sbfeed ok", "again error nostandby",
-                                      "gone error gone"], cp.stdout + cp.stderr
+                                      "gone error gone", "once error timeout"], cp.stdout + cp.stderr
+    assert time.monotonic() - t0 < 20  # "look once" (a live process that sleeps elsewhere) does not wait
     assert (tmp_path / "sb1.got").read_text() == key.read_text()  # what the reader got through the FIFO
     assert os.readlink(sb / "key") == str(key) and os.readlink(sb / "key.pub") == str(key) + ".pub"
     assert (sb / "w").is_fifo() and (sb / "w").stat().st_mode & 0o777 == 0o600
