@@ -4,13 +4,18 @@ A clone restored from a template or forked from a running VM starts with its sou
 same hostname, address, SSH host key, machine-id, CRNG state and a clock that stopped when the
 source was paused.  banger gives it its own with one line on the guest's serial console input::
 
-    @banger set NONCE rng=HEX clock=S.F net=IP/PREFIX,GW,MAC host=NAME mid=HEX32 key=B64 pub=B64
+    @banger set NONCE rng=HEX clock=S.F net=IP/PREFIX,GW,MAC host=NAME mid=HEX32 key=B64 pub=B64 [standby=1]
 
 banger-init validates every field strictly (it applies nothing from a line with one bad field),
 applies them in a fixed order and answers on the console (serial.log)::
 
     banger-init: set NONCE ok rng=reseeded        (or rng=mixed: the image has no perl)
+    banger-init: set NONCE ok rng=none standby=ready
     banger-init: set NONCE failed host key
+
+``standby=1`` (asked of a VM about to be snapshotted for clones that get keys of their own: a fork's
+source, a template's builder) makes banger-init keep a standby sshd waiting for the next host key, so
+that a clone's new key costs no sshd start (banger-init's comments tell how).
 
 ``Identity`` is what one clone gets; ``set_line`` composes the line; ``wait_answer`` polls the
 serial log (from where it stood before the line was sent) for the answer to NONCE.  The guest is
@@ -27,6 +32,7 @@ from pathlib import Path
 from banger.errors import ExternalError, GuestTimeout
 
 ANSWER = "banger-init: set "
+IGNORED = b"banger-init: ignored an invalid control line"  # what an older banger-init says to a new field
 RNG_BYTES = 32
 MAX_SCAN = 1 << 20        # bytes of console output searched for one answer
 
@@ -61,7 +67,8 @@ def new_nonce() -> str:
 
 
 def set_line(nonce: str, *, identity: Identity | None = None, host: str | None = None,
-             net: tuple[str, str, str] | None = None, clock: float | None = None, rng: bytes | None = None) -> str:
+             net: tuple[str, str, str] | None = None, clock: float | None = None, rng: bytes | None = None,
+             standby: bool = False) -> str:
     """The ``@banger set`` line. ``net`` = (ip/prefix, gateway, mac); ``clock`` = host wall time
     (seconds); ``rng`` = host entropy; ``identity`` adds host name, machine-id and host key (``host``
     alone renames). Fields banger-init applies first come first here too (it sorts them anyway)."""
@@ -79,6 +86,8 @@ def set_line(nonce: str, *, identity: Identity | None = None, host: str | None =
         fields.append(f"mid={identity.machine_id}")
         fields.append("key=" + pem_body(identity.key_pem))
         fields.append("pub=" + identity.pub_line.split()[1])
+    if standby:
+        fields.append("standby=1")
     return "@banger " + " ".join(fields)
 
 
@@ -89,10 +98,13 @@ def log_size(path: Path | str) -> int:
         return 0
 
 
-def wait_answer(serial_log: Path | str, nonce: str, *, offset: int, deadline: float, alive=None) -> dict:
+def wait_answer(serial_log: Path | str, nonce: str, *, offset: int, deadline: float, alive=None,
+                ignored_ok: bool = False) -> dict:
     """Poll ``serial_log`` from byte ``offset`` for banger-init's answer to ``nonce``.
-    Returns {"ok": True, "rng": ...}; raises ExternalError on a "failed" answer, GuestTimeout at the
-    deadline (``alive()`` is called between polls and should raise if the VMM died)."""
+    Returns {"ok": True, "rng": ..., ["standby": ...]}; raises ExternalError on a "failed" answer,
+    GuestTimeout at the deadline (``alive()`` is called between polls and should raise if the VMM died).
+    ``ignored_ok``: an older banger-init refusing the line ("ignored ...") returns {"ok": False,
+    "ignored": True} instead of waiting for the deadline."""
     mark = (ANSWER + nonce + " ").encode()
     buf = b""
     pos = offset
@@ -118,10 +130,14 @@ def wait_answer(serial_log: Path | str, nonce: str, *, offset: int, deadline: fl
                             k, _, v = w.partition("=")
                             if k == "rng" and v in ("reseeded", "mixed", "none"):
                                 out["rng"] = v
+                            elif k == "standby" and v in ("ready", "none"):
+                                out["standby"] = v
                         return out
                     raise ExternalError(f"the guest could not apply {' '.join(words[1:3]) or 'the control line'}"
                                         f" (banger-init answered: {' '.join(words)[:80]})",
                                         "see the serial console: banger vm logs")
+            if ignored_ok and IGNORED in buf:
+                return {"ok": False, "ignored": True}
         if alive is not None:
             alive()
         if time.monotonic() >= deadline:

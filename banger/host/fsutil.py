@@ -114,6 +114,11 @@ def reflink_or_sparse_copy(src: Path | str, dst: Path | str) -> str:
 
 
 def _sparse_copy_fd(sfd: int, dfd: int, size: int) -> None:
+    """Copy the data extents of ``sfd`` into ``dfd`` at the same offsets: copy_file_range, else (another
+    filesystem: e.g. a memfd or tmpfs -> ext4; Linux >= 5.19 refuses it across them) sendfile, asked once
+    each, never again per chunk; else pread/pwrite through one reused buffer."""
+    how = "cfr"
+    buf = None
     off = 0
     while off < size:
         try:
@@ -123,13 +128,27 @@ def _sparse_copy_fd(sfd: int, dfd: int, size: int) -> None:
         hole = os.lseek(sfd, data_start, os.SEEK_HOLE)
         pos = data_start
         while pos < hole:
-            try:
-                n = os.copy_file_range(sfd, dfd, min(hole - pos, 1 << 30), pos, pos)
-            except OSError as e:  # EXDEV: another filesystem (e.g. tmpfs -> ext4; Linux >= 5.19 refuses it)
-                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                data = os.pread(sfd, min(hole - pos, 1 << 20), pos)
-                n = os.pwrite(dfd, data, pos) if data else 0
+            n = -1
+            if how == "cfr":
+                try:
+                    n = os.copy_file_range(sfd, dfd, min(hole - pos, 1 << 30), pos, pos)
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    how = "sendfile"
+            if how == "sendfile":
+                try:
+                    os.lseek(dfd, pos, os.SEEK_SET)
+                    n = os.sendfile(dfd, sfd, pos, min(hole - pos, 1 << 30))
+                except OSError as e:
+                    if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        raise
+                    how = "rw"
+            if how == "rw":
+                if buf is None:
+                    buf = memoryview(bytearray(1 << 20))
+                n = os.preadv(sfd, [buf[:min(hole - pos, len(buf))]], pos)
+                n = os.pwrite(dfd, buf[:n], pos) if n else 0
             if n == 0:
                 break
             pos += n

@@ -196,15 +196,20 @@ def capture(ctx, vm, h: dict, staging: Path, *, resume: bool = True, final: bool
                         raise
                 else:
                     vms.clear_pausing(ctx, vm, h)
+    return {"vmm": vmm_meta, **vm_meta(vm), "disks": list(DISKS), "disk_copy": copies, "created_at": time.time()}
+
+
+def vm_meta(vm) -> dict:
+    """What a snapshot's meta says of the VM it was taken of (all a clone's row is reserved from: a fork
+    reserves its clones' rows from this while the source's snapshot is still being written)."""
     o = vm["options"] or {}
-    return {"vmm": vmm_meta, "backend": vm["backend"], "vm_id": vm["id"], "vm_name": vm["name"],
+    return {"backend": vm["backend"], "vm_id": vm["id"], "vm_name": vm["name"],
             "image": vm["image"], "kernel": vm["kernel"], "vcpu": vm["vcpu"], "memory_mib": vm["memory_mib"],
             "overlay_size_mib": vm["overlay_size_mib"], "work_disk_size_mib": vm["work_disk_size_mib"],
-            "nat": vm["nat"], "net": vms.net_mode(vm), "allow": vms.net_allow(vm),
-            "ip": vm["ip"], "mac": vm["mac"], "disks": list(DISKS), "disk_copy": copies,
+            "nat": vm["nat"], "net": vms.net_mode(vm), "allow": vms.net_allow(vm), "ip": vm["ip"], "mac": vm["mac"],
             "options": {k: o.get(k) for k in ("rootfs", "vmlinux", "bzimage", "initrd", "init", "kernel_version",
                                               "work_seed")},
-            "rootfs_fingerprint": _fingerprint(o.get("rootfs")), "created_at": time.time()}
+            "rootfs_fingerprint": _fingerprint(o.get("rootfs"))}
 
 
 def _fingerprint(path) -> dict | None:

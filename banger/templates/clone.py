@@ -9,8 +9,9 @@ with an identity of its own.  The plans, all edited from the boot plan through t
 * ``claim_plan``     = the boot plan without the build steps and the TAP (a pooled clone holds them),
   with ``vmm.launch`` replaced by ``clone.check`` + ``vmm.resume`` + ``guest.identity`` (its new name,
   clock, entropy); a failed claim discards the clone (it cannot go back once resumed);
-* ``fork_plan``      = clone plan without the snapshot row check, and with ``fork.wait`` before the
-  restore (the fork's shared-memory snapshot may still be in the making while disks are copied).
+* ``fork_plan``      = clone plan without the snapshot row check, its disk copy moved after the TAP behind
+  ``fork.captured`` (the clone's directory and TAP are made while the source's snapshot is written), and
+  ``fork.wait`` before the restore (a restored source's memory may still be made shareable meanwhile).
 
 A clone's host key and machine-id never come from its source: the disks copied from the snapshot
 hold the source's, which the identity line replaces inside the guest (through the guest's own
@@ -57,6 +58,37 @@ def tell(run, line_for_nonce, what: str) -> dict:
     return ans
 
 
+STANDBY_TIMEOUT_S = 30.0
+
+
+def prepare_standby(ctx, vm, handles: dict) -> str:
+    """Before a snapshot whose clones get keys of their own (a fork's source, a template's builder): ask
+    banger-init for a standby sshd waiting for the next host key (banger.guest.control), so that each clone
+    takes its key without starting an sshd. Returns "ready", "none" (no perl, no sshd, ...), "unsupported"
+    (an image whose banger-init predates standbys) or "timeout"; the clones work either way (without a
+    standby, sshd restarts)."""
+    serial = rt.vm_dir(ctx, vm) / rt.SERIAL
+    nonce = control.new_nonce()
+    offset = control.log_size(serial)
+    rt.vm_driver(ctx, vm).send_console(handles, control.set_line(nonce, standby=True))
+
+    def alive():
+        from banger.errors import ExternalError
+
+        if not rt.vmm_alive(ctx, vm, handles):
+            raise ExternalError(f"the VMM of {vm['name']} exited:\n{rt.serial_tail(ctx, vm)}",
+                                "see `banger vm logs` for the whole console")
+
+    from banger.errors import GuestTimeout
+
+    try:
+        ans = control.wait_answer(serial, nonce, offset=offset, deadline=time.monotonic() + STANDBY_TIMEOUT_S,
+                                  alive=alive, ignored_ok=True)
+    except GuestTimeout:
+        return "timeout"  # a busy guest: its clones restart sshd for their keys, as without a standby
+    return "unsupported" if ans.get("ignored") else ans.get("standby", "unsupported")
+
+
 # ---------------------------------------------------------------- steps
 def _identity(run):
     """Address, hostname, host key, machine-id, clock and entropy of a new clone."""
@@ -64,8 +96,9 @@ def _identity(run):
 
     from banger.names import Subnet
 
-    # sshd re-executes to load the new key: SSH attempts meanwhile are refused and retried; paramiko's
-    # transport thread would print each refusal on stderr (Python's last-resort log handler)
+    # the guest's standby sshd (or, without one, a restarted sshd) takes the new key: SSH attempts meanwhile
+    # are refused and retried; paramiko's transport thread would print each refusal on stderr (Python's
+    # last-resort log handler)
     logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
     vm = run.vm
@@ -116,6 +149,17 @@ def discard(run):
     shutil.rmtree(rt.vm_dir(run.ctx, run.vm), ignore_errors=True)
 
 
+def _fork_captured(run):
+    """Fork: the source's snapshot (disks, state, RAM) is written; until then the clone made its directory
+    and TAP."""
+    from banger.errors import ExternalError
+
+    if not run.snapshot_captured.wait(600):
+        raise ExternalError("the fork's snapshot was not written in time", "try again")
+    if run.shared.get("error"):
+        raise ExternalError(f"the fork's snapshot failed: {run.shared['error']}", "see the source VM's logs")
+
+
 def _fork_wait(run):
     """Fork: the snapshot's memory may still be being made shareable (QEMU loader) while disks were copied."""
     from banger.errors import ExternalError
@@ -153,7 +197,10 @@ def claim_plan(*, wait_ssh: bool = True):
 
 
 def fork_plan(*, wait_ssh: bool = True):
-    return (clone_plan("fork", wait_ssh=wait_ssh).without("snapshot.check")
+    plan = clone_plan("fork", wait_ssh=wait_ssh).without("snapshot.check")
+    copy = plan.steps[plan.names().index("disk.copy")]
+    return (plan.without("disk.copy")
+            .insert_after("net.isolate", Step("fork.captured", _fork_captured, None), copy)
             .insert_before("vmm.restore", Step("fork.wait", _fork_wait, None)))
 
 

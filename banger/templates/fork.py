@@ -1,11 +1,15 @@
 """`banger vm fork SRC --count N`: snapshot a running VM and start N clones of it at once.
 
-1. Under the source's ``vm/<id>``: pause it, write its snapshot and copy its disks into a private
-   staging dir, resume it (banger.snapshots.service.capture): the source keeps running.
-2. Reserve the N rows, then run ``fork_plan`` (banger.templates.clone) for each clone in its own
-   thread (each with its own Ctx: its own SQLite connection), under each clone's ``vm/<id>``.  The
-   plans copy disks and claim TAPs while
-3. the guest's RAM goes to a file on a tmpfs that every clone maps privately (copy-on-write).  QEMU: a
+1. Under the source's ``vm/<id>``: make sure its banger-init keeps a standby sshd waiting for a new host
+   key (``clone.prepare_standby``: each clone then takes its own key without starting an sshd; a source
+   keeps its standby for later forks), reserve the N rows (from the source's row:
+   ``snapshots.vm_meta``) and start ``fork_plan`` (banger.templates.clone) for each clone in its own
+   thread (each with its own Ctx: its own SQLite connection), under each clone's ``vm/<id>``: the plans
+   make the clones' directories and TAPs while
+2. the source is paused, its snapshot written and its disks copied into a private staging dir, and it
+   is resumed (banger.snapshots.service.capture): the source keeps running.  ``fork.captured`` lets the
+   plans go on to copy the disks.
+3. The guest's RAM goes to a file on a tmpfs that every clone maps privately (copy-on-write).  QEMU: a
    booted source's RAM is a memfd, copied (sparse) while it is paused, beside a device-only state; a
    restored source's is a private mapping, so its full stream is loaded once by a loader QEMU into the
    file and the state rewritten device-only (``make_shareable``, in the main thread while the clone
@@ -66,8 +70,8 @@ def _loader_spec(ctx, src, staging: Path, fork_id: str):
     return spec
 
 
-def _clone(cfg, vm_id: str, staging: Path, meta: dict, ready: threading.Event, shared: dict, wait_ssh: bool,
-           results: dict) -> None:
+def _clone(cfg, vm_id: str, staging: Path, meta: dict, captured: threading.Event, ready: threading.Event,
+           shared: dict, wait_ssh: bool, results: dict) -> None:
     from banger.context import Ctx
     from banger.templates import clone
     from banger.vms import lifecycle, plan
@@ -78,7 +82,7 @@ def _clone(cfg, vm_id: str, staging: Path, meta: dict, ready: threading.Event, s
         with ctx.locks.hold(f"vm/{vm_id}", purpose="fork"):
             run = plan.execute(ctx, vm, clone.fork_plan(wait_ssh=wait_ssh), delete_on_unwind=True,
                                sdir=staging, meta=meta, snap_lock=ExitStack(), timings={}, t0=time.monotonic(),
-                               snapshot_ready=ready, shared=shared)
+                               snapshot_captured=captured, snapshot_ready=ready, shared=shared)
         if run.transport is not None:
             run.transport.close()
         results[vm_id] = {"view": lifecycle.view(ctx, ctx.store.vm_by_id(vm_id), stages=True),
@@ -87,6 +91,10 @@ def _clone(cfg, vm_id: str, staging: Path, meta: dict, ready: threading.Event, s
         results[vm_id] = {"error": e.message if isinstance(e, BangerError) else f"{type(e).__name__}: {e}"}
     finally:
         ctx.close()
+
+
+def _failed(shared: dict, e: BaseException) -> None:
+    shared["error"] = e.message if isinstance(e, BangerError) else f"{type(e).__name__}: {e}"
 
 
 def fork(ctx, src_ref: str, *, count: int = 1, prefix: str | None = None, wait_ssh: bool = True) -> dict:
@@ -104,10 +112,12 @@ def fork(ctx, src_ref: str, *, count: int = 1, prefix: str | None = None, wait_s
     fork_id = staging.name.rsplit("-", 1)[1] + secrets.token_hex(2)
     ram_path = None
     shared = {"error": None, "t0": t0}
+    captured = threading.Event()  # fork.captured: the snapshot's files are written (or shared['error'] says why not)
     gate = threading.Event()  # fork.wait: the snapshot's memory is ready (or shared['error'] says why not)
     threads: list[threading.Thread] = []
     results: dict = {}
     rows = []
+    meta: dict = {}
     try:
         with ctx.locks.hold(f"vm/{src['id']}", purpose="fork"):
             src = rt.get(ctx, src["id"])
@@ -116,19 +126,34 @@ def fork(ctx, src_ref: str, *, count: int = 1, prefix: str | None = None, wait_s
             if st != rt.RUNNING:
                 raise InvalidState(f"VM {src['name']} is {st}; only a running VM can be forked",
                                    f"start it first: banger vm start {src['name']}")
+            ts = time.monotonic()
+            ctx.progress.step(f"preparing {src['name']}'s standby sshd")
+            timings["standby"] = clone.prepare_standby(ctx, src, h)
+            timings["standby_ms"] = round((time.monotonic() - ts) * 1000, 1)
+            # the clones' rows, TAPs and directories are made while the source's snapshot is written (their
+            # plans wait at fork.captured before copying its disks)
+            meta.update(snapshots.vm_meta(src))
+            made = {"how": "fork", "source": src["name"], "fork": fork_id}
+            for n in names:
+                rows.append(clone.reserve_clone(ctx, meta, backend=src["backend"], name=n, made=made))
+            ctx.progress.step(f"starting {count} clone(s)")
+            for vm in rows:
+                t = threading.Thread(target=_clone, args=(ctx.cfg, vm["id"], staging, meta, captured, gate, shared,
+                                                          wait_ssh, results), daemon=True)
+                t.start()
+                threads.append(t)
             ctx.progress.step(f"snapshotting {src['name']}")
             ram_path = ram.new_path(ctx.cfg, "fork")  # (a booted QEMU VM's RAM is copied here, on a tmpfs)
-            meta = snapshots.capture(ctx, src, h, staging, memory_path=ram_path)
+            try:
+                meta.update(snapshots.capture(ctx, src, h, staging, memory_path=ram_path))
+            except BaseException as e:
+                _failed(shared, e)
+                raise
+            finally:
+                captured.set()
         timings["snapshot_ms"] = round((time.monotonic() - t0) * 1000, 1)
-        made = {"how": "fork", "source": src["name"], "fork": fork_id}
-        for n in names:
-            rows.append(clone.reserve_clone(ctx, meta, backend=src["backend"], name=n, made=made))
-        ctx.progress.step(f"starting {count} clone(s)")
-        for vm in rows:
-            t = threading.Thread(target=_clone, args=(ctx.cfg, vm["id"], staging, meta, gate, shared, wait_ssh,
-                                                      results), daemon=True)
-            t.start()
-            threads.append(t)
+        if meta["vmm"].get("snapshot_timings"):
+            timings["snapshot_vmm_ms"] = meta["vmm"]["snapshot_timings"]  # paused, state written, RAM copied
         try:
             if src["backend"] == "qemu" and not meta["vmm"].get("memory_file"):  # a full stream (a restored VM)
                 ts = time.monotonic()
@@ -136,14 +161,17 @@ def fork(ctx, src_ref: str, *, count: int = 1, prefix: str | None = None, wait_s
                                                                     staging, meta["vmm"], memory_path=ram_path)
                 timings["shareable_ms"] = round((time.monotonic() - ts) * 1000, 1)
         except BaseException as e:
-            shared["error"] = e.message if isinstance(e, BangerError) else f"{type(e).__name__}: {e}"
+            _failed(shared, e)
             raise
         finally:
             gate.set()
             for t in threads:
                 t.join()
     finally:
+        captured.set()
         gate.set()
+        for t in threads:
+            t.join()
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(ctx.cfg.vm_run_dir(fork_id), ignore_errors=True)
         if ram_path is not None:

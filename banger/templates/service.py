@@ -283,6 +283,9 @@ def _ready(run):
         raise GuestTimeout(f"image {run.image['name']!r}: banger-init did not answer the clone control line "
                            f"within {READY_TIMEOUT_S:g}s", "the image predates this banger's guest init: rebuild "
                            f"it (banger image delete {run.image['name']}, then build or pull it again)") from None
+    from banger.templates.clone import prepare_standby
+
+    run.standby = prepare_standby(run.ctx, run.vm, run.handles)  # each clone takes its own key without an sshd start
 
 
 def _alive(run):

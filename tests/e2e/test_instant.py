@@ -20,6 +20,7 @@ from tests.support.e2e import (  # noqa: F401  (fixtures)
     netns,
     pulled_default_kernel,
     vmenv,
+    wait_for,
 )
 
 
@@ -91,6 +92,12 @@ def test_pool_claims_are_distinct_stale_templates_unused_and_fork(vmenv):
     print(f"fork of 3: {f['timings']}; {f['memory']}; clones ready at "
           f"{[c['ready_ms'] for c in f['clones']]} ms")
     assert [x["name"] for x in f["clones"]] == ["fk-1", "fk-2", "fk-3"] and not f["failed"]
+    # each clone took its key from the standby sshd the source was asked for: no sshd restart (SIGHUP) in
+    # any clone's console, pooled or forked
+    assert f["timings"]["standby"] == "ready", f["timings"]
+    for x in (a, b, *f["clones"]):
+        console = (env.home / "vms" / x["id"] / "serial.log").read_text(errors="replace")
+        assert "Received SIGHUP" not in console and "Server listening on" in console, console[-2000:]
     probes = [_probe(env, x["name"]) for x in f["clones"]]
     for x, p in zip(f["clones"], probes, strict=True):
         assert x["made"]["how"] == "fork" and x["made"]["source"] == "inst-a" and x["made"]["rng"] == "reseeded"
@@ -103,6 +110,10 @@ def test_pool_claims_are_distinct_stale_templates_unused_and_fork(vmenv):
     assert len({p["urandom"] for p in probes}) == 3
     assert env.banger_json("vm", "show", "inst-a")["data"]["state"] == "running"
     assert _probe(env, "inst-a")["hostname"] == "inst-a"
+    # the handed-over sshd re-reads the clone's own key when it re-executes (its FIFO path became a symlink)
+    _sh(env, "fk-1", "kill -HUP $(cat /run/sshd.pid)")
+    wait_for(lambda: env.banger("vm", "exec", "fk-1", "--", "true").returncode == 0, 60, "fk-1's sshd after SIGHUP")
+    assert _probe(env, "fk-1")["host_key"] == probes[0]["host_key"]
     _sh(env, "fk-1", "echo fk1-only > /root/f.txt")
     assert _sh(env, "fk-2", "cat /root/f.txt 2>/dev/null; true") == ""
     assert _sh(env, "inst-a", "cat /root/f.txt 2>/dev/null; true") == ""

@@ -1,5 +1,5 @@
-"""banger-init's resident perl helper (entropy, clock, address), run for real by dash through the
---check-helper hook: RNDADDENTROPY + RNDRESEEDCRNG succeed as root and are refused without
+"""banger-init's resident perl helper (entropy, clock, address, the standby sshd's FIFO), run for real by
+dash through the --check-helper and --check-standby hooks: RNDADDENTROPY + RNDRESEEDCRNG succeed as root and are refused without
 CAP_SYS_ADMIN (a user namespace), and the address change (SIOCSIFHWADDR / SIOCSIFADDR / SIOCSIFNETMASK /
 SIOCADDRT) is applied to a TAP inside a throwaway network namespace, checked independently with `ip`.
 The hook never sets the clock (this runs on a host)."""
@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from tests.support.netns import create_netns, delete_netns, run_in_ns
@@ -69,3 +70,26 @@ def test_helper_readdresses_a_link_in_a_netns(tmp_path):
         assert bad.stdout.splitlines()[-1] == "net error mac"
     finally:
         delete_netns(ns)
+
+
+def test_standby_fifo_handover(tmp_path):
+    """The standby verbs (banger-init's comments): sbdir makes a FIFO with a second name; sbwait returns once
+    the reader sleeps opening the FIFO's first name (here `cat`, standing in for sshd) and turns that name
+    into a symlink to the real key (and key.pub); sbfeed hands the key over through the second name; with
+    no reader left, sbfeed fails at once instead of blocking the control loop; sbwait on a process that is
+    gone fails too, and looking once at a process that sleeps elsewhere fails at once."""
+    key = tmp_path / "hostkey"
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n")
+    (tmp_path / "hostkey.pub").write_text("ssh-ed25519 AAAA root@x\n")
+    sb = tmp_path / "sb1"
+    e = {**os.environ, "BANGER_INIT_HELPER_DIR": str(tmp_path / "helper")}
+    t0 = time.monotonic()
+    cp = subprocess.run([shutil.which("dash"), str(INIT), "--check-standby", str(sb), str(key)], capture_output=True,
+                        text=True, env=e, timeout=60)
+    assert cp.stdout.splitlines() == ["sbdir ok", "sbwait ok", "sbfeed ok", "again error nostandby",
+                                      "gone error gone", "once error timeout"], cp.stdout + cp.stderr
+    assert time.monotonic() - t0 < 20  # "look once" (a live process that sleeps elsewhere) does not wait
+    assert (tmp_path / "sb1.got").read_text() == key.read_text()  # what the reader got through the FIFO
+    assert os.readlink(sb / "key") == str(key) and os.readlink(sb / "key.pub") == str(key) + ".pub"
+    assert (sb / "w").is_fifo() and (sb / "w").stat().st_mode & 0o777 == 0o600
+    assert sb.stat().st_mode & 0o777 == 0o700

@@ -394,6 +394,30 @@ def test_fork_of_a_stopped_vm_and_bad_input(fcpool):
     assert not staging.exists() or not any(staging.iterdir())
 
 
+def test_fork_interrupted_while_its_source_is_paused_leaves_nothing(fcpool):
+    """A fork reserves its clones' rows and makes their TAPs while the source's snapshot is written: a
+    SIGTERM with the source paused (at the snapshot's test hook) unwinds all of it (rows, TAPs,
+    directories, staging) and the source runs on."""
+    ns = fcpool
+    src = running_fc_vm(ns, "fsrc", ns.shared)
+    env = {**ns.env, "BANGER_TEST_PAUSE_AT": "vmm.snapshot"}
+    p = ns.spawn(banger_argv("vm", "fork", "fsrc", "--count", "2", "--name", "fi", "--no-wait", "--json"), env=env)
+    marker = ns.run_dir / f"paused-{src['id']}"
+    wait_for(marker.exists, 120, "the fork to pause with its source paused")
+    # meanwhile the clones got their rows and TAPs
+    wait_for(lambda: len(_claimed_taps(ns)) == 3, 60, "the clones' TAPs")
+    assert sorted(r[0] for r in _rows(ns, "SELECT name FROM vms WHERE name LIKE 'fi-%'")) == ["fi-1", "fi-2"]
+    os.kill(p.pid, signal.SIGTERM)
+    assert p.wait(timeout=60) != 0
+    assert [v["name"] for v in ns.banger_json("vm", "list")["data"]] == ["fsrc"]
+    assert ns.banger_json("vm", "show", "fsrc")["data"]["state"] == "running"  # resumed
+    assert len(_claimed_taps(ns)) == 1  # the source's own
+    assert not list((ns.home / "vms").glob("*")) or {d.name for d in (ns.home / "vms").iterdir()} == {src["id"]}
+    staging = ns.home / "staging"
+    assert not staging.exists() or not any(staging.iterdir())
+    assert ns.banger_json("gc", "--dry-run")["data"]["total"] == 0
+
+
 def test_gc_removes_shared_ram_files_of_dead_processes(fcpool):
     ns = fcpool
     d = Path(ns.call("str(__import__('banger.templates.ram', fromlist=['x']).ram_dir(ctx.cfg))")["value"])

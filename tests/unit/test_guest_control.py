@@ -36,6 +36,14 @@ def test_composed_lines_round_trip_through_banger_init():
     assert got["key"] == body and "\n" not in body
     pem = ident.key_pem.decode().splitlines()
     assert "".join(pem[1:-1]) == body
+    assert got["standby"] == ""
+    # every field at once (a template's builder could be asked for all of them), standby last
+    full = control.set_line("0123456789abcdef", identity=ident, net=("172.30.0.9/24", "172.30.0.1",
+                                                                    "06:00:ac:1e:00:09"),
+                            clock=1.5, rng=bytes(32), standby=True)
+    assert check_set(full).split()[:2] == ["ok", "0123456789abcdef"] and check_set(full).endswith(" standby=1")
+    alone = control.set_line("00112233aabbccdd", standby=True)
+    assert alone == "@banger set 00112233aabbccdd standby=1" and check_set(alone).endswith(" standby=1")
     claim = control.set_line("abcdef0123456789", host="renamed", clock=1.5, rng=b"\x01" * 32)
     assert check_set(claim).startswith("ok abcdef0123456789 rng=" + "01" * 32 + " clock=1.500000 net= host=renamed")
 
@@ -60,6 +68,9 @@ def test_composed_lines_round_trip_through_banger_init():
     "@banger set 0123456789abcdef net=172.30.0.9/24,172.30.0.1,07:00:ac:1e:00:09",  # multicast MAC
     "@banger set 0123456789abcdef net=172.30.0.9/24,172.30.0.1,06:00:ac:1e:00:09,x",
     "@banger set 0123456789abcdef unknown=1",
+    "@banger set 0123456789abcdef standby=0",                 # only standby=1
+    "@banger set 0123456789abcdef standby=1 standby=1",
+    "@banger set 0123456789abcdef standby=$(reboot)",
     "@banger set 0123456789abcdef host",
     "@banger set 0123456789abcdef " + " ".join(f"host{i}=a" for i in range(9)),  # too many fields
 ])
@@ -91,6 +102,24 @@ def test_wait_answer_reads_from_the_offset_and_across_partial_writes(tmp_path):
     ans = control.wait_answer(log, "00112233", offset=off, deadline=time.monotonic() + 5)
     t.join()
     assert ans == {"ok": True, "rng": "mixed"}
+
+
+def test_wait_answer_standby_and_an_older_init_that_ignores_the_line(tmp_path):
+    log = tmp_path / "serial.log"
+    log.write_bytes(b"banger-init: set 00112233 ok rng=none standby=ready\r\n")
+    assert control.wait_answer(log, "00112233", offset=0, deadline=time.monotonic() + 5) == \
+        {"ok": True, "rng": "none", "standby": "ready"}
+    # an older banger-init refuses the new field: with ignored_ok that is an answer, not a 30 s wait
+    log.write_bytes(b"banger-init: ignored an invalid control line\r\n")
+    t0 = time.monotonic()
+    assert control.wait_answer(log, "00112233", offset=0, deadline=time.monotonic() + 30, ignored_ok=True) == \
+        {"ok": False, "ignored": True}
+    assert time.monotonic() - t0 < 5
+    # without it, the refusal of someone else's line is no answer to ours
+    from banger.errors import GuestTimeout
+
+    with pytest.raises(GuestTimeout):
+        control.wait_answer(log, "00112233", offset=0, deadline=time.monotonic() + 0.3)
 
 
 def test_wait_answer_failure_and_timeout(tmp_path):

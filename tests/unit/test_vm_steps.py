@@ -132,9 +132,10 @@ def test_instant_plans_are_edits_of_the_boot_plan():
                                                        "net.unlearn", "guest.release", "vmm.pause"]
     assert clone.claim_plan().names() == ["clone.check", "vmm.resume", "guest.identity", "guest.ssh"]
     assert clone.claim_plan(wait_ssh=False).names() == ["clone.check", "vmm.resume", "guest.identity"]
-    assert clone.fork_plan().names() == ["snapshot.verify", "prepare", "disk.copy", "net.tap", "net.isolate",
-                                         "fork.wait", "vmm.restore", "snapshot.release", "guest.identity", "net.join",
-                                         "guest.ssh", "snapshot.verified", "net.unlearn"]
+    # a fork's clones make their directory and TAP while the source's snapshot is written (fork.captured)
+    assert clone.fork_plan().names() == ["snapshot.verify", "prepare", "net.tap", "net.isolate", "fork.captured",
+                                         "disk.copy", "fork.wait", "vmm.restore", "snapshot.release",
+                                         "guest.identity", "net.join", "guest.ssh", "snapshot.verified", "net.unlearn"]
     # shared steps, not copies: the TAP and SSH steps are the boot plan's own
     assert fill.steps[4] is base.steps[3] and clone.claim_plan().steps[-1] is base.steps[-1]  # net.tap, guest.ssh
     assert restore_plan().steps[6].do is fill.steps[6].do  # vmm.restore

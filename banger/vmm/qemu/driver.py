@@ -296,6 +296,7 @@ class QemuDriver:
     # ---- snapshots ----
     def _migrate_wait(self, q, what: str, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
+        interval = 0.001  # a device-only state (a shared-RAM VM: ~100 KiB) is written in a few ms
         while True:
             info = q.execute("query-migrate")
             st = info.get("status")
@@ -306,7 +307,8 @@ class QemuDriver:
                                     "see the VMM log in the VM directory")
             if time.monotonic() >= deadline:
                 raise GuestTimeout(f"QEMU {what} did not finish within {timeout:g}s", "try again")
-            time.sleep(0.05)
+            time.sleep(interval)
+            interval = min(0.05, interval * 2)
 
     @staticmethod
     def _ignore_shared(q, on: bool = True) -> None:
@@ -402,6 +404,7 @@ class QemuDriver:
         # clone announces its own address once re-addressed.
         q.execute("migrate-set-parameters", {"announce-rounds": 0})
         q.execute("migrate-incoming", {"uri": "fd:bangerrestore"})
+        interval = 0.001  # a device-only state loads in a few ms
         while True:
             st = q.status()
             if st == "running":
@@ -417,7 +420,8 @@ class QemuDriver:
                                     "the snapshot may be from another QEMU version")
             if time.monotonic() >= deadline:
                 raise GuestTimeout("QEMU restore did not finish within 600s", "try again")
-            time.sleep(0.01)
+            time.sleep(interval)
+            interval = min(0.01, interval * 2)
 
     def cancel_snapshot(self, handles: dict, timeout: float = 30.0) -> None:
         """Abort an outgoing migration left running by a snapshot whose command died (QEMU keeps writing
