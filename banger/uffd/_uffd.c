@@ -300,6 +300,7 @@ enum {
     ST_COPIER_BATCHES,  /* its copies */
     ST_EV_WAIT_NS,      /* time the serving thread waited for the copier before reading an event */
     ST_COPIER_CPU_NS,   /* CPU time of the copier thread */
+    ST_REFAULTS,        /* faults on pages installed before (the guest discarded them since): zeros */
     ST_COUNT
 };
 
@@ -308,7 +309,7 @@ static const char *stat_names[ST_COUNT] = {
     "removes", "removed_pages", "eagain", "eagain_retries", "eexist", "wakes", "recorded",
     "service_ns", "service_max_ns", "prefetch_ns", "first_fault_ns", "last_fault_ns", "plan_done_ns",
     "unknown_events", "hot_pages", "hole_pages", "streams", "serve_cpu_ns",
-    "copier_pages", "copier_batches", "ev_wait_ns", "copier_cpu_ns",
+    "copier_pages", "copier_batches", "ev_wait_ns", "copier_cpu_ns", "refaults",
 };
 
 typedef struct {
@@ -517,7 +518,14 @@ static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry, uint
     uint8_t st = ST(s, fp);
     *fp_out = fp;
     *done_out = 0;
-    int zero = (st & PG_STATE_MASK) == PG_REMOVED;
+    /* Only a page never installed gets the file's bytes. A removed one reads as zeros, and so does
+     * one installed before: the guest can only have lost it to a discard (MADV_DONTNEED/FREE/REMOVE)
+     * whose REMOVE we read, because the kernel zaps a range after its REMOVE was read. A page served
+     * in between (a fault deferred by that REMOVE and retried, or a new touch) says "present", the
+     * zap takes it away again, and its next fault lands here: zeros, never the stale file data.
+     * A page that really is there (two vCPUs faulted on it) answers EEXIST and nothing changes. */
+    int refault = (st & PG_STATE_MASK) == PG_PRESENT;
+    int zero = (st & PG_STATE_MASK) != PG_MISSING;
     int hole = !zero && (st & PG_HOLE); /* only ever set for 4 KiB pages */
     int rec = LOAD(s->record);
 
@@ -574,6 +582,8 @@ static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry, uint
             SET_STATE(s, fp + k, PG_PRESENT);
         *done_out = done;
         ADD(s, zero ? ST_ZERO_PAGES : ST_FAULT_PAGES, 1);
+        if (refault)
+            ADD(s, ST_REFAULTS, 1);
         if (hole)
             ADD(s, ST_HOLE_PAGES, done);
         if (done > 1) {
