@@ -30,6 +30,8 @@ from banger.uffd import policy, spawn_handler
 from tests.support.uffd_peer import (
     PAGE_2M,
     PAGE_4K,
+    UFFD_FEATURE_EVENT_REMOVE,
+    UFFD_FEATURE_EVENT_UNMAP,
     UffdPeer,
     hugepages,
     make_mem_file,
@@ -664,6 +666,55 @@ def test_faults_between_remove_and_zap_stay_zero_under_load(udir, start, peers, 
     finally:
         hog.close()
         burners.stop()
+
+
+@pytest.mark.parametrize("copy_threads", [1, 2])
+def test_unmapped_then_remapped_ranges_read_zeros_during_the_prefetch(udir, start, copy_threads):
+    """A VMM that negotiated UNMAP events munmaps ranges just ahead of the prefetch, maps fresh memory
+    there and registers it again. The handler must mark them (no copy into the hole, which would be
+    ENOENT: fatal, nor into the new mapping, which would show stale file bytes) and serve them as zeros
+    (fresh anonymous memory), the rest from the file."""
+    size = 128 * MB
+    npages = size // PS
+    mem, data = memfile(udir, size, seed=9)
+    log = udir / "mem.access"
+    policy.write_log(log, array.array("I", range(npages)), PS, size)
+    h = start(mem, prefetch=True, access_log=log, extra=["--copy-threads", str(copy_threads), "--no-refresh"])
+    peer = UffdPeer([size], features=UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP)
+    try:
+        if not peer.features & UFFD_FEATURE_EVENT_UNMAP:
+            pytest.fail(f"the kernel did not grant UFFD_FEATURE_EVENT_UNMAP (features {peer.features:#x})")
+        peer.handshake(h.sock)
+        rnd = random.Random(copy_threads)
+        fresh = bytearray(npages)
+        unmaps = frontier = 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            res = peer.resident(0)  # the prefetch's frontier: the first page neither in nor remapped
+            while frontier < npages and (res[frontier] or fresh[frontier]):
+                frontier += 1
+            if frontier >= npages - 8:
+                break
+            first, n = min(npages - 8, frontier + rnd.randint(0, 64)), rnd.randint(1, 8)
+            # munmap waits until the handler reads its UNMAP: a dead handler would hang it for good
+            t = threading.Thread(target=peer.unmap_and_remap, args=(0, first * PS, n * PS), daemon=True)
+            t.start()
+            t.join(20)
+            assert not t.is_alive(), f"munmap still waits for the handler to read its UNMAP; log:\n{h.log()}"
+            fresh[first:first + n] = b"\1" * n
+            unmaps += 1
+        got = peer.read(0, 0, size)
+        for p in range(npages):
+            want = bytes(PS) if fresh[p] else data[p * PS:(p + 1) * PS]
+            if got[p * PS:(p + 1) * PS] != want:
+                raise AssertionError(f"page {p} ({'remapped' if fresh[p] else 'kept'}) has the wrong bytes")
+    finally:
+        peer.close()
+    assert h.wait() == 0, h.log()
+    st = h.stats()
+    s = st["serve"]
+    assert st["mode"] == "replay" and st["copy_threads"] == copy_threads, st
+    assert s["unmaps"] == unmaps > 3, (unmaps, s)
 
 
 def working_set(npages: int, runs: int, run_len: int, seed: int) -> list[int]:
