@@ -8,12 +8,15 @@
  *     MAP_PRIVATE mapping of the memory file (or a zero fill when the page was
  *     removed earlier), EAGAIN -> defer and retry after draining events,
  *     EEXIST -> already there (wake the waiter, move on);
- *   - UFFD_EVENT_REMOVE -> the pages in the range read back as zeros afterwards;
+ *   - UFFD_EVENT_REMOVE (and UNMAP) -> the pages in the range read back as zeros afterwards; so
+ *     does any page that faults again after it was installed (the kernel zaps a range after its
+ *     REMOVE was read: a page served in between is zapped again and must not get file data);
  *   - between faults, a prefetch plan (runs of memory-file pages) is copied in
  *     batches, but the uffd is polled between batches so faults go first;
  *   - with copy_threads=2 a second thread (the copier) claims and copies plan
  *     batches along the same cursors, so both cores copy while the vCPUs wait
- *     (UFFDIO_COPY is CPU-bound: page allocation, copy, PTE install);
+ *     (UFFDIO_COPY is CPU-bound: page allocation, copy, PTE install); it starts
+ *     with the first plan set with copier=True (the handler: replayed logs);
  *   - the loop ends when the VMM's connection hangs up, its pidfd fires, stop()
  *     is called, or something fails (then run() raises and the caller takes the
  *     VMM down).
