@@ -8,12 +8,15 @@
  *     MAP_PRIVATE mapping of the memory file (or a zero fill when the page was
  *     removed earlier), EAGAIN -> defer and retry after draining events,
  *     EEXIST -> already there (wake the waiter, move on);
- *   - UFFD_EVENT_REMOVE -> the pages in the range read back as zeros afterwards;
+ *   - UFFD_EVENT_REMOVE (and UNMAP) -> the pages in the range read back as zeros afterwards; so
+ *     does any page that faults again after it was installed (the kernel zaps a range after its
+ *     REMOVE was read: a page served in between is zapped again and must not get file data);
  *   - between faults, a prefetch plan (runs of memory-file pages) is copied in
  *     batches, but the uffd is polled between batches so faults go first;
  *   - with copy_threads=2 a second thread (the copier) claims and copies plan
  *     batches along the same cursors, so both cores copy while the vCPUs wait
- *     (UFFDIO_COPY is CPU-bound: page allocation, copy, PTE install);
+ *     (UFFDIO_COPY is CPU-bound: page allocation, copy, PTE install); it starts
+ *     with the first plan set with copier=True (the handler: replayed logs);
  *   - the loop ends when the VMM's connection hangs up, its pidfd fires, stop()
  *     is called, or something fails (then run() raises and the caller takes the
  *     VMM down).
@@ -268,7 +271,13 @@ typedef struct {
 typedef struct {
     uint64_t fp, n;
     int hot, valid;
+    uint64_t enoent_ns; /* when its copy first found no registered VMA there (0: it did not) */
 } claim_t;
+
+/* How long a prefetch copy may keep finding no registered VMA before that is the VMM's fault: an
+ * munmap makes the copy fail with ENOENT before its UNMAP event is read (the kernel checks the VMA
+ * before the pending-event flag), and the read marks the range so the copy skips it. */
+#define ENOENT_GRACE_NS 200000000ull
 
 /* Counters are written by the serving thread and read by anyone: relaxed atomics. */
 enum {
@@ -300,6 +309,8 @@ enum {
     ST_COPIER_BATCHES,  /* its copies */
     ST_EV_WAIT_NS,      /* time the serving thread waited for the copier before reading an event */
     ST_COPIER_CPU_NS,   /* CPU time of the copier thread */
+    ST_REFAULTS,        /* faults on pages installed before (the guest discarded them since): zeros */
+    ST_UNMAPS,          /* UFFD_EVENT_UNMAP messages (ranges then read as zeros) */
     ST_COUNT
 };
 
@@ -308,7 +319,7 @@ static const char *stat_names[ST_COUNT] = {
     "removes", "removed_pages", "eagain", "eagain_retries", "eexist", "wakes", "recorded",
     "service_ns", "service_max_ns", "prefetch_ns", "first_fault_ns", "last_fault_ns", "plan_done_ns",
     "unknown_events", "hot_pages", "hole_pages", "streams", "serve_cpu_ns",
-    "copier_pages", "copier_batches", "ev_wait_ns", "copier_cpu_ns",
+    "copier_pages", "copier_batches", "ev_wait_ns", "copier_cpu_ns", "refaults", "unmaps",
 };
 
 typedef struct {
@@ -376,6 +387,7 @@ typedef struct {
     int pending_set, pending_copier;
     int plan_copier; /* the copier helps with the current plan (under cur_lock) */
 
+    int unmap_events; /* atomic: ENOENT was seen or an UNMAP read: a fault's ENOENT may be an unread UNMAP */
     int record;  /* atomic */
     int stop;    /* atomic */
     int running; /* atomic */
@@ -399,6 +411,7 @@ static inline void SET_STATE(Server *s, uint64_t fp, uint8_t v)
 #define ADD(s, i, n) __atomic_fetch_add(&(s)->st[i], (n), __ATOMIC_RELAXED)
 
 static void wake(Server *s);
+static void start_copier(Server *s);
 
 static uint64_t now_ns(void)
 {
@@ -517,7 +530,14 @@ static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry, uint
     uint8_t st = ST(s, fp);
     *fp_out = fp;
     *done_out = 0;
-    int zero = (st & PG_STATE_MASK) == PG_REMOVED;
+    /* Only a page never installed gets the file's bytes. A removed one reads as zeros, and so does
+     * one installed before: the guest can only have lost it to a discard (MADV_DONTNEED/FREE/REMOVE)
+     * whose REMOVE we read, because the kernel zaps a range after its REMOVE was read. A page served
+     * in between (a fault deferred by that REMOVE and retried, or a new touch) says "present", the
+     * zap takes it away again, and its next fault lands here: zeros, never the stale file data.
+     * A page that really is there (two vCPUs faulted on it) answers EEXIST and nothing changes. */
+    int refault = (st & PG_STATE_MASK) == PG_PRESENT;
+    int zero = (st & PG_STATE_MASK) != PG_MISSING;
     int hole = !zero && (st & PG_HOLE); /* only ever set for 4 KiB pages */
     int rec = LOAD(s->record);
 
@@ -574,6 +594,8 @@ static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry, uint
             SET_STATE(s, fp + k, PG_PRESENT);
         *done_out = done;
         ADD(s, zero ? ST_ZERO_PAGES : ST_FAULT_PAGES, 1);
+        if (refault)
+            ADD(s, ST_REFAULTS, 1);
         if (hole)
             ADD(s, ST_HOLE_PAGES, done);
         if (done > 1) {
@@ -596,6 +618,15 @@ static int serve_page(Server *s, uint64_t addr, uint64_t t_read, int retry, uint
                 ADD(s, ST_WAKES, 1);
         } else if (e == ESRCH) {
             return 2;
+        } else if (e == ENOENT && (ST(s, fp) & PG_STATE_MASK) == PG_REMOVED && LOAD(s->st[ST_UNMAPS])) {
+            /* unmapped (UFFD_EVENT_UNMAP read) since the guest faulted: nothing to install; wake the
+             * thread so it retries (on whatever is mapped there now) */
+            struct uffdio_range w = {.start = addr, .len = s->page_size};
+            if (ioctl(s->uffd, UFFDIO_WAKE, &w) == 0)
+                ADD(s, ST_WAKES, 1);
+        } else if (e == ENOENT && LOAD(s->unmap_events)) {
+            ADD(s, ST_EAGAIN, 1);
+            return 1; /* maybe an UNMAP not read yet: retried after the events */
         } else if (e == ENOENT) {
             return unregistered(s, addr, (1 + extra) << s->page_shift, "a fault");
         } else {
@@ -724,57 +755,112 @@ static void ev_unlock(Server *s)
         pthread_mutex_unlock(&s->ev_lock);
 }
 
-/* Read events until EAGAIN (or max_faults page faults: *more = 1), one 32-byte record per
- * read() so an unread REMOVE stays queued behind the faults (the kernel hands out faults
- * first) exactly as it would for a slower reader. Returns 0, 2 (VMM gone) or END_ERROR. */
+/* Under ev_lock (with the copier), right after read(): the events that change what a page must read
+ * as. REMOVE (MADV_DONTNEED/FREE/REMOVE) and UNMAP (munmap): the range reads as zeros from now on (an
+ * unmapped range mapped and registered again is fresh anonymous memory: zeros too); marked before the
+ * copier checks another page, so no copy lands after the kernel's zap. Returns 0, or END_ERROR for a
+ * REMAP: the VMM moved guest memory (mremap) and the regions no longer say where it is. */
+static int mark_event_locked(Server *s, const struct uffd_msg *m)
+{
+    switch (m->event) {
+    case UFFD_EVENT_REMOVE:
+        ADD(s, ST_REMOVES, 1);
+        mark_removed(s, m->arg.remove.start, m->arg.remove.end);
+        return 0;
+#ifdef UFFD_EVENT_UNMAP
+    case UFFD_EVENT_UNMAP:
+        ADD(s, ST_UNMAPS, 1);
+        STORE(s->unmap_events, 1);
+        mark_removed(s, m->arg.remove.start, m->arg.remove.end);
+        return 0;
+#endif
+#ifdef UFFD_EVENT_REMAP
+    case UFFD_EVENT_REMAP:
+        return fail(s, EINVAL, "the VMM moved guest memory (mremap of 0x%llx, %llu bytes, to 0x%llx): the "
+                    "regions of the handshake no longer say where it is",
+                    (unsigned long long)m->arg.remap.from, (unsigned long long)m->arg.remap.len,
+                    (unsigned long long)m->arg.remap.to);
+#endif
+    default:
+        return 0;
+    }
+}
+
+/* Read events until EAGAIN (or max_faults page faults: *more = 1). Without the copier: one 32-byte
+ * record per read(), each fault served before the next read, so an unread REMOVE stays queued behind
+ * the faults (the kernel hands out faults first) exactly as it would for a slower reader. With the
+ * copier: up to READ_BATCH records per read(), under one ev_lock (a REMOVE among them is marked before
+ * the copier checks another page), then the faults are served; a fault read with a REMOVE of its page
+ * is served after it (zeros): its access and the discard were concurrent. Returns 0, 2 (VMM gone) or
+ * END_ERROR. */
+#define READ_BATCH 32
 static int drain(Server *s, int max_faults, int *more)
 {
     *more = 0;
+    struct uffd_msg msgs[READ_BATCH];
     for (int faults = 0;;) {
         if (faults >= max_faults && !s->ndef) { /* a deferred fault waits for the events: read them all */
             *more = 1; /* leave the rest for after a prefetch batch */
             return 0;
         }
-        struct uffd_msg msg;
+        size_t want = s->copier_started ? READ_BATCH : 1;
+        ssize_t n;
+        int e = 0, bad = 0;
         ev_lock(s);
-        ssize_t n = read(s->uffd, &msg, sizeof msg);
-        int e = errno;
-        if (n == sizeof msg && msg.event == UFFD_EVENT_REMOVE) {
-            ADD(s, ST_REMOVES, 1);
-            mark_removed(s, msg.arg.remove.start, msg.arg.remove.end);
-        }
+        do
+            n = read(s->uffd, msgs, want * sizeof msgs[0]);
+        while (n < 0 && errno == EINTR);
+        if (n < 0)
+            e = errno;
+        size_t got = n > 0 ? (size_t)n / sizeof msgs[0] : 0;
+        for (size_t i = 0; i < got; i++)
+            if (mark_event_locked(s, &msgs[i]) < 0)
+                bad = 1;
         ev_unlock(s);
+        if (bad)
+            return END_ERROR;
         if (n < 0) {
-            if (e == EINTR)
-                continue;
             if (e == EAGAIN)
                 return 0;
             return fail(s, e, "reading the userfaultfd failed: %s", strerror(e));
         }
-        if (n != sizeof msg)
+        if (n == 0 || n % sizeof msgs[0])
             return fail(s, EIO, "short read from the userfaultfd (%zd bytes)", n);
         uint64_t t = now_ns();
-        if (msg.event == UFFD_EVENT_PAGEFAULT) {
-            faults++;
-            ADD(s, ST_FAULTS, 1);
-            if (!LOAD(s->st[ST_FIRST_FAULT_NS]))
-                STORE(s->st[ST_FIRST_FAULT_NS], t);
-            STORE(s->st[ST_LAST_FAULT_NS], t);
-            uint64_t addr = msg.arg.pagefault.address & ~(s->page_size - 1);
-            uint64_t fp, done;
-            int rc = serve_page(s, addr, t, 0, &fp, &done);
-            if (rc == 1) {
-                if (defer(s, addr) < 0)
-                    return END_ERROR;
-            } else if (rc != 0) {
-                return rc;
-            } else if (done) {
-                note_fault(s, fp, fp + done);
+        for (size_t i = 0; i < got; i++) {
+            const struct uffd_msg *msg = &msgs[i];
+            if (msg->event == UFFD_EVENT_PAGEFAULT) {
+                faults++;
+                ADD(s, ST_FAULTS, 1);
+                if (!LOAD(s->st[ST_FIRST_FAULT_NS]))
+                    STORE(s->st[ST_FIRST_FAULT_NS], t);
+                STORE(s->st[ST_LAST_FAULT_NS], t);
+                uint64_t addr = msg->arg.pagefault.address & ~(s->page_size - 1);
+                uint64_t fp, done;
+                int rc = serve_page(s, addr, t, 0, &fp, &done);
+                if (rc == 1) {
+                    if (defer(s, addr) < 0)
+                        return END_ERROR;
+                } else if (rc != 0) {
+                    return rc;
+                } else if (done) {
+                    note_fault(s, fp, fp + done);
+                }
+            } else if (msg->event == UFFD_EVENT_REMOVE) {
+                /* marked above, under ev_lock */
+#ifdef UFFD_EVENT_UNMAP
+            } else if (msg->event == UFFD_EVENT_UNMAP) {
+                /* marked above */
+#endif
+#ifdef UFFD_EVENT_FORK
+            } else if (msg->event == UFFD_EVENT_FORK) {
+                /* the VMM forked with the uffd: we do not serve the child; its uffd was installed here */
+                close((int)msg->arg.fork.ufd);
+                ADD(s, ST_UNKNOWN_EVENTS, 1);
+#endif
+            } else {
+                ADD(s, ST_UNKNOWN_EVENTS, 1);
             }
-        } else if (msg.event == UFFD_EVENT_REMOVE) {
-            /* marked above, under ev_lock */
-        } else {
-            ADD(s, ST_UNKNOWN_EVENTS, 1);
         }
     }
 }
@@ -853,6 +939,8 @@ static void take_pending_plan(Server *s)
         pthread_cond_broadcast(&s->cur_cond);
         pthread_mutex_unlock(&s->cur_lock);
         pthread_mutex_unlock(&s->ev_lock);
+    } else if (s->plan_copier && s->copy_threads > 1) {
+        start_copier(s); /* with the first plan it helps with: other modes keep one thread, no ev_lock */
     }
 }
 
@@ -981,6 +1069,7 @@ static int copy_claimed(Server *s, claim_t *c, uint64_t *done_out)
     c->n -= done;
     if (rc == 0 || result > 0) {
         c->valid = c->n > 0;
+        c->enoent_ns = 0;
         return 0;
     }
     if (e == EAGAIN) {
@@ -997,8 +1086,17 @@ static int copy_claimed(Server *s, claim_t *c, uint64_t *done_out)
     }
     if (e == ESRCH)
         return 2;
-    if (e == ENOENT)
+    if (e == ENOENT) {
+        uint64_t t = now_ns();
+        if (!c->enoent_ns)
+            c->enoent_ns = t;
+        if (t - c->enoent_ns < ENOENT_GRACE_NS) {
+            STORE(s->unmap_events, 1); /* faults there may meet the same: let them wait too */
+            ADD(s, ST_EAGAIN, 1);
+            return 1; /* retried after the events are read: an UNMAP among them marks the range */
+        }
         return unregistered(s, dst, n << s->page_shift, "the prefetch");
+    }
     return fail(s, e, "prefetch UFFDIO_COPY of %llu pages at file offset %llu failed: %s",
                 (unsigned long long)n, (unsigned long long)off, strerror(e));
 }
@@ -1102,8 +1200,6 @@ static int serve_loop(Server *s)
     };
     int idle_retries = 0, backoff = 0, more = 0;
     take_pending_plan(s);
-    if (s->copy_threads > 1)
-        start_copier(s);
     for (;;) {
         if (LOAD(s->stop))
             return END_STOPPED;

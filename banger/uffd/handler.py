@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="recording: this many quiet intervals in a row settle it")
     ap.add_argument("--no-fill", action="store_true", help="no sequential background fill")
     ap.add_argument("--copy-threads", type=int, choices=(1, 2), default=None,
-                    help="threads copying a replayed prefetch plan (default 1; 2 adds a second copier)")
+                    help="threads copying a replayed prefetch plan (default 2 when this process may run on "
+                         "more than one CPU, else 1; 1 forces the serving thread alone)")
     ap.add_argument("--copier-batch-bytes", type=int, default=128 << 10,
                     help="largest copy of the second copy thread (what an event read may wait behind)")
     ap.add_argument("--plan-order", choices=("touch", "chunked"), default="touch",
@@ -89,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "(and 5%% of its size) were touched")
     ap.add_argument("--no-refresh", action="store_true", help="replay: never rewrite the access log")
     return ap
+
+
+def _default_copy_threads() -> int:
+    """A second copy thread (it helps replayed plans only) when this process may use a second CPU."""
+    try:
+        return 2 if len(os.sched_getaffinity(0)) > 1 else 1
+    except OSError:
+        return 1
 
 
 class Handler:
@@ -284,14 +293,15 @@ class Handler:
 
         pid_fd = self.peer.pidfd  # the loop ends when it fires (the VMM exited)
 
+        copy_threads = a.copy_threads or _default_copy_threads()
+        self.stats["copy_threads"] = copy_threads if self.stats["mode"] == "replay" else 1  # who copies the plan
         try:
             server = _uffd.Server(uffd, mem_fd, [(r.base, r.size, r.offset) for r in regions], page_size,
                                   conn_fd=self.conn.fileno(), pid_fd=pid_fd, record=record,
                                   batch_pages=max(1, a.batch_bytes // page_size),
                                   busy_batch_pages=max(1, a.busy_batch_bytes // page_size),
                                   fault_around=a.fault_around_bytes // page_size,
-                                  copy_threads=a.copy_threads or 1,  # the second copier only when asked for (--copy-threads 2):
-                                  # under CI load a background fill with it let a copy land after a REMOVE
+                                  copy_threads=copy_threads,
                                   copier_batch_pages=max(1, a.copier_batch_bytes // page_size))
         except (ValueError, OSError) as e:
             raise hs.HandlerFailed(f"cannot serve this memory layout: {e}",
@@ -299,8 +309,6 @@ class Handler:
         if plan is not None:
             # a replayed log is what the guest is about to touch: both copy threads on it; a fill is
             # background work and keeps to one thread (the guest runs meanwhile)
-            # a replayed log is what the guest is about to touch: both copy threads on it (when asked for);
-            # a fill is background work and keeps to one thread (the guest runs meanwhile)
             server.set_plan(plan.tobytes(), copier=self.stats["mode"] == "replay")
         self.handshake_done = True
         self.server = server

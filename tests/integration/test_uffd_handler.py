@@ -9,6 +9,7 @@ byte with the memory file.
 from __future__ import annotations
 
 import array
+import ctypes
 import json
 import os
 import random
@@ -29,6 +30,8 @@ from banger.uffd import policy, spawn_handler
 from tests.support.uffd_peer import (
     PAGE_2M,
     PAGE_4K,
+    UFFD_FEATURE_EVENT_REMOVE,
+    UFFD_FEATURE_EVENT_UNMAP,
     UffdPeer,
     hugepages,
     make_mem_file,
@@ -346,6 +349,94 @@ def test_eagain_while_remove_unread_and_faults_pending(udir, start, peers):
     assert s["removes"] == 1 and s["zero_pages"] == 32
 
 
+class MmapLockHog:
+    """A thread of the guest process holding its mmap lock for writing, over and over (mprotect of a
+    populated scratch mapping, as a VMM changing its mappings). A MADV_DONTNEED whose REMOVE has been
+    read takes that lock again before it zaps, so it waits: the window between the handler reading a
+    REMOVE and the kernel zapping the range opens wide. Faults and UFFDIO_COPY take the per-VMA lock
+    of the guest memory (kernels >= 6.4 / 6.8) and go on meanwhile; older kernels just race less."""
+
+    SIZE = 32 << 20
+
+    def __init__(self):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.mmap.restype = ctypes.c_void_p
+        self.libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                   ctypes.c_long]
+        self.libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self.libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        prot_rw, private_anon_populate = 0x1 | 0x2, 0x02 | 0x20 | 0x8000
+        self.addr = self.libc.mmap(None, self.SIZE, prot_rw, private_anon_populate, -1, 0)
+        assert self.addr not in (None, ctypes.c_void_p(-1).value), "mmap of the lock hog's scratch memory failed"
+        ctypes.memset(self.addr, 1, self.SIZE)  # private pages of our own: each mprotect walks them all
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self):
+        k = 0
+        while not self.stop.is_set():
+            self.libc.mprotect(self.addr, self.SIZE, 0x1 if k % 2 else 0x1 | 0x2)  # GIL released
+            k += 1
+
+    def close(self):
+        self.stop.set()
+        self.t.join(10)
+        self.libc.munmap(self.addr, self.SIZE)
+
+
+def _fault_then_remove_while_frozen(h, peer, page: int) -> bytes:
+    """With the handler stopped, queue a fault on `page` and then a REMOVE of it; thaw the handler and
+    wait for both. Returns what the faulting read got."""
+    got: dict = {}
+    os.kill(h.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: all_stopped(h.pid), 10, "the handler to stop")
+        ft = threading.Thread(target=lambda: got.setdefault("fault", peer.read(0, page * PS, PS)), daemon=True)
+        ft.start()
+        wait_for(lambda: ft.native_id and thread_blocked_in_uffd(ft.native_id), 10, f"a fault on page {page}")
+        rt = threading.Thread(target=lambda: peer.madvise_remove(0, page * PS, PS), daemon=True)
+        rt.start()
+        wait_for(lambda: rt.native_id and thread_blocked_in_uffd(rt.native_id), 10, f"a REMOVE of page {page}")
+    finally:
+        os.kill(h.pid, signal.SIGCONT)
+    ft.join(20)
+    rt.join(20)
+    assert not ft.is_alive() and not rt.is_alive()
+    return got["fault"]
+
+
+def test_fault_deferred_by_a_remove_then_zapped_refaults_as_zeros(udir, start, peers):
+    """Freeze the handler, queue a fault on a page and then a REMOVE of that page, thaw it: the fault
+    meets the unread REMOVE (EAGAIN) and is retried right after the REMOVE is read, which may be before
+    the kernel zaps the range (the lock hog makes that likely). Then the zap takes the zero page away
+    again and the next read faults once more: it must read zeros (the discard returned, nothing wrote),
+    not the memory file's bytes. Many rounds, so that both orders of retry and zap occur."""
+    size = 4 * MB
+    mem, data = memfile(udir, size, seed=3)
+    h = start(mem)
+    peer = peers([size])
+    peer.handshake(h.sock)
+    rounds, wrong = 100, []
+    hog = MmapLockHog()
+    try:
+        for r in range(rounds):
+            page = (3 + 9 * r) % (size // PS)  # a page never touched before
+            got = _fault_then_remove_while_frozen(h, peer, page)
+            assert got in (bytes(PS), data[page * PS:(page + 1) * PS])  # it raced the discard: either
+            if peer.read(0, page * PS, PS) != bytes(PS):
+                wrong.append(page)
+    finally:
+        hog.close()
+    assert not wrong, f"{len(wrong)} of {rounds} discarded pages read the file's bytes again: {wrong[:5]}"
+    assert peer.read(0, 0, PS) == data[:PS]  # the rest is still served from the file
+    peer.close()
+    assert h.wait() == 0
+    s = h.stats()["serve"]
+    assert s["removes"] == rounds and s["eagain"] >= rounds, s
+    assert s["refaults"] > 0, s  # some retries really landed before the zap (and were zapped again)
+
+
 def test_2m_pages_multi_region_threads_and_remove(udir, start, peers):
     sizes = [8 * MB, 4 * MB]
     need = sum(sizes) // PAGE_2M
@@ -467,6 +558,165 @@ def test_removes_racing_the_prefetch_read_zeros(udir, start, peers, copy_threads
     assert raced > 50  # the removes really raced the prefetch
 
 
+class CpuBurners:
+    """Busy loops in other processes (the handler and its copier then get preempted at odd moments, as
+    under a loaded CI machine). Ended by their own Popen objects."""
+
+    def __init__(self, n: int):
+        self.ps = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+    def stop(self):
+        for p in self.ps:
+            p.kill()
+            p.wait()
+
+
+def _discard_and_reread(peer, window: int, first_page: int, seconds: float, bad: list, rnd: random.Random,
+                        reads: list) -> int:
+    """One remover MADV_DONTNEEDs parts of [first_page, +window) again and again while two readers keep
+    faulting them in. Nothing writes there, so once the first discard (of all of it) has returned, every
+    later read is zeros: a page served (zero-filled) after a REMOVE was read but before the kernel zapped
+    the range is zapped again, and the fault that follows must not bring the file's bytes back.
+    Returns the discards made; reads[0] counts the reads."""
+    lo, hi = first_page * PS, (first_page + window) * PS
+    discarded = threading.Event()
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set() and not bad:
+            after = discarded.is_set()  # taken before the read: this read began after a discard returned
+            got = peer.read(0, lo, hi - lo)
+            reads[0] += 1
+            if after and got != bytes(hi - lo):
+                k = next(i for i in range(0, hi - lo, PS) if got[i:i + PS] != bytes(PS)) // PS
+                bad.append(f"page {first_page + k} read non-zero after MADV_DONTNEED returned")
+
+    ts = [threading.Thread(target=reader, daemon=True) for _ in range(2)]
+    for t in ts:
+        t.start()
+    peer.madvise_remove(0, lo, hi - lo)
+    discarded.set()
+    n = 1
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not bad:
+        a = rnd.randrange(window)
+        b = rnd.randrange(a, window) + 1
+        peer.madvise_remove(0, lo + a * PS, (b - a) * PS)
+        n += 1
+        if n % 4 == 0:
+            time.sleep(0)  # let the readers at the GIL: their reads (no GIL) race the next discards
+    stop.set()
+    for t in ts:
+        t.join(30)
+    assert not any(t.is_alive() for t in ts), "a reader is stuck in a fault"
+    return n
+
+
+@pytest.mark.parametrize("copy_threads", [1, 2])
+@pytest.mark.parametrize("mode", ["on_demand", "replay"])
+def test_faults_between_remove_and_zap_stay_zero_under_load(udir, start, peers, copy_threads, mode):
+    """The kernel zaps a MADV_DONTNEED range only after the handler has read its REMOVE. A fault served in
+    between (a deferred one retried right after the REMOVE, or a new touch) installs a page that the zap
+    then takes away again; the next fault on it must be served as zeros, never from the memory file
+    (it once was: the page's state said "present", so the refault got the file's bytes). Raced many
+    times, beside CPU burners, with and without the prefetch and its second copy thread."""
+    size = 128 * MB if mode == "replay" else 32 * MB  # a plan that lasts, so the copier gets a core under load
+    npages = size // PS
+    mem, data = memfile(udir, size, seed=7)
+    extra = ["--copy-threads", str(copy_threads)]
+    log = None
+    if mode == "replay":
+        log = udir / "mem.access"  # the copier helps replayed plans: one covering every page
+        policy.write_log(log, array.array("I", range(npages)), PS, size)
+        extra += ["--no-refresh"]
+    burners = CpuBurners(2)
+    hog = MmapLockHog()
+    try:
+        rnd = random.Random(copy_threads * 31 + len(mode))
+        bad: list[str] = []
+        discards = 0
+        reads = [0]
+        h = start(mem, prefetch=mode == "replay", access_log=log, extra=extra)
+        peer = peers([size])
+        peer.handshake(h.sock)
+        windows = rnd.sample(range(0, npages // 8), 200)  # 8-page windows, spread over the region
+        done: set[int] = set()
+        deadline = time.monotonic() + 90  # enough racing, however loaded the machine: it just takes longer
+        for w in windows:
+            if bad or time.monotonic() > deadline or (discards > 2000 and reads[0] > 2000 and len(done) >= 240):
+                break
+            discards += _discard_and_reread(peer, 8, w * 8, 0.08, bad, rnd, reads)
+            done.update(range(w * 8, w * 8 + 8))
+        assert not bad, bad[:3]
+        got = peer.read(0, 0, size)
+        for p in range(npages):
+            want = bytes(PS) if p in done else data[p * PS:(p + 1) * PS]
+            if got[p * PS:(p + 1) * PS] != want:
+                raise AssertionError(f"page {p} ({'discarded' if p in done else 'kept'}) has the wrong bytes")
+        peer.close()
+        assert h.wait() == 0
+        st = h.stats()
+        assert st["mode"] == mode, st
+        s = st["serve"]
+        assert s["removes"] >= discards > 1000, (discards, s)
+        assert reads[0] > 500, (reads, s)  # the readers really raced the discards
+        assert s["refaults"] > 0, s  # pages served between a REMOVE and its zap were faulted again
+        if copy_threads == 2 and mode == "replay":
+            assert s["copier_pages"] > 0, s
+    finally:
+        hog.close()
+        burners.stop()
+
+
+@pytest.mark.parametrize("copy_threads", [1, 2])
+def test_unmapped_then_remapped_ranges_read_zeros_during_the_prefetch(udir, start, copy_threads):
+    """A VMM that negotiated UNMAP events munmaps ranges just ahead of the prefetch, maps fresh memory
+    there and registers it again. The handler must mark them (no copy into the hole, which would be
+    ENOENT: fatal, nor into the new mapping, which would show stale file bytes) and serve them as zeros
+    (fresh anonymous memory), the rest from the file."""
+    size = 128 * MB
+    npages = size // PS
+    mem, data = memfile(udir, size, seed=9)
+    log = udir / "mem.access"
+    policy.write_log(log, array.array("I", range(npages)), PS, size)
+    h = start(mem, prefetch=True, access_log=log, extra=["--copy-threads", str(copy_threads), "--no-refresh"])
+    peer = UffdPeer([size], features=UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP)
+    try:
+        if not peer.features & UFFD_FEATURE_EVENT_UNMAP:
+            pytest.fail(f"the kernel did not grant UFFD_FEATURE_EVENT_UNMAP (features {peer.features:#x})")
+        peer.handshake(h.sock)
+        rnd = random.Random(copy_threads)
+        fresh = bytearray(npages)
+        unmaps = frontier = 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            res = peer.resident(0)  # the prefetch's frontier: the first page neither in nor remapped
+            while frontier < npages and (res[frontier] or fresh[frontier]):
+                frontier += 1
+            if frontier >= npages - 8:
+                break
+            first, n = min(npages - 8, frontier + rnd.randint(0, 64)), rnd.randint(1, 8)
+            # munmap waits until the handler reads its UNMAP: a dead handler would hang it for good
+            t = threading.Thread(target=peer.unmap_and_remap, args=(0, first * PS, n * PS), daemon=True)
+            t.start()
+            t.join(20)
+            assert not t.is_alive(), f"munmap still waits for the handler to read its UNMAP; log:\n{h.log()}"
+            fresh[first:first + n] = b"\1" * n
+            unmaps += 1
+        got = peer.read(0, 0, size)
+        for p in range(npages):
+            want = bytes(PS) if fresh[p] else data[p * PS:(p + 1) * PS]
+            if got[p * PS:(p + 1) * PS] != want:
+                raise AssertionError(f"page {p} ({'remapped' if fresh[p] else 'kept'}) has the wrong bytes")
+    finally:
+        peer.close()
+    assert h.wait() == 0, h.log()
+    st = h.stats()
+    s = st["serve"]
+    assert st["mode"] == "replay" and st["copy_threads"] == copy_threads, st
+    assert s["unmaps"] == unmaps > 3, (unmaps, s)
+
+
 def working_set(npages: int, runs: int, run_len: int, seed: int) -> list[int]:
     rnd = random.Random(seed)
     starts = rnd.sample(range(0, npages - run_len, run_len), runs)
@@ -511,6 +761,7 @@ def test_record_then_prefetch_replay(udir, start, peers):
     assert h2.wait() == 0
     s2 = h2.stats()
     assert s2["mode"] == "replay" and s2["plan_pages"] == len(ws)
+    assert s2["copy_threads"] == (2 if len(os.sched_getaffinity(0)) > 1 else 1)  # the copier by default
     faults, pref = s2["serve"]["fault_pages"], s2["serve"]["prefetch_pages"]
     assert faults + pref == len(ws)
     assert faults < len(ws) // 4, f"{faults} of {len(ws)} working-set pages still faulted"

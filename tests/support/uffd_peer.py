@@ -40,6 +40,7 @@ O_CLOEXEC = 0o2000000
 O_NONBLOCK = 0o4000
 UFFD_API = 0xAA
 UFFD_FEATURE_EVENT_REMOVE = 1 << 3
+UFFD_FEATURE_EVENT_UNMAP = 1 << 6
 UFFDIO_REGISTER_MODE_MISSING = 1
 
 
@@ -113,9 +114,11 @@ def make_mem_file(path: Path | str, size: int, seed: int = 1) -> bytes:
 class UffdPeer:
     """One fake VMM: regions of anonymous memory registered with a fresh userfaultfd."""
 
-    def __init__(self, region_sizes: list[int], page_size: int = PAGE_4K, *, register: bool = True):
+    def __init__(self, region_sizes: list[int], page_size: int = PAGE_4K, *, register: bool = True,
+                 features: int = UFFD_FEATURE_EVENT_REMOVE):
         """``register=False``: announce the regions in the handshake but never UFFDIO_REGISTER them
-        (a broken VMM: its memory reads zeros instead of faulting to the handler)."""
+        (a broken VMM: its memory reads zeros instead of faulting to the handler). ``features``: what
+        UFFDIO_API asks for (REMOVE events by default; add UFFD_FEATURE_EVENT_UNMAP for munmap events)."""
         if page_size not in (PAGE_4K, PAGE_2M):
             raise ValueError("page_size must be 4096 or 2097152")
         self.page_size = page_size
@@ -137,7 +140,7 @@ class UffdPeer:
                     raise _oserror("mmap")
                 self.bases.append(addr)
             self.uffd = new_userfaultfd()
-            api = _UffdioApi(UFFD_API, UFFD_FEATURE_EVENT_REMOVE, 0)
+            api = _UffdioApi(UFFD_API, features, 0)
             if _libc.ioctl(self.uffd, UFFDIO_API, ctypes.byref(api)) < 0:
                 raise _oserror("UFFDIO_API")
             self.features = api.features
@@ -321,6 +324,21 @@ class UffdPeer:
         addr = self._addr(region_index, offset, length)
         if _libc.madvise(addr, length, MADV_DONTNEED) != 0:
             raise _oserror("madvise(MADV_DONTNEED)")
+
+    def unmap_and_remap(self, region_index: int, offset: int, length: int) -> None:
+        """munmap a range of guest memory (UFFD_EVENT_UNMAP when negotiated: the kernel sends it after the
+        unmap and waits until the handler reads it), then map fresh anonymous memory at the same place
+        and register it with the userfaultfd again (a VMM replacing part of guest memory)."""
+        addr = self._addr(region_index, offset, length)
+        if _libc.munmap(addr, length) != 0:
+            raise _oserror("munmap")
+        got = _libc.mmap(addr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | 0x10,
+                         -1, 0)  # MAP_FIXED
+        if got != addr:
+            raise _oserror("mmap(MAP_FIXED)")
+        reg = _UffdioRegister(addr, length, UFFDIO_REGISTER_MODE_MISSING, 0)
+        if _libc.ioctl(self.uffd, UFFDIO_REGISTER, ctypes.byref(reg)) < 0:
+            raise _oserror("UFFDIO_REGISTER")
 
     def close(self) -> None:
         """Hang up, release the uffd, unmap. Closing the uffd first lets threads still blocked in a
