@@ -6,7 +6,6 @@ A failure raises CommandFailed carrying argv, exit code and the stderr tail.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 from banger.errors import CommandFailed, HostError
@@ -15,9 +14,14 @@ GUEST_UMASK = 0o022  # inside guest trees: files 0644, dirs 0755 unless a tool s
 
 
 def which(tool: str) -> str | None:
-    found = shutil.which(tool)
-    if found:
-        return found
+    """``tool``'s path on PATH (an absolute or relative path: itself, if executable), then the sbin
+    directories; None if not found. (Not shutil.which: shutil costs ~2 ms to import on a create.)"""
+    if os.sep in tool:
+        return tool if os.path.isfile(tool) and os.access(tool, os.X_OK) else None
+    for d in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        p = os.path.join(d or ".", tool)
+        if os.path.isfile(p) and os.access(p, os.X_OK):
+            return p
     for d in ("/usr/sbin", "/sbin", "/usr/local/sbin"):
         p = os.path.join(d, tool)
         if os.access(p, os.X_OK):

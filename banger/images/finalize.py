@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from pathlib import Path
 
 from banger.host import ext4
@@ -33,6 +32,8 @@ def guest_file(name: str) -> bytes:
 
 
 def rmtree(p: Path | None) -> None:
+    import shutil
+
     from banger.interrupts import shielded
 
     if p is not None and os.path.lexists(p):

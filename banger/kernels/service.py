@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -251,6 +250,8 @@ def show(ctx, name: str) -> dict:
 
 def remove(ctx, name: str) -> dict:
     """Delete a kernel; refused (Conflict) while any VM or image references it."""
+    import shutil
+
     _check_name(name)
     with _name_lock(ctx, name, "rm"):
         kdir = _kdir(ctx, name)
@@ -307,6 +308,8 @@ class _staging:
         return self.path
 
     def __exit__(self, *exc):
+        import shutil
+
         from banger.interrupts import shielded
 
         with shielded():  # a second Ctrl-C / SIGTERM must not cut the clean-up short

@@ -117,11 +117,14 @@ def entries(path) -> list[tuple[str, str]]:
 
 
 def _write(real: str, data: bytes, st: os.stat_result | None) -> bool:
-    """Publish ``data`` at ``real``; True if by rename (atomic), False if in place (mount point)."""
-    import tempfile
+    """Publish ``data`` at ``real``; True if by rename (atomic), False if in place (mount point).
 
+    The new file's data is fsynced before the rename (so no crash leaves an empty hosts file), but
+    not the directory after it: a rename a crash loses leaves the previous names, as stale then as
+    the VMs they name (a host crash ends them all; gc rewrites the block)."""
     d = os.path.dirname(real)
-    fd, tmp = tempfile.mkstemp(prefix=".banger-hosts.", dir=d)
+    tmp = os.path.join(d, f".banger-hosts.{os.urandom(6).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -148,11 +151,6 @@ def _write(real: str, data: bytes, st: os.stat_result | None) -> bool:
         except FileNotFoundError:
             pass
         raise
-    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
     return True
 
 

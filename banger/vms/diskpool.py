@@ -17,7 +17,6 @@ The guest's hostname comes from the kernel command line at boot (the initramfs w
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from banger.errors import BangerError
@@ -54,6 +53,8 @@ def ready(cfg, k: str) -> list[Path]:
 
 def claim(ctx, vm, k: str) -> bool:
     """Move a ready set for ``k`` into the VM's directory and pin its host key. False if none is left."""
+    import shutil
+
     d = ctx.cfg.vm_dir(vm["id"])
     for cand in ready(ctx.cfg, k):
         mine = d / ".diskset"
@@ -77,6 +78,8 @@ def claim(ctx, vm, k: str) -> bool:
 
 
 def _build_one(ctx, image, k: str, *, work_size_mib: int, overlay_size_mib: int, use_seed: bool) -> None:
+    import shutil
+
     from banger.state.staging import new_dir
     from banger.vms.disks import make_overlay_files, make_work_disk
 
@@ -118,6 +121,8 @@ def status(cfg) -> dict:
 
 
 def drain(ctx) -> int:
+    import shutil
+
     n = 0
     with ctx.locks.hold("diskpool", purpose="pool drain"):
         d = pool_dir(ctx.cfg)
@@ -136,6 +141,8 @@ def stale(ctx, live_keys: set[str]) -> list[Path]:
 
 
 def reap(ctx, paths: list[Path]) -> None:
+    import shutil
+
     try:
         with ctx.locks.hold("diskpool", timeout=0, purpose="gc"):
             for p in paths:

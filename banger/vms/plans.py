@@ -10,8 +10,6 @@ are keyword arguments of ``plan.execute`` (``image``, ``work_size_mib``, ``use_s
 
 from __future__ import annotations
 
-import shutil
-
 from banger.vms import runtime as rt
 from banger.vms.plan import Plan, Step
 
@@ -22,6 +20,8 @@ def _prepare(run):
 
 
 def _unprepare(run):
+    import shutil
+
     shutil.rmtree(rt.vm_dir(run.ctx, run.vm), ignore_errors=True)
     shutil.rmtree(rt.run_dir(run.ctx, run.vm), ignore_errors=True)
 
@@ -82,7 +82,8 @@ def _unclaim_ports(run):
 
 # ---------------------------------------------------------------- boot
 def _net(run):
-    """The TAP, held down while its policy goes in from a thread; ``launched`` brings it up."""
+    """The TAP, held down until its policy is in; the policy's thread starts once the VMM is spawned
+    (``launched``), and whoever needs the network first brings it up (``net_ready``)."""
     run.tap, run.net_pending = rt.net_up(run.ctx, run.vm, background=True)
 
 
@@ -113,6 +114,9 @@ def launched(run, start_vmm, *, net_now: bool = True) -> None:
         run.handles = handles
         rt.save_handles(run.ctx, run.vm, handles)
     (rt.vm_dir(run.ctx, run.vm) / rt.SPAWNED).unlink(missing_ok=True)
+    pending = getattr(run, "net_pending", None)
+    if pending is not None:
+        pending.start()
     if net_now:
         net_ready(run)  # the policy went in while the VMM started; only now can a frame leave the TAP
 
@@ -125,9 +129,6 @@ def _start_vmm(run, *, net_now: bool = True):
 
 def _launch(run):
     _start_vmm(run, net_now=False)  # guest.ssh brings the network up: the policy overlaps the boot
-    from banger.guest import ssh
-
-    ssh.preload()  # paramiko's import (~100 ms of CPU) runs while the guest boots, not beside the host steps
 
 
 def _launch_confirmed(run):
@@ -141,6 +142,8 @@ def _launch_confirmed(run):
 
 def unlaunch(run):
     """Undo of any step that started a VMM (launch, restore): kill it and its helpers, drop its files."""
+    import shutil
+
     rt.kill_vmm(run.ctx, run.vm, run.handles or rt.load_handles(run.ctx, run.vm))
     for f in (rt.HANDLES, rt.SPAWNED):
         (rt.vm_dir(run.ctx, run.vm) / f).unlink(missing_ok=True)
@@ -148,7 +151,10 @@ def unlaunch(run):
 
 
 def _ssh(run):
+    from banger.guest import ssh
+
     net_ready(run)  # (a fresh boot's policy went in while its VMM started; no-op when already up)
+    ssh.preload()  # paramiko's import (~100 ms of CPU) while the guest boots: no host step waits on its GIL
     run.transport = rt.wait_for_ssh(run.ctx, run.vm, run.handles)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -265,8 +264,9 @@ def net_up(ctx, vm, *, background: bool = False):
     --allow list, its published ports); None for ``--net none`` (no TAP, no network card).
 
     ``background``: return ``(tap, PendingPolicy)`` at once instead, with the TAP administratively
-    down while the policy goes in from a thread (its two nft runs overlap the VMM's start-up); the
-    caller brings the TAP up through ``PendingPolicy.ready()`` once the VMM holds it."""
+    down; the caller starts the policy's thread once the VMM is spawned (``start()``: so it competes
+    with no spawn for the GIL, and overlaps the VMM's and the guest's start) and brings the TAP up
+    through ``ready()``."""
     if net_mode(vm) == NET_NONE:
         return (None, None) if background else None
     from banger.net import bridge, policy, pool
@@ -281,12 +281,13 @@ def net_up(ctx, vm, *, background: bool = False):
 
 
 class PendingPolicy:
-    """A VM's network policy being applied in a thread (its own Ctx: its own SQLite connection).
+    """A VM's network policy applied from a thread (its own Ctx: its own SQLite connection).
 
     Until ``ready()`` returned, the VM's TAP is down: a down bridge port forwards nothing, so a guest
     (or a restored one, running at once) cannot send a frame before its guard is in place, whatever
-    the timing. ``ready()`` waits for the thread, raises what it raised, and only then sets the TAP up;
-    ``wait()`` only waits (an undo: nothing may race the policy's removal)."""
+    the timing. ``start()`` starts the thread (once); ``ready()`` starts it if nobody did, waits for it,
+    raises what it raised, and only then sets the TAP up; ``wait()`` only waits for a started thread
+    (an undo: nothing may race the policy's removal)."""
 
     def __init__(self, ctx, vm, tap: str):
         import threading
@@ -311,14 +312,21 @@ class PendingPolicy:
                 c.close()
 
         self._thread = threading.Thread(target=work, name=f"policy-{vm['id']}", daemon=True)
-        self._thread.start()
+        self._started = False
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._thread.start()
 
     def wait(self) -> None:
-        self._thread.join()
+        if self._started:
+            self._thread.join()
 
     def ready(self) -> dict:
         from banger.net import fastnet
 
+        self.start()
         self._thread.join()
         if self.error is not None:
             raise self.error
@@ -401,6 +409,8 @@ def wait_for_ssh(ctx, vm, handles: dict, timeout: float | None = None):
 def teardown_runtime(ctx, vm) -> None:
     """Idempotently remove everything a (possibly dead) running VM holds: VMM + helpers, sockets,
     TAP, neighbour, NAT."""
+    import shutil
+
     kill_vmm(ctx, vm)
     for f in (HANDLES, SPAWNED):
         (vm_dir(ctx, vm) / f).unlink(missing_ok=True)
@@ -410,6 +420,8 @@ def teardown_runtime(ctx, vm) -> None:
 
 def destroy_vm(ctx, vm) -> None:
     """Remove every trace of ``vm`` (caller holds vm/<id>): VMM, network, files, row."""
+    import shutil
+
     teardown_runtime(ctx, vm)
     shutil.rmtree(vm_dir(ctx, vm), ignore_errors=True)
     shutil.rmtree(run_dir(ctx, vm), ignore_errors=True)
