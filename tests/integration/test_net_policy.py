@@ -577,3 +577,68 @@ def test_concurrent_applies_never_duplicate(lab, tmp_path):
     base = [x for x in lab.ns.nft_ruleset() if "rule" in x and (x["rule"].get("comment") or "").startswith(
         "banger base")]
     assert len(base) == 2 + 2 + 2 + 1 + 1 + 2 + 3 + 3 + 3 + 1 + 4  # one copy of the base rules
+
+
+
+_PENDING = """
+import json, os, sys, time
+from banger.context import Ctx
+from banger.net import policy
+from banger.vms import runtime
+ctx = Ctx()
+row, gate = json.loads(sys.argv[1]), sys.argv[2]
+
+def go(n):  # the test's file barrier
+    while not os.path.exists(f"{gate}/go{n}"):
+        time.sleep(0.01)
+
+tap, pending = runtime.net_up(ctx, row, background=True)
+flags = lambda: int(open(f"/sys/class/net/{tap}/flags").read(), 16) & 1
+print(json.dumps({"tap": tap, "up": flags()}), flush=True)
+go(1)                 # the test attached a guest on the TAP and sent frames meanwhile
+pending.start()
+pending.wait()        # the policy is in, and still the TAP is down ...
+print(json.dumps({"policy_in_up": flags(), "active": [p["vm_id"] for p in policy.active(ctx)]}), flush=True)
+go(2)
+pending.ready()       # ... until ready()
+print(json.dumps({"ready_up": flags()}), flush=True)
+go(3)
+"""
+
+
+def test_a_vms_tap_passes_no_frame_until_its_policy_is_in(lab, tmp_path):
+    """`vm create` applies a VM's policy from a thread while its VMM starts (runtime.PendingPolicy): the
+    TAP stays down meanwhile, so even the first VM (no banger tables yet, so nothing would drop an
+    unguarded port) sends nothing to the bridge before its guard exists; after ready() its own frames
+    pass (the guard in place), forged ones still do not."""
+    import json as _json
+
+    from tests.support.guestnet import Lines
+    from tests.support.netns import py_argv
+
+    (a,) = lab.vms(1)
+    row = {**lab.row(a, "isolated"), "options": {"net": "isolated", "allow": []}}
+    out = Lines(lab.procs.add(lab.ns.spawn(py_argv(_PENDING, _json.dumps(row), str(tmp_path)))))
+    first = out.wait_for(lambda it: "tap" in it, 60)
+    assert first["up"] == 0, "the TAP must be down while its policy is pending"
+    assert result(lab.ns.call("policy.active(ctx)")) == []  # no tables: an up port would pass anything now
+    g = attach_guest(lab.ns.name, a, first["tap"], lab.procs)
+    lab.spaces.append(g.ns)
+    bridge = sniff(lab.ns.name, lab.procs, "banger0")
+    own = lambda tag: eth(BCAST, a["mac"], 0x0800, ipv4_udp(a["ip"], "255.255.255.255", 9, 9, tag))  # noqa: E731
+    forged = lambda tag: eth(BCAST, a["mac"], 0x0800, ipv4_udp("172.30.0.99", "255.255.255.255", 9, 9, tag))  # noqa: E731
+    send_frames(g.ns, "eth0", [own(b"EARLY-OWN"), forged(b"EARLY-FORGED")])
+    (tmp_path / "go1").touch()
+    mid = out.wait_for(lambda it: "policy_in_up" in it, 60)
+    assert mid["policy_in_up"] == 0 and mid["active"] == [a["id"]]
+    send_frames(g.ns, "eth0", [own(b"MID-OWN")])
+    (tmp_path / "go2").touch()
+    assert out.wait_for(lambda it: "ready_up" in it, 60)["ready_up"] == 1
+    deadline = time.monotonic() + 20
+    while not _marker_in(frames_seen(bridge), b"LATE-OWN"):  # the control: its own frames pass now
+        assert time.monotonic() < deadline, "a guarded, up TAP must pass the guest's own frames"
+        send_frames(g.ns, "eth0", [forged(b"LATE-FORGED"), own(b"LATE-OWN")])
+        bridge.poll(0.5)
+    seen = frames_seen(bridge)
+    assert not any(_marker_in(seen, m) for m in (b"EARLY-OWN", b"EARLY-FORGED", b"MID-OWN", b"LATE-FORGED"))
+    (tmp_path / "go3").touch()
