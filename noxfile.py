@@ -15,9 +15,11 @@ nox.options.reuse_existing_virtualenvs = True
 
 
 def _bytecode_env(session) -> dict:
-    """Every banger process a test starts imports the checkout: keep its bytecode in the session's own
-    cache dir (not the tree), so each of those thousands of processes does not recompile ~100 modules."""
-    return {"PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": os.path.join(session.create_tmp(), "pycache")}
+    """Every banger process a test starts imports the checkout: keep its bytecode outside the tree, so
+    each of those thousands of processes does not recompile ~100 modules."""
+    # (in the session's venv dir; not session.create_tmp(), which would also point TMPDIR, and so every
+    # test's tmp_path, into the checkout: inside its git repository)
+    return {"PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": os.path.join(session.virtualenv.location, "pycache")}
 
 
 def _install(session):

@@ -13,12 +13,14 @@ from tests.support.procs import spawn_py
 
 WATCH = """
 import os, sys, time
-path, stop = sys.argv[1], sys.argv[2]
+path, stop, ready = sys.argv[1], sys.argv[2], sys.argv[3]
 checks = misses = 0
 while not os.path.exists(stop):
     checks += 1
     if not os.path.exists(path):
         misses += 1
+    if checks == 1:
+        open(ready, "w").close()  # the test starts deleting only once this watcher is checking
 print(checks, misses)
 """
 
@@ -48,8 +50,12 @@ def test_refused_image_delete_never_hides_the_files(banger_env, cfg, tmp_path):
 
     _rows(cfg, vm_image="img1")
     rootfs = cfg.images_dir / "img1" / "rootfs.ext4"
-    stop = tmp_path / "stop"
-    watcher = spawn_py(WATCH, str(rootfs), str(stop))
+    stop, ready = tmp_path / "stop", tmp_path / "ready"
+    watcher = spawn_py(WATCH, str(rootfs), str(stop), str(ready))
+    deadline = time.monotonic() + 60
+    while not ready.exists():  # (a delete refused in microseconds would otherwise beat its start)
+        assert watcher.poll() is None and time.monotonic() < deadline, "the watcher did not start"
+        time.sleep(0.01)
     ctx = Ctx()
     try:
         refused = 0
