@@ -302,8 +302,14 @@ def _isolate(run):
     """Until it is told its new address, a clone still sends with its source's MAC (and, say, the source's
     TCP segments): on the bridge that would teach the FDB to send the source's (or the template builder's
     slot's) traffic to the clone's port. Its TAP stays off the bridge until then (the console, not the
-    network, carries the new address)."""
+    network, carries the new address).
+
+    Off the bridge, the TAP can be up again at once (net.tap held it down until its policy is in: here
+    the detachment does that, and net.join comes after the policy is joined). Up *before* the VMM opens
+    it, so the port forwards the moment it joins: a TAP brought up after QEMU attached is only
+    forwarding once linkwatch saw its carrier, up to ~1 s later (measured: a fork's SSH 1.3 s, not 0.36)."""
     fastnet.set_master(run.tap, None)
+    fastnet.set_up(run.tap, True)
 
 
 def _join(run):
