@@ -24,24 +24,12 @@ def atomic_write_bytes(path: Path | str, data: bytes, mode: int = 0o600, *, mkdi
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = str(path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    if not durable:
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        return
-    with publish_by_rename(tmp, path):
+    with publish_by_rename(tmp, path, durable=durable):
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)
 
 
@@ -65,19 +53,17 @@ def rename_durably(src: Path | str, dest: Path | str) -> None:
 
 
 @contextmanager
-def publish_by_rename(tmp: Path | str, dest: Path | str):
+def publish_by_rename(tmp: Path | str, dest: Path | str, *, durable: bool = True):
     """Fill ``tmp`` (a sibling of ``dest``) inside the block; on success rename it over ``dest``
-    in one step (then fsync the directory: the new name is durable), on any failure remove it.
-    Readers of ``dest`` never see a partial file."""
+    in one step (then, if ``durable``, fsync the directory: the new name survives a crash), on any
+    failure remove it. Readers of ``dest`` never see a partial file."""
     try:
         yield tmp
         os.replace(tmp, dest)
-        fsync_dir(os.path.dirname(os.path.abspath(dest)))
+        if durable:
+            fsync_dir(os.path.dirname(os.path.abspath(dest)))
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 

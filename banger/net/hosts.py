@@ -146,10 +146,7 @@ def _write(real: str, data: bytes, st: os.stat_result | None) -> bool:
             os.unlink(tmp)
             return False
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        Path(tmp).unlink(missing_ok=True)
         raise
     return True
 

@@ -222,9 +222,9 @@ def _net(ctx) -> _Net:
 
 
 def _h(obj) -> str:
-    import hashlib
+    from banger.names import short_digest
 
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+    return short_digest(json.dumps(obj, sort_keys=True).encode(), 12)
 
 
 _EST = match(ct("state"), ["established", "related"], "in")
